@@ -1,0 +1,42 @@
+# HyperSEV: every entry point a person or CI uses. `make demo` and
+# `make test` each work alone on a fresh machine: both install what is
+# missing first (`make deps`, idempotent and quick when nothing is).
+
+CARGO ?= cargo
+export PATH := $(CURDIR)/.tools/cargo/bin:$(PATH)
+# The real AMD evidence the tests and the demo read.
+export HSEV_TESTDATA ?= $(abspath $(CURDIR)/../shared/testdata/snp)
+FUZZ_SECONDS ?= 30
+
+.PHONY: deps build test lint unit-tests fuzz-smoke demo bench image clean
+
+deps:
+	@bash scripts/deps.sh
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit-tests: build
+	$(CARGO) test --workspace
+
+test: lint unit-tests fuzz-smoke
+
+fuzz-smoke: deps
+	@bash scripts/fuzz-smoke.sh $(FUZZ_SECONDS)
+
+demo: build
+	@bash scripts/demo.sh
+
+bench: deps
+	@bash scripts/bench.sh
+
+image: build
+	@bash images/build.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf images/out

@@ -1,0 +1,24 @@
+//! HyperSEV attestation: everything needed to decide whether an AMD SEV-SNP
+//! guest is genuine and runs what it should.
+//!
+//! This crate owns the SNP attestation report model ([`report`]), AMD
+//! certificate chains with the AMD roots embedded ([`certs`]), the appraisal
+//! policy ([`policy`]), the verifier ([`verifier`]), the KDS addresses and
+//! offline certificate cache ([`kds`], [`cache`]) and the launch-measurement
+//! calculator ([`measurement`]).
+//!
+//! It must never touch the network, and never accept a report on doubt:
+//! anything it cannot parse or check is an error or a failed check.
+
+pub mod cache;
+pub mod certs;
+mod hex_bytes;
+pub mod kds;
+pub mod measurement;
+pub mod policy;
+mod product;
+pub mod report;
+pub mod verifier;
+
+pub use hex_bytes::HexBytes;
+pub use product::{Product, TcbLayout, UnknownProduct};

@@ -1,0 +1,86 @@
+//! Shared plumbing for the end-to-end tests: where the project's binaries,
+//! the real AMD evidence and the reference tools are, and how to run them.
+//!
+//! Nothing here skips: a missing binary, evidence folder or reference tool
+//! fails the test with a message saying where it was expected and how to
+//! get it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The workspace root (the folder holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// A binary of this workspace, built by `cargo build --bins` in the same
+/// profile as the running test.
+pub fn binary(name: &str) -> PathBuf {
+    let test_exe = std::env::current_exe().expect("the test executable has a path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let profile_dir = test_exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace binaries first (`cargo build --bins`, as `make test` does)",
+        path.display()
+    );
+    path
+}
+
+/// The shared AMD SEV-SNP evidence: `$HSEV_TESTDATA` or `../shared/testdata/snp`.
+pub fn snp_testdata() -> PathBuf {
+    let dir = std::env::var_os("HSEV_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/testdata/snp"));
+    assert!(
+        dir.join("reports").is_dir(),
+        "the real AMD evidence is expected in {} (set HSEV_TESTDATA to its folder)",
+        dir.display()
+    );
+    dir
+}
+
+/// The bytes of a file under the evidence's `reports/` folder.
+pub fn snp_report_file(name: &str) -> Vec<u8> {
+    let path = snp_testdata().join("reports").join(name);
+    std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+}
+
+/// The `sev-snp-measure` reference tool that `make deps` installs.
+pub fn sev_snp_measure() -> PathBuf {
+    let path = workspace_root().join(".tools/venv/bin/sev-snp-measure");
+    assert!(
+        path.is_file(),
+        "sev-snp-measure is expected at {} (run `make deps`)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `program` with `args` and returns its output, whatever its exit code.
+pub fn run<I, S>(program: &Path, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {}: {error}", program.display()))
+}
+
+/// Runs the workspace's `hsev` binary.
+pub fn hsev<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    run(&binary("hsev"), args)
+}

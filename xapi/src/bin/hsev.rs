@@ -1,0 +1,34 @@
+//! `hsev`: the HyperSEV command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hsev_xapi::cli::{attest, measure, output};
+
+/// HyperSEV: confidential virtual machines on AMD SEV-SNP.
+#[derive(Debug, Parser)]
+#[command(name = "hsev", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify and inspect SEV-SNP attestation evidence, offline.
+    #[command(subcommand)]
+    Attest(attest::AttestCommand),
+    /// Calculate the launch measurement of an SEV, SEV-ES or SEV-SNP guest
+    /// (the flags, defaults and output of sev-snp-measure).
+    Measure(measure::MeasureArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Attest(command) => {
+            attest::run(&command).unwrap_or_else(|error| output::input_error_exit(&error))
+        }
+        Command::Measure(args) => measure::run(&args),
+    }
+}

@@ -1,0 +1,5 @@
+//! The HyperSEV toolstack: the `hsev` command-line interface and, later, the
+//! host agent and pool coordinator.
+
+pub mod api;
+pub mod cli;
