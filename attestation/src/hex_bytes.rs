@@ -35,6 +35,14 @@ impl<const N: usize> fmt::Display for HexBytes<N> {
     }
 }
 
+impl<const N: usize> std::str::FromStr for HexBytes<N> {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        HexBytes::parse(text)
+    }
+}
+
 impl<const N: usize> Serialize for HexBytes<N> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&hex::encode(self.0))

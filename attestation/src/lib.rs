@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod certs;
+pub mod firmware;
 mod hex_bytes;
 pub mod kds;
 pub mod measurement;

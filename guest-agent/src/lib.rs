@@ -4,5 +4,288 @@
 //! report bound to data of the guest's choosing, and packaging it as
 //! evidence a verifier or key broker accepts. It never holds a host secret
 //! and never writes key material to disk.
+//!
+//! The ways to the Secure Processor live in
+//! [`hsev_attestation::firmware::guest`]: `/dev/sev-guest` and
+//! configfs-tsm. This crate picks one and turns its answer into
+//! [`SnpEvidence`].
 
-pub mod tsm;
+use std::path::Path;
+
+use hsev_attestation::certs::{parse_certificate_table, CertTableError};
+use hsev_attestation::firmware::guest::sev_guest::{SevGuestDevice, DEFAULT_SEV_GUEST_PATH};
+use hsev_attestation::firmware::guest::tsm::ConfigFsTsm;
+use hsev_attestation::firmware::guest::GuestReporter;
+use hsev_attestation::firmware::{FirmwareError, GuestRequest, GuestResponse};
+use hsev_attestation::report::{AttestationReport, ReportError, SnpEvidence};
+
+/// Which way to the Secure Processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// `/dev/sev-guest` when it exists, else configfs-tsm.
+    Auto,
+    /// `/dev/sev-guest` (reports, extended reports, derived keys).
+    SevGuest,
+    /// configfs-tsm (reports and extended reports).
+    Tsm,
+}
+
+/// Why no evidence could be produced.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Neither device is here.
+    #[error(
+        "no way to the SEV-SNP Secure Processor: no {DEFAULT_SEV_GUEST_PATH} and no \
+         configfs-tsm report interface at {tsm_root} (not an SEV-SNP guest, or the sev-guest \
+         and tsm_report modules are not loaded)"
+    )]
+    NoDevice {
+        /// The configfs-tsm folder looked at.
+        tsm_root: String,
+    },
+    /// The chosen device refused or failed.
+    #[error(transparent)]
+    Firmware(#[from] FirmwareError),
+    /// The device answered something other than an extended report.
+    #[error("the device answered an extended report request with {0}")]
+    UnexpectedResponse(&'static str),
+    /// The report does not parse.
+    #[error("the report from the device does not parse: {0}")]
+    Report(#[from] ReportError),
+    /// The certificate table does not parse.
+    #[error("the certificate table from the device does not parse: {0}")]
+    CertTable(#[from] CertTableError),
+}
+
+/// Resolves [`Device::Auto`] from which devices are present.
+pub fn choose_device(
+    device: Device,
+    sev_guest_present: bool,
+    tsm_present: bool,
+    tsm_root: &Path,
+) -> Result<Device, AgentError> {
+    match device {
+        Device::Auto if sev_guest_present => Ok(Device::SevGuest),
+        Device::Auto if tsm_present => Ok(Device::Tsm),
+        Device::Auto => Err(AgentError::NoDevice {
+            tsm_root: tsm_root.display().to_string(),
+        }),
+        chosen => Ok(chosen),
+    }
+}
+
+/// Opens the chosen way to the Secure Processor.
+pub fn open_reporter(
+    device: Device,
+    tsm_root: &Path,
+) -> Result<Box<dyn GuestReporter>, AgentError> {
+    let device = choose_device(
+        device,
+        SevGuestDevice::is_present(),
+        tsm_root.is_dir(),
+        tsm_root,
+    )?;
+    Ok(match device {
+        Device::SevGuest => Box::new(SevGuestDevice::open()?),
+        Device::Tsm | Device::Auto => Box::new(ConfigFsTsm::new(tsm_root)?),
+    })
+}
+
+/// An extended report for `report_data` at `vmpl`, as evidence: the
+/// parsed report and the certificates the host supplied (possibly none).
+pub fn evidence(
+    reporter: &mut dyn GuestReporter,
+    report_data: &[u8; 64],
+    vmpl: u32,
+) -> Result<SnpEvidence, AgentError> {
+    let response = reporter.request(&GuestRequest::ExtendedReport {
+        report_data: *report_data,
+        vmpl,
+    })?;
+    let (report, table) = match response {
+        GuestResponse::ExtendedReport {
+            report,
+            certificates,
+        } => (report, certificates),
+        GuestResponse::Report(_) => return Err(AgentError::UnexpectedResponse("a plain report")),
+        GuestResponse::DerivedKey(_) => {
+            return Err(AgentError::UnexpectedResponse("a derived key"))
+        }
+    };
+    let certificates = if table.is_empty() {
+        Vec::new()
+    } else {
+        parse_certificate_table(&table)?
+    };
+    Ok(SnpEvidence {
+        report: AttestationReport::from_bytes(&report)?,
+        certificates,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use hsev_attestation::certs::encode_certificate_table;
+    use hsev_attestation::report::{
+        EvidenceCertificate, KeyInfo, ReportWriter, SigningKey, TcbVersion,
+    };
+    use hsev_attestation::TcbLayout;
+
+    use super::*;
+
+    /// A reporter that answers with a fixed response and records requests.
+    #[derive(Debug)]
+    struct Canned {
+        response: Option<GuestResponse>,
+        requests: Vec<GuestRequest>,
+    }
+
+    impl GuestReporter for Canned {
+        fn request(&mut self, request: &GuestRequest) -> Result<GuestResponse, FirmwareError> {
+            self.requests.push(request.clone());
+            self.response
+                .clone()
+                .ok_or_else(|| FirmwareError::Device("canned failure".to_owned()))
+        }
+    }
+
+    fn canned(response: Option<GuestResponse>) -> Canned {
+        Canned {
+            response,
+            requests: Vec::new(),
+        }
+    }
+
+    fn report(report_data: &[u8; 64]) -> Vec<u8> {
+        let tcb = TcbVersion {
+            fmc: None,
+            bootloader: 3,
+            tee: 0,
+            snp: 8,
+            microcode: 115,
+        };
+        let mut writer = ReportWriter::new(2, TcbLayout::Legacy);
+        writer
+            .guest(0, 0x30000, &[0; 16], &[0; 16], 0)
+            .platform(
+                0,
+                KeyInfo {
+                    author_key_en: false,
+                    mask_chip_key: false,
+                    signing_key: SigningKey::Vcek,
+                },
+            )
+            .contents(report_data, &[1; 48], &[2; 32]);
+        writer.tcbs(&tcb, &tcb, &tcb, &tcb).expect("tcbs");
+        writer
+            .finish(&[1; 48], &[2; 48])
+            .expect("a report")
+            .as_bytes()
+            .to_vec()
+    }
+
+    #[test]
+    fn auto_prefers_sev_guest_then_tsm() {
+        let root = Path::new("/sys/kernel/config/tsm/report");
+        let pick = |device, sev_guest, tsm| choose_device(device, sev_guest, tsm, root);
+        assert_eq!(
+            pick(Device::Auto, true, true).expect("sev-guest"),
+            Device::SevGuest
+        );
+        assert_eq!(pick(Device::Auto, false, true).expect("tsm"), Device::Tsm);
+        assert_eq!(pick(Device::Tsm, true, true).expect("asked"), Device::Tsm);
+        assert_eq!(
+            pick(Device::SevGuest, false, false).expect("asked"),
+            Device::SevGuest
+        );
+        let message = pick(Device::Auto, false, false)
+            .expect_err("neither")
+            .to_string();
+        assert!(message.contains("/dev/sev-guest"), "{message}");
+        assert!(
+            message.contains("/sys/kernel/config/tsm/report"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn auto_without_any_device_names_both() {
+        if SevGuestDevice::is_present() {
+            println!("skipped: this is an SEV-SNP guest");
+            return;
+        }
+        let error = open_reporter(Device::Auto, Path::new("/nonexistent/tsm")).expect_err("none");
+        let message = error.to_string();
+        assert!(
+            message.contains("/dev/sev-guest") && message.contains("/nonexistent/tsm"),
+            "{message}"
+        );
+        let error = open_reporter(Device::Tsm, Path::new("/nonexistent/tsm")).expect_err("none");
+        assert!(error.to_string().contains("/nonexistent/tsm"), "{error}");
+    }
+
+    #[test]
+    fn evidence_parses_the_report_and_its_certificates() {
+        let report_data = [0x5a; 64];
+        let certificates = vec![
+            EvidenceCertificate::Vcek(vec![1, 2, 3]),
+            EvidenceCertificate::Ask(vec![4; 10]),
+        ];
+        let mut reporter = canned(Some(GuestResponse::ExtendedReport {
+            report: report(&report_data),
+            certificates: encode_certificate_table(&certificates),
+        }));
+        let evidence = evidence(&mut reporter, &report_data, 1).expect("evidence");
+        assert_eq!(evidence.report.report_data, report_data);
+        assert_eq!(evidence.certificates, certificates);
+        assert_eq!(
+            reporter.requests,
+            vec![GuestRequest::ExtendedReport {
+                report_data,
+                vmpl: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn evidence_without_certificates_is_fine() {
+        for table in [Vec::new(), encode_certificate_table(&[])] {
+            let mut reporter = canned(Some(GuestResponse::ExtendedReport {
+                report: report(&[0; 64]),
+                certificates: table,
+            }));
+            let evidence = evidence(&mut reporter, &[0; 64], 0).expect("evidence");
+            assert!(evidence.certificates.is_empty());
+        }
+    }
+
+    #[test]
+    fn bad_answers_are_errors() {
+        let mut plain = canned(Some(GuestResponse::Report(report(&[0; 64]))));
+        assert!(matches!(
+            evidence(&mut plain, &[0; 64], 0),
+            Err(AgentError::UnexpectedResponse(_))
+        ));
+        let mut short = canned(Some(GuestResponse::ExtendedReport {
+            report: vec![0; 10],
+            certificates: Vec::new(),
+        }));
+        assert!(matches!(
+            evidence(&mut short, &[0; 64], 0),
+            Err(AgentError::Report(_))
+        ));
+        let mut bad_table = canned(Some(GuestResponse::ExtendedReport {
+            report: report(&[0; 64]),
+            certificates: vec![1; 24],
+        }));
+        assert!(matches!(
+            evidence(&mut bad_table, &[0; 64], 0),
+            Err(AgentError::CertTable(_))
+        ));
+        let mut failing = canned(None);
+        assert!(matches!(
+            evidence(&mut failing, &[0; 64], 0),
+            Err(AgentError::Firmware(FirmwareError::Device(_)))
+        ));
+    }
+}

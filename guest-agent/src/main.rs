@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hsev_agent::tsm::{TsmReporter, DEFAULT_ROOT};
+use hsev_agent::{evidence, open_reporter, Device};
+use hsev_attestation::firmware::guest::tsm::DEFAULT_TSM_ROOT;
 
 /// HyperSEV guest agent.
 #[derive(Debug, Parser)]
@@ -28,8 +29,12 @@ enum Command {
         /// Write the evidence here instead of stdout.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+        /// The way to the Secure Processor: `auto` takes /dev/sev-guest
+        /// when it exists, else configfs-tsm.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
         /// The configfs-tsm report folder.
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_ROOT)]
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_TSM_ROOT)]
         tsm: PathBuf,
     },
 }
@@ -40,13 +45,15 @@ fn main() -> anyhow::Result<()> {
             report_data,
             vmpl,
             out,
+            device,
             tsm,
         } => {
             let report_data: [u8; 64] = hex::decode(&report_data)
                 .ok()
                 .and_then(|bytes| bytes.try_into().ok())
                 .context("--report-data must be 128 hex digits (64 bytes)")?;
-            let evidence = TsmReporter::new(tsm)?.evidence(&report_data, vmpl)?;
+            let mut reporter = open_reporter(device, &tsm)?;
+            let evidence = evidence(reporter.as_mut(), &report_data, vmpl)?;
             let json = serde_json::to_string(&evidence.to_json())?;
             match out {
                 Some(path) => std::fs::write(&path, json)

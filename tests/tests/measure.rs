@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use hsev_e2e::firmware_blob::{kernel_and_initrd, SyntheticFirmware};
 use hsev_e2e::{binary, sev_snp_measure, workspace_root};
 
 const DEBIAN_OVMF: &str = "/usr/share/ovmf/OVMF.fd";
@@ -173,157 +174,6 @@ fn with_ovmf(ovmf: &str, args: &[&str]) -> Vec<String> {
 // ---------------------------------------------------------------------------
 // Synthetic firmware
 
-/// A GUID's on-disk (little-endian) bytes from its text.
-fn guid_le(text: &str) -> [u8; 16] {
-    let hex: String = text.chars().filter(|c| *c != '-').collect();
-    let bytes = hex::decode(hex).expect("a GUID is 32 hex digits");
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&bytes);
-    out[..4].reverse();
-    out[4..6].reverse();
-    out[6..8].reverse();
-    out
-}
-
-const FOOTER_GUID: &str = "96b582de-1fb2-45f7-baea-a366c55a082d";
-const SEV_HASH_TABLE_RV_GUID: &str = "7255371f-3a3b-4b04-927b-1da6efa8d454";
-const SEV_ES_RESET_BLOCK_GUID: &str = "00f771de-1a7e-4fcb-890e-68c77e2fb44e";
-const SEV_META_DATA_GUID: &str = "dc886566-984a-4798-a75e-5585a7bf67cc";
-const SVSM_INFO_GUID: &str = "a789a612-0597-4c4b-a49f-cbb1fe9d1ddd";
-
-const SNP_SEC_MEM: u32 = 1;
-const SNP_SECRETS: u32 = 2;
-const CPUID: u32 = 3;
-const SVSM_CAA: u32 = 4;
-const SNP_KERNEL_HASHES: u32 = 0x10;
-
-/// What a synthetic firmware image carries.
-struct Firmware {
-    size: usize,
-    /// `(gpa, size, type)` SEV metadata sections.
-    sections: Vec<(u32, u32, u32)>,
-    /// GPA of the SEV hashes table (the footer entry), if any.
-    hashes_table_gpa: Option<u32>,
-    /// The SEV-ES AP reset address.
-    ap_reset_eip: u32,
-    /// The SVSM entry offset (`SVSM_INFO`), for an SVSM image.
-    svsm_info: Option<u32>,
-}
-
-impl Firmware {
-    /// A 256 KiB OVMF-like image with every SNP section.
-    fn ovmf() -> Self {
-        Firmware {
-            size: 0x4_0000,
-            sections: vec![
-                (0x80_0000, 0x9000, SNP_SEC_MEM),
-                (0x80_a000, 0x3000, SNP_SEC_MEM),
-                (0x80_d000, 0x1000, SNP_SECRETS),
-                (0x80_e000, 0x1000, CPUID),
-                (0x80_f000, 0x1000, SNP_KERNEL_HASHES),
-                (0x81_0000, 0x10000, SNP_SEC_MEM),
-            ],
-            hashes_table_gpa: Some(0x80_fc00),
-            ap_reset_eip: 0x0080_b004,
-            svsm_info: None,
-        }
-    }
-
-    /// A 128 KiB Coconut-SVSM-like image.
-    fn svsm() -> Self {
-        Firmware {
-            size: 0x2_0000,
-            sections: vec![
-                (0x80_0000, 0x4000, SNP_SEC_MEM),
-                (0x80_4000, 0x1000, SNP_SECRETS),
-                (0x80_5000, 0x1000, CPUID),
-                (0x80_6000, 0x1000, SVSM_CAA),
-                (0x80_7000, 0x1000, SNP_KERNEL_HASHES),
-            ],
-            hashes_table_gpa: None,
-            ap_reset_eip: 0,
-            svsm_info: Some(0x1000),
-        }
-    }
-
-    /// The image: pseudo-random bytes (so every page hashes differently),
-    /// the SEV metadata 8 KiB from the end, then the footer table.
-    fn build(&self) -> Vec<u8> {
-        let mut state = 0x243f_6a88_85a3_08d3u64;
-        let mut image: Vec<u8> = (0..self.size)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1);
-                state.to_le_bytes()[7]
-            })
-            .collect();
-
-        let metadata_offset_from_end = 0x2000usize;
-        let mut metadata = b"ASEV".to_vec();
-        let metadata_size = 16 + 12 * self.sections.len();
-        metadata.extend_from_slice(
-            &u32::try_from(metadata_size)
-                .expect("small metadata")
-                .to_le_bytes(),
-        );
-        metadata.extend_from_slice(&1u32.to_le_bytes());
-        metadata.extend_from_slice(
-            &u32::try_from(self.sections.len())
-                .expect("few sections")
-                .to_le_bytes(),
-        );
-        for (gpa, size, kind) in &self.sections {
-            for value in [gpa, size, kind] {
-                metadata.extend_from_slice(&value.to_le_bytes());
-            }
-        }
-        let at = self.size - metadata_offset_from_end;
-        image[at..at + metadata.len()].copy_from_slice(&metadata);
-
-        let mut entries: Vec<(&str, Vec<u8>)> = Vec::new();
-        if let Some(gpa) = self.hashes_table_gpa {
-            entries.push((
-                SEV_HASH_TABLE_RV_GUID,
-                [gpa.to_le_bytes(), 0x400u32.to_le_bytes()].concat(),
-            ));
-        }
-        if let Some(offset) = self.svsm_info {
-            entries.push((SVSM_INFO_GUID, offset.to_le_bytes().to_vec()));
-        }
-        entries.push((
-            SEV_ES_RESET_BLOCK_GUID,
-            self.ap_reset_eip.to_le_bytes().to_vec(),
-        ));
-        entries.push((
-            SEV_META_DATA_GUID,
-            u32::try_from(metadata_offset_from_end)
-                .expect("small offset")
-                .to_le_bytes()
-                .to_vec(),
-        ));
-        let mut table = Vec::new();
-        for (guid, data) in &entries {
-            table.extend_from_slice(data);
-            table.extend_from_slice(
-                &u16::try_from(data.len() + 18)
-                    .expect("small entry")
-                    .to_le_bytes(),
-            );
-            table.extend_from_slice(&guid_le(guid));
-        }
-        table.extend_from_slice(
-            &u16::try_from(table.len() + 18)
-                .expect("small table")
-                .to_le_bytes(),
-        );
-        table.extend_from_slice(&guid_le(FOOTER_GUID));
-        let end = self.size - 32;
-        image[end - table.len()..end].copy_from_slice(&table);
-        image
-    }
-}
-
 /// Generated inputs in a temporary folder.
 struct Inputs {
     dir: tempfile::TempDir,
@@ -342,14 +192,13 @@ impl Inputs {
         path.to_str().expect("UTF-8 temporary path").to_string()
     }
 
-    fn firmware(&self, name: &str, firmware: &Firmware) -> String {
+    fn firmware(&self, name: &str, firmware: &SyntheticFirmware) -> String {
         self.file(name, &firmware.build())
     }
 
     /// A small "kernel" and "initrd".
     fn kernel_and_initrd(&self) -> (String, String) {
-        let kernel: Vec<u8> = (0..70_001u32).map(|i| (i * 31 % 256) as u8).collect();
-        let initrd: Vec<u8> = (0..33_333u32).map(|i| (i * 17 % 253) as u8).collect();
+        let (kernel, initrd) = kernel_and_initrd();
         (
             self.file("vmlinuz", &kernel),
             self.file("initrd.img", &initrd),
@@ -916,7 +765,7 @@ fn firmware_without_sev_metadata() {
 #[test]
 fn direct_boot_on_synthetic_firmware() {
     let inputs = Inputs::new();
-    let ovmf = inputs.firmware("ovmf-snp.fd", &Firmware::ovmf());
+    let ovmf = inputs.firmware("ovmf-snp.fd", &SyntheticFirmware::ovmf());
     let (kernel, initrd) = inputs.kernel_and_initrd();
     let empty = inputs.file("empty", b"");
     let boots: [Vec<&str>; 5] = [
@@ -1004,9 +853,9 @@ fn hashes_table_placement() {
     for gpa in [0x80_f000, 0x80_f010, 0x80_ff50] {
         let ovmf = inputs.firmware(
             &format!("ovmf-{gpa:x}.fd"),
-            &Firmware {
+            &SyntheticFirmware {
                 hashes_table_gpa: Some(gpa),
-                ..Firmware::ovmf()
+                ..SyntheticFirmware::ovmf()
             },
         );
         assert_same(&with_ovmf(
@@ -1026,9 +875,9 @@ fn hashes_table_placement() {
     // The table would cross its page: both refuse.
     let ovmf = inputs.firmware(
         "ovmf-cross.fd",
-        &Firmware {
+        &SyntheticFirmware {
             hashes_table_gpa: Some(0x80_ffa0),
-            ..Firmware::ovmf()
+            ..SyntheticFirmware::ovmf()
         },
     );
     assert_both_fail(&with_ovmf(
@@ -1047,9 +896,9 @@ fn hashes_table_placement() {
     // No SEV hashes table entry at all.
     let ovmf = inputs.firmware(
         "ovmf-no-table.fd",
-        &Firmware {
+        &SyntheticFirmware {
             hashes_table_gpa: None,
-            ..Firmware::ovmf()
+            ..SyntheticFirmware::ovmf()
         },
     );
     for mode in [
@@ -1070,8 +919,8 @@ fn hashes_table_placement() {
 #[test]
 fn svsm_launch() {
     let inputs = Inputs::new();
-    let ovmf = inputs.firmware("ovmf-svsm.fd", &Firmware::ovmf());
-    let svsm = inputs.firmware("svsm.bin", &Firmware::svsm());
+    let ovmf = inputs.firmware("ovmf-svsm.fd", &SyntheticFirmware::ovmf());
+    let svsm = inputs.firmware("svsm.bin", &SyntheticFirmware::svsm());
     let vars = inputs.file("OVMF_VARS.fd", &vec![0u8; 0x2_0000]);
     let mut digests = std::collections::HashSet::new();
     for vcpus in ["1", "4"] {
@@ -1163,9 +1012,9 @@ fn svsm_launch() {
     // An SVSM image without SVSM_INFO: both fail.
     let no_info = inputs.firmware(
         "svsm-no-info.bin",
-        &Firmware {
+        &SyntheticFirmware {
             svsm_info: None,
-            ..Firmware::svsm()
+            ..SyntheticFirmware::svsm()
         },
     );
     assert_both_fail(&with_ovmf(

@@ -99,6 +99,24 @@ impl TrustAnchor {
         })
     }
 
+    /// Like [`TrustAnchor::from_pem_bundle`], the product read from the
+    /// ARK's common name (`ARK-Milan`, ...).
+    pub fn from_pem_bundle_of_any_product(
+        origin: RootOrigin,
+        pem: &[u8],
+    ) -> Result<Self, CertError> {
+        let certificates = X509::stack_from_pem(pem)?;
+        let product = certificates
+            .iter()
+            .filter_map(|certificate| common_name(certificate.subject_name()))
+            .find_map(|name| {
+                name.strip_prefix("ARK-")
+                    .and_then(|product| product.parse::<Product>().ok())
+            })
+            .ok_or_else(|| CertError::Parse("the bundle holds no ARK of a known product".into()))?;
+        Self::from_pem_bundle(product, origin, pem)
+    }
+
     /// The ARK, DER-encoded.
     pub fn ark_der(&self) -> Result<Vec<u8>, CertError> {
         Ok(self.ark.to_der()?)

@@ -135,7 +135,7 @@ impl Gctx {
         start_gpa: u64,
         data: &[u8],
     ) -> Result<(), MeasurementError> {
-        if data.len() % PAGE_SIZE != 0 {
+        if !data.len().is_multiple_of(PAGE_SIZE) {
             return Err(MeasurementError::UnalignedSize {
                 what: "measured data",
                 size: u64::try_from(data.len()).unwrap_or(u64::MAX),
@@ -187,7 +187,7 @@ impl Gctx {
         gpa: u64,
         length: u64,
     ) -> Result<(), MeasurementError> {
-        if length % PAGE_SIZE_U64 != 0 {
+        if !length.is_multiple_of(PAGE_SIZE_U64) {
             return Err(MeasurementError::UnalignedSize {
                 what: "metadata section",
                 size: length,

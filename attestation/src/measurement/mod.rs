@@ -249,18 +249,82 @@ pub struct SnpLaunch<'a> {
 pub fn snp_launch_digest(
     launch: &SnpLaunch<'_>,
 ) -> Result<Measured<LAUNCH_DIGEST_SIZE>, MeasurementError> {
-    let ovmf = launch.ovmf;
-    ovmf.require_sev_metadata()?;
     let mut gctx = match launch.ovmf_hash {
         Some(seed) => Gctx::with_seed(seed),
-        None => {
-            let mut gctx = Gctx::new();
-            update_firmware_pages(&mut gctx, ovmf, "firmware image")?;
-            gctx
-        }
+        None => Gctx::new(),
     };
+    let vmsas = snp_launch_pages(launch, &mut gctx)?;
+    Ok(Measured {
+        launch_digest: gctx.launch_digest(),
+        vmsas,
+    })
+}
+
+/// Where the pages of an SNP launch go, in launch order: a [`Gctx`] that
+/// computes the digest, or a Secure Processor that performs the launch.
+pub trait LaunchSink {
+    /// What a failed update reports.
+    type Error: From<MeasurementError>;
+    /// Measured data, a whole number of pages, from `gpa` on.
+    fn normal_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), Self::Error>;
+    /// `length` bytes of zero pages.
+    fn zero_pages(&mut self, gpa: u64, length: u64) -> Result<(), Self::Error>;
+    /// `length` bytes of unmeasured pages.
+    fn unmeasured_pages(&mut self, gpa: u64, length: u64) -> Result<(), Self::Error>;
+    /// The secrets page.
+    fn secrets_page(&mut self, gpa: u64) -> Result<(), Self::Error>;
+    /// The CPUID page.
+    fn cpuid_page(&mut self, gpa: u64) -> Result<(), Self::Error>;
+    /// One vCPU's VMSA.
+    fn vmsa_page(&mut self, page: &[u8; PAGE_SIZE]) -> Result<(), Self::Error>;
+}
+
+impl LaunchSink for Gctx {
+    type Error = MeasurementError;
+
+    fn normal_pages(&mut self, gpa: u64, data: &[u8]) -> Result<(), MeasurementError> {
+        self.update_normal_pages(gpa, data)
+    }
+
+    fn zero_pages(&mut self, gpa: u64, length: u64) -> Result<(), MeasurementError> {
+        self.update_zero_pages(gpa, length)
+    }
+
+    fn unmeasured_pages(&mut self, gpa: u64, length: u64) -> Result<(), MeasurementError> {
+        self.update_unmeasured_pages(gpa, length)
+    }
+
+    fn secrets_page(&mut self, gpa: u64) -> Result<(), MeasurementError> {
+        self.update_secrets_page(gpa);
+        Ok(())
+    }
+
+    fn cpuid_page(&mut self, gpa: u64) -> Result<(), MeasurementError> {
+        self.update_cpuid_page(gpa);
+        Ok(())
+    }
+
+    fn vmsa_page(&mut self, page: &[u8; PAGE_SIZE]) -> Result<(), MeasurementError> {
+        self.update_vmsa_page(page);
+        Ok(())
+    }
+}
+
+/// Sends every page of an SNP launch booting OVMF to `sink`, in the order
+/// QEMU adds them: the firmware (unless [`SnpLaunch::ovmf_hash`] stands for
+/// it), the SEV metadata sections with the kernel-hashes page of a direct
+/// boot, then one VMSA per vCPU. Returns the VMSAs.
+pub fn snp_launch_pages<S: LaunchSink>(
+    launch: &SnpLaunch<'_>,
+    sink: &mut S,
+) -> Result<VmsaPages, S::Error> {
+    let ovmf = launch.ovmf;
+    ovmf.require_sev_metadata()?;
+    if launch.ovmf_hash.is_none() {
+        update_firmware_pages(sink, ovmf, "firmware image")?;
+    }
     let sev_hashes = launch.direct_boot.as_ref().map(SevHashes::new);
-    snp_update_metadata_pages(&mut gctx, ovmf, sev_hashes.as_ref(), launch.vmm)?;
+    snp_update_metadata_pages(sink, ovmf, sev_hashes.as_ref(), launch.vmm)?;
     let vmsas = VmsaPages::ovmf(
         launch.vcpus,
         ovmf.sev_es_reset_eip()?,
@@ -269,12 +333,9 @@ pub fn snp_launch_digest(
         launch.vmm,
     )?;
     for page in vmsas.iter() {
-        gctx.update_vmsa_page(page);
+        sink.vmsa_page(page)?;
     }
-    Ok(Measured {
-        launch_digest: gctx.launch_digest(),
-        vmsas,
-    })
+    Ok(vmsas)
 }
 
 /// The launch digest after the firmware pages alone (`--mode snp:ovmf-hash`),
@@ -381,40 +442,39 @@ fn sev_hasher(
 }
 
 /// Measures a whole firmware image as normal pages at its GPA.
-fn update_firmware_pages(
-    gctx: &mut Gctx,
+fn update_firmware_pages<S: LaunchSink>(
+    sink: &mut S,
     image: &OvmfImage<'_>,
     what: &'static str,
-) -> Result<(), MeasurementError> {
+) -> Result<(), S::Error> {
     let size = image.size();
-    if size % PAGE_SIZE != 0 {
+    if !size.is_multiple_of(PAGE_SIZE) {
         return Err(MeasurementError::UnalignedSize {
             what,
             size: u64::try_from(size).unwrap_or(u64::MAX),
-        });
+        }
+        .into());
     }
-    gctx.update_normal_pages(image.gpa()?, image.data())
+    sink.normal_pages(image.gpa()?, image.data())
 }
 
 /// Measures the pages the SEV metadata declares, in the reference's order.
-fn snp_update_metadata_pages(
-    gctx: &mut Gctx,
+fn snp_update_metadata_pages<S: LaunchSink>(
+    sink: &mut S,
     image: &OvmfImage<'_>,
     sev_hashes: Option<&SevHashes>,
     vmm: VmmType,
-) -> Result<(), MeasurementError> {
+) -> Result<(), S::Error> {
     for section in image.metadata_items() {
         let gpa = u64::from(section.gpa);
         let size = u64::from(section.size);
         match section.section_type()? {
-            SectionType::SnpSecMem if vmm == VmmType::Gce => {
-                gctx.update_unmeasured_pages(gpa, size)?
-            }
-            SectionType::SnpSecMem | SectionType::SvsmCaa => gctx.update_zero_pages(gpa, size)?,
-            SectionType::SnpSecrets => gctx.update_secrets_page(gpa),
+            SectionType::SnpSecMem if vmm == VmmType::Gce => sink.unmeasured_pages(gpa, size)?,
+            SectionType::SnpSecMem | SectionType::SvsmCaa => sink.zero_pages(gpa, size)?,
+            SectionType::SnpSecrets => sink.secrets_page(gpa)?,
             // EC2 adds the CPUID pages after every other section.
             SectionType::Cpuid if vmm == VmmType::Ec2 => {}
-            SectionType::Cpuid => gctx.update_cpuid_page(gpa),
+            SectionType::Cpuid => sink.cpuid_page(gpa)?,
             SectionType::SnpKernelHashes => match sev_hashes {
                 Some(hashes) => {
                     let table_gpa = image.sev_hashes_table_gpa()?;
@@ -424,23 +484,24 @@ fn snp_update_metadata_pages(
                     if section.size != 4096 {
                         return Err(MeasurementError::KernelHashesSectionSize {
                             size: section.size,
-                        });
+                        }
+                        .into());
                     }
-                    gctx.update_normal_page(gpa, &page);
+                    sink.normal_pages(gpa, page.as_slice())?;
                 }
-                None => gctx.update_zero_pages(gpa, size)?,
+                None => sink.zero_pages(gpa, size)?,
             },
         }
     }
     if vmm == VmmType::Ec2 {
         for section in image.metadata_items() {
             if section.section_type()? == SectionType::Cpuid {
-                gctx.update_cpuid_page(u64::from(section.gpa));
+                sink.cpuid_page(u64::from(section.gpa))?;
             }
         }
     }
     if sev_hashes.is_some() && !image.has_metadata_section(SectionType::SnpKernelHashes)? {
-        return Err(MeasurementError::NoKernelHashesSection);
+        return Err(MeasurementError::NoKernelHashesSection.into());
     }
     Ok(())
 }

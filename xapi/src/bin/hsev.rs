@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hsev_xapi::cli::{attest, measure, output};
+use hsev_xapi::cli::{attest, firmware, measure, output};
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
 #[derive(Debug, Parser)]
@@ -18,6 +18,9 @@ enum Command {
     /// Verify and inspect SEV-SNP attestation evidence, offline.
     #[command(subcommand)]
     Attest(attest::AttestCommand),
+    /// The SEV firmware of this host, real or simulated.
+    #[command(subcommand)]
+    Firmware(firmware::FirmwareCommand),
     /// Calculate the launch measurement of an SEV, SEV-ES or SEV-SNP guest
     /// (the flags, defaults and output of sev-snp-measure).
     Measure(measure::MeasureArgs),
@@ -28,6 +31,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Attest(command) => {
             attest::run(&command).unwrap_or_else(|error| output::input_error_exit(&error))
+        }
+        Command::Firmware(command) => {
+            firmware::run(&command).unwrap_or_else(|error| output::input_error_exit(&error))
         }
         Command::Measure(args) => measure::run(&args),
     }

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use hsev_attestation::cache::CertCache;
-use hsev_attestation::certs::{EndorsementKey, RevocationList, TrustStore};
+use hsev_attestation::certs::{
+    EndorsementKey, RevocationList, RootOrigin, TrustAnchor, TrustStore,
+};
 use hsev_attestation::policy::AppraisalPolicy;
 use hsev_attestation::report::{AttestationReport, EvidenceCertificate, SnpEvidence};
 use hsev_attestation::verifier::{appraise, Appraisal};
@@ -61,6 +63,11 @@ pub struct VerifyArgs {
     /// A CRL to check the chain against (DER or PEM).
     #[arg(long, value_name = "FILE")]
     crl: Option<PathBuf>,
+    /// Also trust this simulated platform's roots (the `sim_roots.pem` of
+    /// `hsev firmware sim report --certs-out`), as SIMULATED: its evidence
+    /// passes only a policy with `allow_simulated = true`. Repeatable.
+    #[arg(long, value_name = "FILE")]
+    sim_root: Vec<PathBuf>,
     /// The appraisal policy (TOML); default: the built-in safe policy.
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
@@ -251,7 +258,13 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, InputError> {
         None => OffsetDateTime::now_utc(),
     };
     let (keys, crl) = endorsement(args, &evidence, product)?;
-    let store = TrustStore::amd();
+    let mut store = TrustStore::amd();
+    for path in &args.sim_root {
+        let anchor =
+            TrustAnchor::from_pem_bundle_of_any_product(RootOrigin::Simulated, &read(path)?)
+                .map_err(|error| InputError(format!("{}: {error}", path.display())))?;
+        store = store.with_anchor(anchor);
+    }
     // Several cached VLEKs may match the TCB: the one that signed wins.
     let mut appraisals = keys.iter().map(|key| {
         appraise(

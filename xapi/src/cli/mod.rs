@@ -2,5 +2,6 @@
 //! conventions they share.
 
 pub mod attest;
+pub mod firmware;
 pub mod measure;
 pub mod output;
