@@ -20,7 +20,7 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit-tests: build
+unit-tests: build image
 	$(CARGO) test --workspace
 
 test: lint unit-tests fuzz-smoke
@@ -28,10 +28,10 @@ test: lint unit-tests fuzz-smoke
 fuzz-smoke: deps
 	@bash scripts/fuzz-smoke.sh $(FUZZ_SECONDS)
 
-demo: build
+demo: build image
 	@bash scripts/demo.sh
 
-bench: deps
+bench: deps image
 	@bash scripts/bench.sh
 
 image: build

@@ -1,43 +1,166 @@
 #!/usr/bin/env bash
-# `make image`: assembles the guest image artifacts into $IMAGE_OUT
-# (default images/out) with a manifest of their sha256 and of the launch
-# measurement a guest started from them must show, per vCPU count.
+# `make image`: builds the minimal guest the tests and the demo boot, into
+# $IMAGE_OUT (default images/out), and its manifest:
 #
-# Today the image is the firmware: Debian's OVMF with its SEV metadata
-# (OVMF_CODE_4M carries none and cannot be measured; it is never used).
+#   firmware/OVMF.fd       edk2 OvmfPkg/AmdSev (SEV-SNP, kernel hashes), built
+#                          from Debian's edk2 source package (firmware.sh)
+#   boot/vmlinuz           Debian's 6.12 cloud kernel (bookworm-backports)
+#   boot/initrd.img        busybox, the guest's kernel modules, /init
+#                          (initramfs.sh; EXTRA_BINARIES / EXTRA_FILES add more)
+#   boot/sev-hashes.page   the SNP_KERNEL_HASHES page for that kernel, initrd
+#                          and command line (sev_hashes.py)
+#   manifest.json          every artifact with its sha256, the command line,
+#                          how to boot it, and the expected SNP launch
+#                          measurement per vCPU count
+#
+# Environment: IMAGE_OUT, HSEV (the hsev binary), VCPU_COUNTS (default
+# "1 2 4 8 16"), VCPU_TYPE (default EPYC-v4), GUEST_CMDLINE, GUEST_MODULES,
+# EXTRA_BINARIES, EXTRA_FILES, FIRMWARE_BUILD_TYPE (RELEASE or DEBUG).
+#
+# Inputs are pinned (lib.sh) and cached under .tools/images; a rerun with
+# nothing changed takes seconds and rewrites no artifact whose bytes are
+# unchanged.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+. "$(dirname "$0")/lib.sh"
+
 out=${IMAGE_OUT:-$root/images/out}
 hsev=${HSEV:-$root/target/debug/hsev}
-ovmf_source=${OVMF:-/usr/share/ovmf/OVMF.fd}
 vcpu_type=${VCPU_TYPE:-EPYC-v4}
 vcpu_counts=(${VCPU_COUNTS:-1 2 4 8 16})
+cmdline=${GUEST_CMDLINE:-console=ttyS0 panic=-1 quiet hsev.exit=idle}
+marker=HSEV-GUEST-READY
 
-step() { printf 'image: %s\n' "$*"; }
+[ -x "$hsev" ] || fail "$hsev is missing: run \`make build\`"
+for tool in python3 curl gzip cpio dpkg-deb depmod modprobe nasm iasl gcc g++ make mkfs.msdos mcopy; do
+  command -v "$tool" >/dev/null || fail "$tool is missing: run \`make deps\`"
+done
+python=/usr/bin/python3
+[ -x "$python" ] || python=$(command -v python3)
 
-[ -x "$hsev" ] || { echo "image: $hsev is missing: run \`make build\`" >&2; exit 1; }
-[ -f "$ovmf_source" ] || { echo "image: $ovmf_source is missing: run \`make deps\`" >&2; exit 1; }
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+  step "waiting for another image build to finish (lock: $cache/.lock)"
+  flock 9
+fi
 
-mkdir -p "$out/firmware"
-step "firmware: $ovmf_source"
-cp "$ovmf_source" "$out/firmware/OVMF.fd.partial"
-mv "$out/firmware/OVMF.fd.partial" "$out/firmware/OVMF.fd"
-firmware_sha256=$(sha256sum "$out/firmware/OVMF.fd" | cut -d' ' -f1)
+started=$(date +%s)
+mkdir -p "$out/firmware" "$out/boot"
 
-measurements=""
+step "[1/5] firmware"
+"$images/firmware.sh" "$out/firmware/OVMF.fd"
+
+step "[2/5] kernel: $kernel_package $kernel_version"
+kernel_root=$(prepare_kernel)
+cp "$kernel_root/boot/vmlinuz-$kernel_release" "$out/boot/vmlinuz.partial"
+install_if_changed "$out/boot/vmlinuz.partial" "$out/boot/vmlinuz"
+
+step "[3/5] initramfs${EXTRA_BINARIES:+ (+ $EXTRA_BINARIES)}${EXTRA_FILES:+ (+ $EXTRA_FILES)}"
+"$images/initramfs.sh" "$out/boot/initrd.img"
+
+step "[4/5] SEV kernel-hashes page (cmdline: $cmdline)"
+hashes=$("$python" "$images/sev_hashes.py" --ovmf "$out/firmware/OVMF.fd" \
+  --kernel "$out/boot/vmlinuz" --initrd "$out/boot/initrd.img" --append "$cmdline" \
+  --out "$out/boot/sev-hashes.page.partial")
+install_if_changed "$out/boot/sev-hashes.page.partial" "$out/boot/sev-hashes.page"
+
+step "[5/5] expected SNP launch measurements, ${vcpu_counts[*]} x $vcpu_type"
+measurements=()
 for vcpus in "${vcpu_counts[@]}"; do
-  step "expected SNP measurement, $vcpus x $vcpu_type"
-  digest=$("$hsev" measure --mode snp --vcpus "$vcpus" --vcpu-type "$vcpu_type" --ovmf "$out/firmware/OVMF.fd")
-  measurements+="${measurements:+,}\"$vcpus\": \"$digest\""
+  digest=$("$hsev" measure --mode snp --vcpus "$vcpus" --vcpu-type "$vcpu_type" \
+    --ovmf "$out/firmware/OVMF.fd" --kernel "$out/boot/vmlinuz" \
+    --initrd "$out/boot/initrd.img" --append "$cmdline")
+  measurements+=("$vcpus=$digest")
 done
 
-cat >"$out/manifest.json.partial" <<JSON
-{
-  "firmware": { "path": "firmware/OVMF.fd", "sha256": "$firmware_sha256" },
-  "expected_measurements": {
-    "snp": { "vmm_type": "QEMU", "vcpu_type": "$vcpu_type", "guest_features": "0x1", "by_vcpus": { $measurements } }
-  }
+modules=$(sed 's|.*/||; s|\.ko.*||' <(gzip -dc "$out/boot/initrd.img" |
+  cpio --quiet -i --to-stdout '*/hsev-load-order') | paste -sd' ')
+
+OUT="$out" HASHES="$hashes" CMDLINE="$cmdline" MARKER="$marker" VCPU_TYPE="$vcpu_type" \
+  MEASUREMENTS="${measurements[*]}" MODULES="$modules" \
+  EDK2_VERSION="$edk2_version" GRUB_VERSION="$grub_version" \
+  FIRMWARE_BUILD_TYPE="${FIRMWARE_BUILD_TYPE:-RELEASE}" \
+  KERNEL_PACKAGE="$kernel_package" KERNEL_VERSION="$kernel_version" KERNEL_RELEASE="$kernel_release" \
+  BUSYBOX_VERSION="$busybox_version" EXTRA_BINARIES="${EXTRA_BINARIES:-}" EXTRA_FILES="${EXTRA_FILES:-}" \
+  "$python" - <<'PY'
+import hashlib, json, os
+
+out = os.environ["OUT"]
+env = os.environ
+
+
+def artifact(path, **extra):
+    with open(os.path.join(out, path), "rb") as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()
+    return {"path": path, "sha256": digest, **extra}
+
+
+hashes = json.loads(env["HASHES"])
+page = artifact(
+    "boot/sev-hashes.page",
+    gpa=hashes["page_gpa"],
+    table_gpa=hashes["table_gpa"],
+    kernel_sha256=hashes["kernel_sha256"],
+    initrd_sha256=hashes["initrd_sha256"],
+    cmdline_sha256=hashes["cmdline_sha256"],
+    note=(
+        "The SNP_KERNEL_HASHES page QEMU writes and the SNP launch measures for this kernel, "
+        "initrd and cmdline. Without SEV (TCG, simulated AMD-SP) hand it to QEMU with "
+        "-device loader,file=PAGE,addr=GPA,force-raw=on and the firmware verifies the blobs "
+        "against it; with a real sev-snp-guest object use kernel-hashes=on instead, never both."
+    ),
+)
+manifest = {
+    "firmware": artifact(
+        "firmware/OVMF.fd",
+        source=f"edk2 {env['EDK2_VERSION']} (Debian source package), OvmfPkg/AmdSev/AmdSevX64.dsc, "
+        f"{env['FIRMWARE_BUILD_TYPE']} GCC5, grub.efi from Debian GRUB {env['GRUB_VERSION']}",
+        kernel_hashes=True,
+    ),
+    "kernel": artifact(
+        "boot/vmlinuz",
+        package=env["KERNEL_PACKAGE"],
+        version=env["KERNEL_VERSION"],
+        release=env["KERNEL_RELEASE"],
+    ),
+    "initrd": artifact(
+        "boot/initrd.img",
+        busybox_static=env["BUSYBOX_VERSION"],
+        modules=env["MODULES"].split(),
+        extra_binaries=env["EXTRA_BINARIES"].split(),
+        extra_files=env["EXTRA_FILES"].split(),
+    ),
+    "cmdline": env["CMDLINE"],
+    "sev_hashes": page,
+    "marker": env["MARKER"],
+    "qemu_args": [
+        "-bios", "firmware/OVMF.fd",
+        "-kernel", "boot/vmlinuz",
+        "-initrd", "boot/initrd.img",
+        "-append", env["CMDLINE"],
+        "-device", f"loader,file=boot/sev-hashes.page,addr={hashes['page_gpa']},force-raw=on",
+    ],
+    "expected_measurements": {
+        "snp": {
+            "vmm_type": "QEMU",
+            "vcpu_type": env["VCPU_TYPE"],
+            "guest_features": "0x1",
+            "covers": "firmware, kernel, initrd and cmdline (SNP_KERNEL_HASHES page)",
+            "by_vcpus": dict(item.split("=", 1) for item in env["MEASUREMENTS"].split()),
+        }
+    },
 }
-JSON
-mv "$out/manifest.json.partial" "$out/manifest.json"
-step "manifest: $out/manifest.json"
+text = json.dumps(manifest, indent=2) + "\n"
+path = os.path.join(out, "manifest.json")
+try:
+    with open(path) as handle:
+        unchanged = handle.read() == text
+except FileNotFoundError:
+    unchanged = False
+if not unchanged:
+    with open(path + ".partial", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".partial", path)
+PY
+
+step "manifest: $out/manifest.json ($(($(date +%s) - started)) s)"

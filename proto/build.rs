@@ -1,10 +1,21 @@
-//! Generates the Rust code of `hsev/v1/*.proto` with protoc (installed by
-//! `make deps`; `PROTOC` overrides its path).
+//! Generates the Rust code (messages, gRPC clients and servers) of
+//! `hsev/v1/*.proto` with protoc (installed by `make deps`; `PROTOC`
+//! overrides its path), and the file descriptor set that server
+//! reflection serves.
 
-fn main() -> std::io::Result<()> {
-    let protos = ["hsev/v1/attestation.proto"];
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "hsev/v1/attestation.proto",
+        "hsev/v1/vm.proto",
+        "hsev/v1/host.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
-    prost_build::compile_protos(&protos, &["."])
+    let descriptor =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("hsev_v1_descriptor.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptor)
+        .compile_protos(&protos, &["."])?;
+    Ok(())
 }

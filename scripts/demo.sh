@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: verifies the real AMD SEV-SNP evidence in shared/testdata with
-# the hsev CLI and prints each verdict, then computes the launch measurement
-# of a 4-vCPU SNP guest on Debian's OVMF.
+# the hsev CLI and prints each verdict; then runs hsevd with a simulated-SNP
+# host in a temporary folder, imports the guest image, creates and boots an
+# SEV-SNP VM, shows its expected measurement beside the launch digest the
+# Secure Processor computed and its console up to the guest's marker line,
+# then stops and deletes it and cleans up.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 hsev="$root/target/debug/hsev"
@@ -32,5 +35,46 @@ verdict "Milan v3, VLEK-signed, today" --report "$reports/milan-v3-vlek.report.b
 verdict "Genoa v3, Trustee KBS JSON evidence" --report "$reports/genoa-v3-json.evidence.json" --at "$pinned"
 
 echo
-echo "### Expected launch measurement: SNP guest, 4 x EPYC-v4, Debian OVMF"
-"$hsev" measure --mode snp --vcpus 4 --vcpu-type EPYC-v4 --ovmf /usr/share/ovmf/OVMF.fd --verbose
+echo "### A confidential VM on hsevd (simulated AMD Secure Processor: NO confidentiality)"
+hsevd="$root/target/debug/hsevd"
+image="$root/images/out"
+[ -f "$image/manifest.json" ] || { echo "demo: the guest image is missing: run \`make image\`" >&2; exit 1; }
+work=$(mktemp -d)
+token=demo-admin-token
+cleanup() {
+  [ -n "${daemon_pid:-}" ] && kill "$daemon_pid" 2>/dev/null
+  # VMs outlive hsevd by design: stop any the demo left behind.
+  pgrep -f "$work/state/vms" | xargs -r kill -9 2>/dev/null
+  rm -rf "$work"
+}
+trap cleanup EXIT
+{
+  echo "state_dir = \"$work/state\""
+  echo "[firmware]"
+  echo "simulated_dir = \"$work/sim\""
+  echo "[[tokens]]"
+  echo "name = \"demo\""
+  echo "role = \"admin\""
+  echo "sha256 = \"$(printf %s "$token" | sha256sum | cut -d' ' -f1)\""
+} >"$work/hsevd.toml"
+"$hsevd" --config "$work/hsevd.toml" >"$work/hsevd.log" 2>&1 &
+daemon_pid=$!
+for _ in $(seq 1 600); do [ -S "$work/state/hsevd.sock" ] && break; sleep 0.1; done
+[ -S "$work/state/hsevd.sock" ] || { cat "$work/hsevd.log"; exit 1; }
+unset HSEV_CONFIG
+export HSEV_ENDPOINT="unix://$work/state/hsevd.sock" HSEV_TOKEN="$token" XDG_CONFIG_HOME="$work"
+"$hsev" host list
+"$hsev" image import debian --from "$image"
+"$hsev" vm create demo --image debian --vcpus 2 --memory 512 --mode sev-snp --start
+echo
+echo "### Console of the guest, up to its marker line"
+for _ in $(seq 1 240); do
+  if "$hsev" vm console demo | grep -q HSEV-GUEST-READY; then break; fi
+  sleep 0.5
+done
+"$hsev" vm console demo | sed -n '/HSEV-GUEST-READY/q;p' | tail -15
+"$hsev" vm console demo | grep -m1 HSEV-GUEST-READY || { echo "demo: the guest did not reach its marker" >&2; exit 1; }
+echo
+"$hsev" vm stop demo --force
+"$hsev" vm delete demo --yes
+echo "demo: done"

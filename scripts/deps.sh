@@ -20,6 +20,29 @@ declare -A apt_packages=(
   [pkg-config]=/usr/bin/pkg-config
   [openssl]=/usr/bin/openssl
   [protobuf-compiler]=/usr/bin/protoc
+  # hsevd's store links the system SQLite (3.37 or newer).
+  [libsqlite3-dev]=/usr/include/sqlite3.h
+  # Guests: QEMU (bookworm-backports, as the preinstalled qemu-utils is),
+  # and the tools `make image` assembles the initramfs with (the image's
+  # own busybox is a pinned busybox-static .deb; this one is for people).
+  [qemu-system-x86]=/usr/bin/qemu-system-x86_64
+  [busybox-static]=/bin/busybox
+  [cpio]=/bin/cpio
+  [xz-utils]=/usr/bin/xz
+  [curl]=/usr/bin/curl
+  [kmod]=/sbin/depmod
+  # `make image` builds the SEV firmware (edk2's OvmfPkg/AmdSev) from source.
+  [gcc]=/usr/bin/gcc
+  [g++]=/usr/bin/g++
+  [make]=/usr/bin/make
+  [nasm]=/usr/bin/nasm
+  [acpica-tools]=/usr/bin/iasl
+  [uuid-dev]=/usr/include/uuid/uuid.h
+  [python3]=/usr/bin/python3
+  [dosfstools]=/sbin/mkfs.msdos
+  [mtools]=/usr/bin/mcopy
+  # grub-mkimage (unpacked from grub-common by images/build.sh) links it.
+  [libdevmapper1.02.1]=/lib/x86_64-linux-gnu/libdevmapper.so.1.02.1
 )
 
 say() { printf 'deps: %s\n' "$*"; }
@@ -28,6 +51,14 @@ missing_apt=()
 for package in "${!apt_packages[@]}"; do
   [ -e "${apt_packages[$package]}" ] || missing_apt+=("$package")
 done
+
+# The guest image's firmware checks the kernel it gets over fw_cfg against
+# the measured hashes; without SEV only QEMU >= 10 hands it the unpatched
+# kernel (fw_cfg "etc/boot/kernel"). Bookworm's own QEMU is 7.2.
+qemu_major=$(/usr/bin/qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+if [ -n "$qemu_major" ] && [ "$qemu_major" -lt 10 ]; then
+  missing_apt+=(qemu-system-x86)
+fi
 
 if [ ${#missing_apt[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing_apt[*]}"
@@ -46,13 +77,21 @@ if [ ${#missing_apt[@]} -gt 0 ]; then
     -o Dir::Etc::SourceParts=/nonexistent
     -o "Dir::State::Lists=$apt_dir/lists")
   apt-get "${apt_options[@]}" -qq update
-  DEBIAN_FRONTEND=noninteractive apt-get "${apt_options[@]}" -qq install -y \
-    --no-install-recommends -t bookworm-backports "${missing_apt[@]}"
+  # dpkg's chatter goes to a log, shown only if the install fails.
+  if ! DEBIAN_FRONTEND=noninteractive apt-get "${apt_options[@]}" -qq install -y \
+    --no-install-recommends -t bookworm-backports "${missing_apt[@]}" >"$apt_dir/install.log" 2>&1; then
+    tail -n 40 "$apt_dir/install.log" >&2
+    say "apt-get install failed (log: $apt_dir/install.log)"
+    exit 1
+  fi
 fi
 
 # sev-snp-measure, the reference the measurement tests compare against.
+# (pip's output is read whole: `grep -q` on a pipe would stop reading early,
+# pip would die of SIGPIPE and pipefail would call it missing every time.)
+installed_version=$("$venv/bin/pip" show sev-snp-measure 2>/dev/null || true)
 if ! "$venv/bin/sev-snp-measure" --help >/dev/null 2>&1 ||
-  ! "$venv/bin/pip" show sev-snp-measure 2>/dev/null | grep -qx "Version: $sev_snp_measure_version"; then
+  ! grep -qx "Version: $sev_snp_measure_version" <<<"$installed_version"; then
   say "installing sev-snp-measure $sev_snp_measure_version into $venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q "sev-snp-measure==$sev_snp_measure_version"

@@ -13,9 +13,13 @@
 use std::path::Path;
 
 use hsev_attestation::certs::{parse_certificate_table, CertTableError};
+use hsev_attestation::firmware::channel::{find_port, SimulatedChannel, PORT_NAME};
 use hsev_attestation::firmware::guest::sev_guest::{SevGuestDevice, DEFAULT_SEV_GUEST_PATH};
 use hsev_attestation::firmware::guest::tsm::ConfigFsTsm;
 use hsev_attestation::firmware::guest::GuestReporter;
+
+/// Where the kernel lists virtio-serial ports by name.
+const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
 use hsev_attestation::firmware::{FirmwareError, GuestRequest, GuestResponse};
 use hsev_attestation::report::{AttestationReport, ReportError, SnpEvidence};
 
@@ -28,6 +32,9 @@ pub enum Device {
     SevGuest,
     /// configfs-tsm (reports and extended reports).
     Tsm,
+    /// The host's simulated Secure Processor over the virtio-serial port
+    /// `org.hypersev.sim-sp.0` (development pools only: no confidentiality).
+    Sim,
 }
 
 /// Why no evidence could be produced.
@@ -35,9 +42,10 @@ pub enum Device {
 pub enum AgentError {
     /// Neither device is here.
     #[error(
-        "no way to the SEV-SNP Secure Processor: no {DEFAULT_SEV_GUEST_PATH} and no \
-         configfs-tsm report interface at {tsm_root} (not an SEV-SNP guest, or the sev-guest \
-         and tsm_report modules are not loaded)"
+        "no way to the SEV-SNP Secure Processor: no {DEFAULT_SEV_GUEST_PATH}, no \
+         configfs-tsm report interface at {tsm_root}, and no simulated Secure Processor port \
+         {PORT_NAME} (not an SEV-SNP guest, or the sev-guest and tsm_report modules are not \
+         loaded)"
     )]
     NoDevice {
         /// The configfs-tsm folder looked at.
@@ -57,16 +65,28 @@ pub enum AgentError {
     CertTable(#[from] CertTableError),
 }
 
-/// Resolves [`Device::Auto`] from which devices are present.
+/// Which ways to a Secure Processor this guest has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Present {
+    /// `/dev/sev-guest` exists.
+    pub sev_guest: bool,
+    /// The configfs-tsm report folder exists.
+    pub tsm: bool,
+    /// The simulated Secure Processor's virtio-serial port exists.
+    pub sim: bool,
+}
+
+/// Resolves [`Device::Auto`] from which devices are present: real hardware
+/// first, the simulated port last.
 pub fn choose_device(
     device: Device,
-    sev_guest_present: bool,
-    tsm_present: bool,
+    present: Present,
     tsm_root: &Path,
 ) -> Result<Device, AgentError> {
     match device {
-        Device::Auto if sev_guest_present => Ok(Device::SevGuest),
-        Device::Auto if tsm_present => Ok(Device::Tsm),
+        Device::Auto if present.sev_guest => Ok(Device::SevGuest),
+        Device::Auto if present.tsm => Ok(Device::Tsm),
+        Device::Auto if present.sim => Ok(Device::Sim),
         Device::Auto => Err(AgentError::NoDevice {
             tsm_root: tsm_root.display().to_string(),
         }),
@@ -79,15 +99,15 @@ pub fn open_reporter(
     device: Device,
     tsm_root: &Path,
 ) -> Result<Box<dyn GuestReporter>, AgentError> {
-    let device = choose_device(
-        device,
-        SevGuestDevice::is_present(),
-        tsm_root.is_dir(),
-        tsm_root,
-    )?;
-    Ok(match device {
+    let present = Present {
+        sev_guest: SevGuestDevice::is_present(),
+        tsm: tsm_root.is_dir(),
+        sim: find_port(Path::new(VIRTIO_PORTS), PORT_NAME).is_ok(),
+    };
+    Ok(match choose_device(device, present, tsm_root)? {
         Device::SevGuest => Box::new(SevGuestDevice::open()?),
         Device::Tsm | Device::Auto => Box::new(ConfigFsTsm::new(tsm_root)?),
+        Device::Sim => Box::new(SimulatedChannel::open_port()?),
     })
 }
 
@@ -185,9 +205,19 @@ mod tests {
     }
 
     #[test]
-    fn auto_prefers_sev_guest_then_tsm() {
+    fn auto_prefers_sev_guest_then_tsm_then_the_simulated_port() {
         let root = Path::new("/sys/kernel/config/tsm/report");
-        let pick = |device, sev_guest, tsm| choose_device(device, sev_guest, tsm, root);
+        let pick = |device, sev_guest, tsm| {
+            choose_device(
+                device,
+                Present {
+                    sev_guest,
+                    tsm,
+                    sim: false,
+                },
+                root,
+            )
+        };
         assert_eq!(
             pick(Device::Auto, true, true).expect("sev-guest"),
             Device::SevGuest
@@ -198,10 +228,28 @@ mod tests {
             pick(Device::SevGuest, false, false).expect("asked"),
             Device::SevGuest
         );
+        let simulated = Present {
+            sim: true,
+            ..Present::default()
+        };
+        assert_eq!(
+            choose_device(Device::Auto, simulated, root).expect("sim"),
+            Device::Sim
+        );
+        let real_first = Present {
+            sev_guest: true,
+            sim: true,
+            ..Present::default()
+        };
+        assert_eq!(
+            choose_device(Device::Auto, real_first, root).expect("real"),
+            Device::SevGuest
+        );
         let message = pick(Device::Auto, false, false)
             .expect_err("neither")
             .to_string();
         assert!(message.contains("/dev/sev-guest"), "{message}");
+        assert!(message.contains(PORT_NAME), "{message}");
         assert!(
             message.contains("/sys/kernel/config/tsm/report"),
             "{message}"

@@ -1,8 +1,14 @@
-//! The HyperSEV API, package `hsev.v1`, generated from `proto/hsev/v1/`.
-//! The `.proto` files are the contract; this crate only carries their code.
+//! The HyperSEV API, package `hsev.v1`, generated from `proto/hsev/v1/`:
+//! messages, gRPC clients and servers. The `.proto` files are the
+//! contract; this crate only carries their code.
 
 /// Version 1 of the API.
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod v1 {
-    include!(concat!(env!("OUT_DIR"), "/hsev.v1.rs"));
+    tonic::include_proto!("hsev.v1");
+
+    /// The encoded file descriptor set of every `hsev.v1` file, for gRPC
+    /// server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("hsev_v1_descriptor");
 }

@@ -5,6 +5,7 @@
 //! fails the test with a message saying where it was expected and how to
 //! get it.
 
+pub mod daemon;
 pub mod firmware_blob;
 
 use std::path::{Path, PathBuf};

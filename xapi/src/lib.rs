@@ -1,5 +1,10 @@
-//! The HyperSEV toolstack: the `hsev` command-line interface and, later, the
-//! host agent and pool coordinator.
+//! The HyperSEV toolstack: the domain model, the store, the hypervisor
+//! drivers, the `hsevd` host agent and pool coordinator, and the `hsev`
+//! command-line interface.
 
 pub mod api;
 pub mod cli;
+pub mod daemon;
+pub mod hypervisor;
+pub mod model;
+pub mod store;

@@ -2,3 +2,4 @@
 //! Services and the CLI speak the messages; the domain never sees them.
 
 pub mod attestation;
+pub mod vm;

@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use hsev_xapi::cli::{attest, firmware, measure, output};
+use clap::{CommandFactory, Parser, Subcommand};
+use hsev_xapi::cli::{attest, completions, firmware, host, image, measure, output, vm};
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
 #[derive(Debug, Parser)]
@@ -24,6 +24,14 @@ enum Command {
     /// Calculate the launch measurement of an SEV, SEV-ES or SEV-SNP guest
     /// (the flags, defaults and output of sev-snp-measure).
     Measure(measure::MeasureArgs),
+    /// Confidential VMs on hsevd: create, start, stop, inspect, console.
+    Vm(vm::VmArgs),
+    /// The pool's hypervisor hosts and what they can run (admins).
+    Host(host::HostArgs),
+    /// Guest images: import (admins), list, show.
+    Image(image::ImageArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions(completions::CompletionsArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,5 +44,9 @@ fn main() -> ExitCode {
             firmware::run(&command).unwrap_or_else(|error| output::input_error_exit(&error))
         }
         Command::Measure(args) => measure::run(&args),
+        Command::Vm(args) => vm::run(&args),
+        Command::Host(args) => host::run(&args),
+        Command::Image(args) => image::run(&args),
+        Command::Completions(args) => completions::run(&args, &mut Cli::command()),
     }
 }

@@ -1,7 +1,13 @@
 //! The `hsev` command line: one module per command group, and the output
-//! conventions they share.
+//! conventions they share. `attest`, `measure` and `firmware` work offline;
+//! `vm`, `host` and `image` talk to hsevd through `client`.
 
 pub mod attest;
+pub mod client;
+pub mod completions;
 pub mod firmware;
+pub mod host;
+pub mod image;
 pub mod measure;
 pub mod output;
+pub mod vm;

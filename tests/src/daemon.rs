@@ -1,0 +1,245 @@
+//! A real `hsevd` for end-to-end tests: its own state folder, a simulated
+//! Secure Processor, three callers (the admin `ops`, tenants `alice` and
+//! `bob`), the guest image `make image` built. Dropping it kills the daemon
+//! and every QEMU it started.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{binary, workspace_root};
+
+/// The callers and their tokens.
+pub const ADMIN: &str = "ops-token";
+/// Tenant alice's token.
+pub const ALICE: &str = "alice-token";
+/// Tenant bob's token.
+pub const BOB: &str = "bob-token";
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    config: PathBuf,
+}
+
+fn sha256_hex(text: &str) -> String {
+    let output = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .expect("sha256sum runs");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_owned()
+}
+
+/// The guest image folder `make image` writes.
+pub fn image_dir() -> PathBuf {
+    let dir = workspace_root().join("images/out");
+    assert!(
+        dir.join("manifest.json").is_file(),
+        "the guest image is missing at {}: run `make image`",
+        dir.display()
+    );
+    dir
+}
+
+impl Daemon {
+    /// Starts a daemon with `extra` TOML lines added to its configuration.
+    pub fn start(extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let config = dir.path().join("hsevd.toml");
+        let tokens: String = [
+            ("ops", "admin", ADMIN),
+            ("alice", "tenant", ALICE),
+            ("bob", "tenant", BOB),
+        ]
+        .iter()
+        .map(|(name, role, token)| {
+            format!(
+                "[[tokens]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+                sha256_hex(token)
+            )
+        })
+        .collect();
+        let text = format!(
+            "state_dir = \"{state}\"\n{extra}\n[firmware]\nsimulated_dir = \"{sim}\"\n{tokens}",
+            state = state.display(),
+            sim = dir.path().join("sim").display()
+        );
+        std::fs::write(&config, text).expect("config written");
+        let mut daemon = Daemon {
+            dir,
+            child: None,
+            config,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("hsevd.log"))
+            .expect("log file");
+        let child = Command::new(binary("hsevd"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("hsevd starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.socket().exists() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("hsevd exited with {status}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "hsevd did not open its socket in 60 s: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Its state folder.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> PathBuf {
+        self.state_dir().join("hsevd.sock")
+    }
+
+    /// What it logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hsevd.log")).unwrap_or_default()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    /// Kills it with SIGKILL, as a crash would; its VMs keep running.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same state.
+    pub fn restart(&mut self) {
+        self.kill_9();
+        let _ = std::fs::remove_file(self.socket());
+        self.spawn();
+    }
+
+    /// Runs `hsev` against it with `token`.
+    pub fn hsev<I, S>(&self, token: &str, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        Command::new(binary("hsev"))
+            .args(args)
+            .env(
+                "HSEV_ENDPOINT",
+                format!("unix://{}", self.socket().display()),
+            )
+            .env("HSEV_TOKEN", token)
+            .env_remove("HSEV_CONFIG")
+            .env("XDG_CONFIG_HOME", self.dir.path())
+            .env_remove("HSEV_CA")
+            .stdin(Stdio::null())
+            .output()
+            .expect("hsev runs")
+    }
+
+    /// Runs `hsev ... --output json` and parses what it prints.
+    pub fn json<I, S>(&self, token: &str, args: I) -> serde_json::Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut args: Vec<std::ffi::OsString> = args
+            .into_iter()
+            .map(|arg| arg.as_ref().to_owned())
+            .collect();
+        args.extend(["--output".into(), "json".into()]);
+        let output = self.hsev(token, &args);
+        assert!(
+            output.status.success(),
+            "hsev {args:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|error| panic!("hsev {args:?}: not JSON ({error})"))
+    }
+
+    /// Imports the test image as `debian`.
+    pub fn import_image(&self) {
+        let output = self.hsev(
+            ADMIN,
+            [
+                "image",
+                "import",
+                "debian",
+                "--from",
+                image_dir().to_str().expect("utf-8"),
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "image import: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// Every process whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
+    let needle = needle.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill_9();
+        for pid in processes_mentioning(&self.state_dir()) {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}

@@ -1,0 +1,876 @@
+//! `hsev vm`: confidential VMs on hsevd (`hsev.v1.VmService`).
+//!
+//! Long operations (create, start, stop, reboot, delete) print each
+//! progress step on stderr as it arrives and the resulting VM on stdout,
+//! as `show` prints it or, with `--output json`, as one JSON document.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use hsev_proto::v1::attestation_status::State as AttestationState;
+use hsev_proto::v1::{
+    AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest, CreateVmRequest,
+    DeleteVmRequest, DiskSpec, ListVmsRequest, PortForward, RootOrigin, StopVmRequest, Vm, VmRef,
+    VmSpec, VmState, WaitVmRequest,
+};
+use serde_json::{json, Value};
+
+use super::client::{
+    self, enum_name, follow_progress, hex_or_none, print_json, print_stdout, render_table,
+    Connection, ConnectionArgs, Fields, RemoteError,
+};
+use super::output::OutputFormat;
+
+/// `hsev vm ...` and its connection flags.
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    #[command(subcommand)]
+    command: VmCommand,
+}
+
+/// VM commands.
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM: place it, prepare its disks, compute its expected
+    /// launch measurement; `--start` starts it too.
+    Create(CreateArgs),
+    /// Start a stopped or failed VM (a new launch: the guest attests again).
+    Start(VmName),
+    /// Stop a VM: ACPI shutdown, killed after the timeout.
+    Stop(StopArgs),
+    /// Reboot a running VM (a new launch: the guest attests again).
+    Reboot(VmName),
+    /// Stop and delete a VM and its disks.
+    Delete(DeleteArgs),
+    /// List VMs: yours, or every VM for admins.
+    List(ListArgs),
+    /// Every field of a VM: spec, state, measurements, attestation.
+    Show(VmName),
+    /// Print a VM's serial console, raw, until it ends or Ctrl-C.
+    Console(ConsoleArgs),
+    /// Wait until a VM reaches a state; exit 1 on timeout.
+    Wait(WaitArgs),
+}
+
+/// How a VM's memory is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// An ordinary VM: the host can read its memory.
+    None,
+    /// AMD SEV: memory encrypted.
+    Sev,
+    /// AMD SEV-ES: memory and register state encrypted.
+    SevEs,
+    /// AMD SEV-SNP: encryption, integrity and attestation.
+    SevSnp,
+}
+
+impl From<Mode> for ConfidentialMode {
+    fn from(mode: Mode) -> Self {
+        match mode {
+            Mode::None => ConfidentialMode::None,
+            Mode::Sev => ConfidentialMode::Sev,
+            Mode::SevEs => ConfidentialMode::SevEs,
+            Mode::SevSnp => ConfidentialMode::SevSnp,
+        }
+    }
+}
+
+/// A VM state, as flags name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StateArg {
+    /// Disks are being prepared.
+    Creating,
+    /// Defined, not running.
+    Stopped,
+    /// Being started.
+    Starting,
+    /// Running.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// Died or could not start.
+    Failed,
+    /// Being deleted.
+    Deleting,
+}
+
+impl From<StateArg> for VmState {
+    fn from(state: StateArg) -> Self {
+        match state {
+            StateArg::Creating => VmState::Creating,
+            StateArg::Stopped => VmState::Stopped,
+            StateArg::Starting => VmState::Starting,
+            StateArg::Running => VmState::Running,
+            StateArg::Stopping => VmState::Stopping,
+            StateArg::Failed => VmState::Failed,
+            StateArg::Deleting => VmState::Deleting,
+        }
+    }
+}
+
+/// `hsev vm create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name, unique among your VMs: 1-63 of [a-z0-9-], starting with a letter.
+    name: String,
+    /// Id or name of an imported image (`hsev image list`).
+    #[arg(long, value_name = "IMAGE")]
+    image: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    vcpus: u32,
+    /// Memory in MiB.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    memory: u64,
+    /// Memory protection.
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// SEV-SNP guest policy in hex (e.g. 0x30000, the default: SMT allowed,
+    /// no debug, no migration agent).
+    #[arg(long, value_name = "HEX", value_parser = parse_policy)]
+    policy: Option<u64>,
+    /// An extra empty data disk, NAME:SIZE_MIB. Repeatable.
+    #[arg(long = "disk", value_name = "NAME:SIZE_MIB", value_parser = parse_disk)]
+    disks: Vec<DiskSpec>,
+    /// Forward a host loopback port to a guest port, HOSTPORT:GUESTPORT
+    /// (host port 0 picks a free one). Repeatable.
+    #[arg(long = "forward", value_name = "HOSTPORT:GUESTPORT", value_parser = parse_forward)]
+    forwards: Vec<PortForward>,
+    /// vCPU model the measurement uses (e.g. EPYC-v4); default: the host's.
+    #[arg(long, value_name = "TYPE")]
+    vcpu_type: Option<String>,
+    /// Start the VM once created.
+    #[arg(long)]
+    start: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// A command on one VM.
+#[derive(Debug, Args)]
+pub struct VmName {
+    /// Id or name of the VM.
+    vm: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// `hsev vm stop`.
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// Id or name of the VM.
+    vm: String,
+    /// Kill at once, without ACPI shutdown.
+    #[arg(long, conflicts_with = "timeout")]
+    force: bool,
+    /// Seconds to wait for ACPI shutdown before killing [default: 30].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..))]
+    timeout: Option<u32>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// `hsev vm delete`.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Id or name of the VM.
+    vm: String,
+    /// Overwrite the disks' contents before removing them.
+    #[arg(long)]
+    wipe: bool,
+    /// Do not ask for confirmation (asked only when stdin is a terminal).
+    #[arg(long, short = 'y')]
+    yes: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// `hsev vm list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only VMs in this state.
+    #[arg(long, value_enum)]
+    state: Option<StateArg>,
+    /// Only this owner's VMs (admins).
+    #[arg(long, value_name = "OWNER")]
+    owner: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// `hsev vm console`.
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Id or name of the VM.
+    vm: String,
+    /// Keep printing new output until the VM stops or Ctrl-C.
+    #[arg(long, short = 'f')]
+    follow: bool,
+    /// Start this many bytes from the end [default: from the start].
+    #[arg(long, value_name = "BYTES")]
+    tail: Option<u64>,
+}
+
+/// `hsev vm wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// Id or name of the VM.
+    vm: String,
+    /// The state to wait for.
+    #[arg(long, value_enum)]
+    state: StateArg,
+    /// Give up after this many seconds [default: 60].
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..))]
+    timeout: Option<u32>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// A guest policy in hex, with or without `0x`.
+fn parse_policy(text: &str) -> Result<u64, String> {
+    let digits = text
+        .strip_prefix("0x")
+        .or_else(|| text.strip_prefix("0X"))
+        .unwrap_or(text);
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| "expected a hexadecimal guest policy, e.g. 0x30000".to_owned())
+}
+
+/// `NAME:SIZE_MIB`.
+fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+    let (name, size) = text
+        .rsplit_once(':')
+        .ok_or_else(|| "expected NAME:SIZE_MIB, e.g. data:1024".to_owned())?;
+    let size_mib: u64 = size
+        .parse()
+        .map_err(|_| format!("{size:?} is not a size in MiB"))?;
+    if name.is_empty() || size_mib == 0 {
+        return Err("expected NAME:SIZE_MIB with a name and a size of at least 1 MiB".into());
+    }
+    Ok(DiskSpec {
+        name: name.to_owned(),
+        size_mib,
+    })
+}
+
+/// `HOSTPORT:GUESTPORT`.
+fn parse_forward(text: &str) -> Result<PortForward, String> {
+    let (host, guest) = text
+        .split_once(':')
+        .ok_or_else(|| "expected HOSTPORT:GUESTPORT, e.g. 2222:22".to_owned())?;
+    let host_port: u16 = host
+        .parse()
+        .map_err(|_| format!("{host:?} is not a port (0-65535)"))?;
+    let guest_port: u16 = guest
+        .parse()
+        .map_err(|_| format!("{guest:?} is not a port (1-65535)"))?;
+    if guest_port == 0 {
+        return Err("the guest port must be 1-65535".into());
+    }
+    Ok(PortForward {
+        host_port: host_port.into(),
+        guest_port: guest_port.into(),
+    })
+}
+
+/// Runs a VM command.
+pub fn run(args: &VmArgs) -> ExitCode {
+    if let VmCommand::Create(create) = &args.command {
+        if create.policy.is_some() && create.mode == Mode::None {
+            eprintln!("hsev: error: --policy applies to SEV modes only, not to --mode none");
+            return ExitCode::from(2);
+        }
+    }
+    if let VmCommand::Delete(delete) = &args.command {
+        if !delete.yes && std::io::stdin().is_terminal() && !confirm_delete(delete) {
+            eprintln!("hsev: VM {} not deleted", delete.vm);
+            return ExitCode::from(1);
+        }
+    }
+    client::run(&args.connection, async |connection| {
+        execute(connection, &args.command).await
+    })
+}
+
+/// Asks on the terminal; true for `y` or `yes`.
+fn confirm_delete(args: &DeleteArgs) -> bool {
+    let wipe = if args.wipe { ", wiping its disks" } else { "" };
+    eprint!("delete VM {} and its disks{wipe}? [y/N] ", args.vm);
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim().to_lowercase().as_str(), "y" | "yes")
+}
+
+async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCode, RemoteError> {
+    let mut vms = connection.vms();
+    match command {
+        VmCommand::Create(args) => {
+            let request = CreateVmRequest {
+                spec: Some(VmSpec {
+                    name: args.name.clone(),
+                    image: args.image.clone(),
+                    vcpus: args.vcpus,
+                    memory_mib: args.memory,
+                    mode: ConfidentialMode::from(args.mode).into(),
+                    guest_policy: args.policy.unwrap_or(0),
+                    disks: args.disks.clone(),
+                    port_forwards: args.forwards.clone(),
+                    vcpu_type: args.vcpu_type.clone().unwrap_or_default(),
+                }),
+                start: args.start,
+            };
+            let vm = follow_progress(vms.create_vm(request).await?).await?;
+            finish(vm, args.output)
+        }
+        VmCommand::Start(args) => {
+            let vm = follow_progress(vms.start_vm(vm_ref(&args.vm)).await?).await?;
+            finish(vm, args.output)
+        }
+        VmCommand::Reboot(args) => {
+            let vm = follow_progress(vms.reboot_vm(vm_ref(&args.vm)).await?).await?;
+            finish(vm, args.output)
+        }
+        VmCommand::Stop(args) => {
+            let request = StopVmRequest {
+                vm: args.vm.clone(),
+                force: args.force,
+                timeout_seconds: args.timeout.unwrap_or(0),
+            };
+            let vm = follow_progress(vms.stop_vm(request).await?).await?;
+            finish(vm, args.output)
+        }
+        VmCommand::Delete(args) => {
+            let request = DeleteVmRequest {
+                vm: args.vm.clone(),
+                wipe_disks: args.wipe,
+            };
+            let vm = follow_progress(vms.delete_vm(request).await?).await?;
+            // The VM is gone: its last state, if hsevd sent one, else a
+            // note that it was deleted.
+            match (vm, args.output) {
+                (Some(vm), output) => print_vm(&vm, output)?,
+                (None, OutputFormat::Json) => {
+                    print_json(&json!({ "vm": args.vm, "deleted": true }))?;
+                }
+                (None, OutputFormat::Text) => print_stdout(&format!("deleted VM {}\n", args.vm))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::List(args) => {
+            let request = ListVmsRequest {
+                state: args
+                    .state
+                    .map_or(VmState::Unspecified, VmState::from)
+                    .into(),
+                owner: args.owner.clone().unwrap_or_default(),
+            };
+            let list = vms.list_vms(request).await?.into_inner();
+            match args.output {
+                OutputFormat::Json => {
+                    print_json(&Value::Array(list.vms.iter().map(vm_json).collect()))?;
+                }
+                OutputFormat::Text if list.vms.is_empty() => eprintln!("no VMs"),
+                OutputFormat::Text => print_stdout(&vm_table(&list.vms))?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Show(args) => {
+            let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
+            print_vm(&vm, args.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Console(args) => console(connection, args).await,
+        VmCommand::Wait(args) => {
+            let request = WaitVmRequest {
+                vm: args.vm.clone(),
+                state: VmState::from(args.state).into(),
+                timeout_seconds: args.timeout.unwrap_or(0),
+            };
+            let vm = vms.wait_vm(request).await?.into_inner();
+            print_vm(&vm, args.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn vm_ref(vm: &str) -> VmRef {
+    VmRef { vm: vm.to_owned() }
+}
+
+/// Prints the VM a stream ended with; a stream without one is hsevd's
+/// fault.
+fn finish(vm: Option<Vm>, output: OutputFormat) -> Result<ExitCode, RemoteError> {
+    let vm = vm.ok_or_else(|| {
+        RemoteError::Failed("hsevd ended the operation without sending the VM".into())
+    })?;
+    print_vm(&vm, output)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_vm(vm: &Vm, output: OutputFormat) -> Result<(), RemoteError> {
+    match output {
+        OutputFormat::Json => print_json(&vm_json(vm)),
+        OutputFormat::Text => print_stdout(&render_vm(vm)),
+    }
+}
+
+/// Streams the console raw to stdout until it ends or Ctrl-C.
+async fn console(connection: &Connection, args: &ConsoleArgs) -> Result<ExitCode, RemoteError> {
+    let request = ConsoleRequest {
+        vm: args.vm.clone(),
+        follow: args.follow,
+        tail_bytes: args.tail.unwrap_or(0),
+    };
+    let mut stream = connection.vms().stream_console(request).await?.into_inner();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        tokio::select! {
+            chunk = stream.message() => {
+                let Some(chunk) = chunk? else { break };
+                match stdout.write_all(&chunk.data).and_then(|()| stdout.flush()) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => break,
+                    Err(error) => {
+                        return Err(RemoteError::Failed(format!("cannot write to stdout: {error}")));
+                    }
+                }
+            }
+            _ = &mut interrupted => break,
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The name of a VM state number.
+pub fn state_name(state: i32) -> String {
+    match VmState::try_from(state) {
+        Ok(VmState::Unspecified) => "-".to_owned(),
+        Ok(state) => enum_name(state.as_str_name(), "VM_STATE_"),
+        Err(_) => format!("unknown({state})"),
+    }
+}
+
+/// The name of a confidential mode number.
+pub fn mode_name(mode: i32) -> String {
+    match ConfidentialMode::try_from(mode) {
+        Ok(ConfidentialMode::Unspecified) => "-".to_owned(),
+        Ok(mode) => enum_name(mode.as_str_name(), "CONFIDENTIAL_MODE_"),
+        Err(_) => format!("unknown({mode})"),
+    }
+}
+
+fn attestation_state_name(attestation: Option<&AttestationStatus>) -> String {
+    let Some(attestation) = attestation else {
+        return "-".to_owned();
+    };
+    match AttestationState::try_from(attestation.state) {
+        Ok(AttestationState::Unspecified) => "-".to_owned(),
+        Ok(state) => enum_name(state.as_str_name(), "STATE_"),
+        Err(_) => format!("unknown({})", attestation.state),
+    }
+}
+
+fn origin_name(origin: i32) -> String {
+    match RootOrigin::try_from(origin) {
+        Ok(RootOrigin::Amd) => "AMD roots".to_owned(),
+        Ok(RootOrigin::Simulated) => "SIMULATED roots".to_owned(),
+        Ok(RootOrigin::Unspecified) => "no verified chain".to_owned(),
+        Err(_) => format!("unknown origin ({origin})"),
+    }
+}
+
+/// Whether the launch digest equals the expected measurement, when both
+/// are known.
+fn measurements_equal(vm: &Vm) -> Option<bool> {
+    (!vm.expected_measurement.is_empty() && !vm.launch_digest.is_empty())
+        .then(|| vm.expected_measurement == vm.launch_digest)
+}
+
+fn forwards_text(forwards: &[PortForward]) -> String {
+    if forwards.is_empty() {
+        return "-".to_owned();
+    }
+    forwards
+        .iter()
+        .map(|forward| format!("{} -> {}", forward.host_port, forward.guest_port))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn forwards_json(forwards: &[PortForward]) -> Value {
+    forwards
+        .iter()
+        .map(|forward| json!({ "host_port": forward.host_port, "guest_port": forward.guest_port }))
+        .collect()
+}
+
+fn verdict_json(verdict: &AttestationVerdict) -> Value {
+    json!({
+        "accepted": verdict.accepted,
+        "product": verdict.product,
+        "origin": enum_name(
+            RootOrigin::try_from(verdict.origin).unwrap_or_default().as_str_name(),
+            "ROOT_ORIGIN_",
+        ),
+        "checks": verdict.checks.iter().map(|check| json!({
+            "name": check.name,
+            "passed": check.passed,
+            "detail": check.detail,
+        })).collect::<Vec<_>>(),
+        "measurement": hex_or_none(&verdict.measurement),
+        "report_data": hex_or_none(&verdict.report_data),
+        "host_data": hex_or_none(&verdict.host_data),
+    })
+}
+
+/// A VM as one JSON document, the enums by name and the bytes in hex.
+pub fn vm_json(vm: &Vm) -> Value {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let attestation = vm.attestation.as_ref();
+    json!({
+        "id": vm.id,
+        "name": spec.name,
+        "owner": vm.owner,
+        "state": state_name(vm.state),
+        "state_reason": vm.state_reason,
+        "host": vm.host,
+        "spec": {
+            "name": spec.name,
+            "image": spec.image,
+            "vcpus": spec.vcpus,
+            "memory_mib": spec.memory_mib,
+            "mode": mode_name(spec.mode),
+            "guest_policy": format!("{:#x}", spec.guest_policy),
+            "vcpu_type": spec.vcpu_type,
+            "disks": spec.disks.iter().map(|disk| json!({
+                "name": disk.name,
+                "size_mib": disk.size_mib,
+            })).collect::<Vec<_>>(),
+            "port_forwards": forwards_json(&spec.port_forwards),
+        },
+        "expected_measurement": hex_or_none(&vm.expected_measurement),
+        "launch_digest": hex_or_none(&vm.launch_digest),
+        "measurements_equal": measurements_equal(vm),
+        "simulated_firmware": vm.simulated_firmware,
+        "attestation": attestation.map(|attestation| json!({
+            "state": attestation_state_name(Some(attestation)),
+            "reason": attestation.reason,
+            "verdict": attestation.verdict.as_ref().map(verdict_json),
+        })),
+        "port_forwards": forwards_json(&vm.port_forwards),
+        "created_at": vm.created_at,
+        "updated_at": vm.updated_at,
+    })
+}
+
+/// Every field of a VM, for people.
+pub fn render_vm(vm: &Vm) -> String {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let mut out = String::new();
+    if vm.simulated_firmware {
+        out.push_str("SIMULATED firmware: no confidentiality\n");
+    }
+    let mut fields = Fields::default();
+    fields.add("name", &spec.name);
+    fields.add("id", &vm.id);
+    fields.add_nonempty("owner", &vm.owner);
+    fields.add("state", state_name(vm.state));
+    fields.add_nonempty("state reason", &vm.state_reason);
+    fields.add("host", if vm.host.is_empty() { "-" } else { &vm.host });
+    fields.add("image", &spec.image);
+    let vcpu_type = if spec.vcpu_type.is_empty() {
+        "the host's vCPU type".to_owned()
+    } else {
+        spec.vcpu_type.clone()
+    };
+    fields.add("vcpus", format!("{} ({vcpu_type})", spec.vcpus));
+    fields.add("memory", format!("{} MiB", spec.memory_mib));
+    fields.add("mode", mode_name(spec.mode));
+    if spec.mode != i32::from(ConfidentialMode::None) {
+        let policy = if spec.guest_policy == 0 {
+            "0x30000 (default)".to_owned()
+        } else {
+            format!("{:#x}", spec.guest_policy)
+        };
+        fields.add("guest policy", policy);
+    }
+    let disks = if spec.disks.is_empty() {
+        "-".to_owned()
+    } else {
+        spec.disks
+            .iter()
+            .map(|disk| format!("{} {} MiB", disk.name, disk.size_mib))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    fields.add("disks", disks);
+    fields.add("forwards asked", forwards_text(&spec.port_forwards));
+    fields.add("forwarded now", forwards_text(&vm.port_forwards));
+    fields.add(
+        "expected measurement",
+        hex_or_none(&vm.expected_measurement).unwrap_or_else(|| "-".into()),
+    );
+    fields.add(
+        "launch digest",
+        hex_or_none(&vm.launch_digest).unwrap_or_else(|| "- (not launched yet)".into()),
+    );
+    fields.add(
+        "measurements",
+        match measurements_equal(vm) {
+            Some(true) => "equal",
+            Some(false) => "DIFFERENT: the launch did not measure what was expected",
+            None => "not compared",
+        },
+    );
+    let attestation = vm.attestation.as_ref();
+    let mut state = attestation_state_name(attestation);
+    if let Some(reason) = attestation
+        .map(|a| a.reason.as_str())
+        .filter(|r| !r.is_empty())
+    {
+        state = format!("{state}: {reason}");
+    }
+    fields.add("attestation", state);
+    let verdict = attestation.and_then(|attestation| attestation.verdict.as_ref());
+    let failed: Vec<_> = verdict
+        .map(|verdict| {
+            verdict
+                .checks
+                .iter()
+                .filter(|check| !check.passed)
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Some(verdict) = verdict {
+        let product = if verdict.product.is_empty() {
+            String::new()
+        } else {
+            format!("{}, ", verdict.product)
+        };
+        fields.add(
+            "verdict",
+            format!(
+                "{} ({product}{}), {} of {} checks failed",
+                if verdict.accepted {
+                    "accepted"
+                } else {
+                    "REFUSED"
+                },
+                origin_name(verdict.origin),
+                failed.len(),
+                verdict.checks.len()
+            ),
+        );
+    }
+    fields.add("created", &vm.created_at);
+    fields.add("updated", &vm.updated_at);
+    out.push_str(&fields.render());
+    let width = failed
+        .iter()
+        .map(|check| check.name.len())
+        .max()
+        .unwrap_or(0);
+    for check in failed {
+        out.push_str(&format!("  FAIL {:width$}  {}\n", check.name, check.detail));
+    }
+    out
+}
+
+/// The `list` table.
+pub fn vm_table(vms: &[Vm]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            let spec = vm.spec.clone().unwrap_or_default();
+            let mut mode = mode_name(spec.mode);
+            if vm.simulated_firmware {
+                mode.push_str(" (sim)");
+            }
+            vec![
+                vm.id.chars().take(8).collect(),
+                spec.name,
+                state_name(vm.state),
+                mode,
+                spec.vcpus.to_string(),
+                format!("{} MiB", spec.memory_mib),
+                if vm.host.is_empty() {
+                    "-".to_owned()
+                } else {
+                    vm.host.clone()
+                },
+                attestation_state_name(vm.attestation.as_ref()),
+            ]
+        })
+        .collect();
+    render_table(
+        &[
+            "ID",
+            "NAME",
+            "STATE",
+            "MODE",
+            "VCPUS",
+            "MEMORY",
+            "HOST",
+            "ATTESTATION",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hsev_proto::v1::AttestationCheck;
+
+    fn sample() -> Vm {
+        Vm {
+            id: "6f1c2a3b-0000-4000-8000-000000000001".into(),
+            owner: "alice".into(),
+            spec: Some(VmSpec {
+                name: "web".into(),
+                image: "debian".into(),
+                vcpus: 2,
+                memory_mib: 2048,
+                mode: ConfidentialMode::SevSnp.into(),
+                guest_policy: 0,
+                disks: vec![DiskSpec {
+                    name: "data".into(),
+                    size_mib: 1024,
+                }],
+                port_forwards: vec![PortForward {
+                    host_port: 0,
+                    guest_port: 22,
+                }],
+                vcpu_type: "EPYC-v4".into(),
+            }),
+            state: VmState::Running.into(),
+            state_reason: String::new(),
+            host: "host-a".into(),
+            expected_measurement: vec![0xab; 48],
+            launch_digest: vec![0xcd; 48],
+            simulated_firmware: true,
+            attestation: Some(AttestationStatus {
+                state: AttestationState::Refused.into(),
+                reason: "measurement not allowed".into(),
+                verdict: Some(AttestationVerdict {
+                    accepted: false,
+                    product: "genoa".into(),
+                    origin: RootOrigin::Simulated.into(),
+                    checks: vec![
+                        AttestationCheck {
+                            name: "signature".into(),
+                            passed: true,
+                            detail: "ok".into(),
+                        },
+                        AttestationCheck {
+                            name: "measurement".into(),
+                            passed: false,
+                            detail: "cdcd... is not allowed".into(),
+                        },
+                    ],
+                    ..AttestationVerdict::default()
+                }),
+            }),
+            created_at: "2025-06-01T00:00:00Z".into(),
+            updated_at: "2025-06-01T00:01:00Z".into(),
+            port_forwards: vec![PortForward {
+                host_port: 40123,
+                guest_port: 22,
+            }],
+        }
+    }
+
+    #[test]
+    fn show_names_every_field_and_the_simulated_firmware() {
+        let text = render_vm(&sample());
+        assert!(
+            text.starts_with("SIMULATED firmware: no confidentiality\n"),
+            "{text}"
+        );
+        for expected in [
+            "name:                 web",
+            "state:                running",
+            "guest policy:         0x30000 (default)",
+            "vcpus:                2 (EPYC-v4)",
+            "disks:                data 1024 MiB",
+            "forwards asked:       0 -> 22",
+            "forwarded now:        40123 -> 22",
+            &format!("expected measurement: {}", "ab".repeat(48)),
+            &format!("launch digest:        {}", "cd".repeat(48)),
+            "measurements:         DIFFERENT",
+            "attestation:          refused: measurement not allowed",
+            "verdict:              REFUSED (genoa, SIMULATED roots), 1 of 2 checks failed",
+            "  FAIL measurement  cdcd... is not allowed",
+        ] {
+            assert!(text.contains(expected), "{expected:?} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn json_names_enums_and_encodes_bytes_in_hex() {
+        let value = vm_json(&sample());
+        assert_eq!(value["state"], "running");
+        assert_eq!(value["spec"]["mode"], "sev-snp");
+        assert_eq!(value["spec"]["guest_policy"], "0x0");
+        assert_eq!(value["launch_digest"], "cd".repeat(48));
+        assert_eq!(value["measurements_equal"], false);
+        assert_eq!(value["attestation"]["state"], "refused");
+        assert_eq!(value["attestation"]["verdict"]["origin"], "simulated");
+        assert_eq!(value["port_forwards"][0]["host_port"], 40123);
+    }
+
+    #[test]
+    fn the_list_table_has_one_row_per_vm() {
+        let mut stopped = sample();
+        stopped.id = "0123456789".into();
+        stopped.state = VmState::Stopped.into();
+        stopped.simulated_firmware = false;
+        stopped.attestation = None;
+        stopped.host = String::new();
+        let table = vm_table(&[sample(), stopped]);
+        assert_eq!(
+            table,
+            "ID        NAME  STATE    MODE           VCPUS  MEMORY    HOST    ATTESTATION\n\
+             6f1c2a3b  web   running  sev-snp (sim)  2      2048 MiB  host-a  refused\n\
+             01234567  web   stopped  sev-snp        2      2048 MiB  -       -\n"
+        );
+    }
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(parse_policy("0x30000"), Ok(0x30000));
+        assert_eq!(parse_policy("30000"), Ok(0x30000));
+        assert!(parse_policy("zz").is_err());
+        assert_eq!(
+            parse_disk("data:1024"),
+            Ok(DiskSpec {
+                name: "data".into(),
+                size_mib: 1024
+            })
+        );
+        assert!(parse_disk("data").is_err() && parse_disk("data:0").is_err());
+        assert_eq!(
+            parse_forward("0:22"),
+            Ok(PortForward {
+                host_port: 0,
+                guest_port: 22
+            })
+        );
+        assert!(parse_forward("2222:0").is_err() && parse_forward("70000:22").is_err());
+    }
+}

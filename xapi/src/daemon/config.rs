@@ -1,0 +1,281 @@
+//! `hsevd`'s configuration: a TOML file (unknown keys refused, every error
+//! naming its key) overridable by flags.
+//!
+//! ```toml
+//! state_dir = "/var/lib/hsevd"
+//! socket = "/run/hsevd/hsevd.sock"      # default: <state_dir>/hsevd.sock
+//! listen = "127.0.0.1:7443"             # TCP with TLS; omit for the socket only
+//! metrics_listen = "127.0.0.1:9464"     # Prometheus text format; omit to disable
+//! host_name = "node-1"                  # default: the machine's hostname
+//! accelerator = "auto"                  # auto | kvm | tcg
+//! allow_debug_policy = false            # refuse guest policies with DEBUG set
+//! default_vcpu_type = "EPYC-v4"
+//! log_format = "text"                   # text | json
+//!
+//! [tls]                                 # default: a self-signed pair in <state_dir>/tls
+//! cert = "/etc/hsevd/cert.pem"
+//! key = "/etc/hsevd/key.pem"
+//!
+//! [firmware]
+//! simulated_dir = "/var/lib/hsevd/sim"  # use the simulated Secure Processor (no /dev/sev)
+//!
+//! [[tokens]]
+//! name = "ops"
+//! role = "admin"
+//! sha256 = "<hex sha256 of the bearer token>"
+//!
+//! [[tokens]]
+//! name = "alice"
+//! role = "tenant"                       # sees and touches only VMs it owns
+//! sha256 = "<hex>"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use hsev_attestation::HexBytes;
+use serde::Deserialize;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Syntax, unknown key or wrong type; the message names the key.
+    #[error("{path}: {source}")]
+    Toml {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        source: toml::de::Error,
+    },
+    /// A value out of range.
+    #[error("config key {key}: {problem}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Who a token speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Every VM, images, hosts.
+    Admin,
+    /// Its own VMs only.
+    Tenant,
+}
+
+/// A bearer token, stored as its SHA-256 only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The caller's name; a tenant's VMs are owned by this name.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// SHA-256 of the token, hex.
+    pub sha256: HexBytes<32>,
+}
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceleratorChoice {
+    /// KVM where a guest can really run, else TCG.
+    #[default]
+    Auto,
+    /// KVM, or fail.
+    Kvm,
+    /// TCG.
+    Tcg,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// TLS for the TCP listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+}
+
+/// The SEV firmware to use.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FirmwareConfig {
+    /// Use the simulated Secure Processor kept in this folder (created if
+    /// missing); without it, `/dev/sev` when present, else no SEV at all.
+    pub simulated_dir: Option<PathBuf>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the store, VM run folders, disks and images live.
+    pub state_dir: PathBuf,
+    /// The Unix socket; default `<state_dir>/hsevd.sock`.
+    pub socket: Option<PathBuf>,
+    /// TCP address for gRPC over TLS.
+    pub listen: Option<SocketAddr>,
+    /// TCP address for Prometheus metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// This host's name in the pool.
+    pub host_name: Option<String>,
+    /// Accelerator choice.
+    #[serde(default)]
+    pub accelerator: AcceleratorChoice,
+    /// Accept guest policies that allow debugging.
+    #[serde(default)]
+    pub allow_debug_policy: bool,
+    /// vCPU model used when a spec names none.
+    #[serde(default = "default_vcpu_type")]
+    pub default_vcpu_type: String,
+    /// Log format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// TLS pair; default a self-signed one in `<state_dir>/tls`.
+    pub tls: Option<TlsConfig>,
+    /// Firmware.
+    #[serde(default)]
+    pub firmware: FirmwareConfig,
+    /// Bearer tokens.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+fn default_vcpu_type() -> String {
+    "EPYC-v4".to_owned()
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Toml {
+            path: display,
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            key: key.to_owned(),
+            problem,
+        };
+        if !self.state_dir.is_absolute() {
+            return Err(invalid(
+                "state_dir",
+                format!("{} is not an absolute path", self.state_dir.display()),
+            ));
+        }
+        if hsev_attestation::measurement::vcpu_sig_for_type(&self.default_vcpu_type).is_none() {
+            return Err(invalid(
+                "default_vcpu_type",
+                format!("unknown vCPU type {:?}", self.default_vcpu_type),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (index, token) in self.tokens.iter().enumerate() {
+            if token.name.is_empty()
+                || !token
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    &format!("tokens[{index}].name"),
+                    format!("{:?} must be letters, digits, '-' or '_'", token.name),
+                ));
+            }
+            if !names.insert(&token.name) {
+                return Err(invalid(
+                    &format!("tokens[{index}].name"),
+                    format!("{:?} appears twice", token.name),
+                ));
+            }
+        }
+        if let Some(name) = &self.host_name {
+            if name.is_empty() {
+                return Err(invalid("host_name", "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The Unix socket path.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("hsevd.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|error| error.to_string())?;
+        config.validate().map_err(|error| error.to_string())?;
+        Ok(config)
+    }
+
+    #[test]
+    fn a_minimal_config_gets_safe_defaults() {
+        let config = parse("state_dir = \"/var/lib/hsevd\"").expect("valid");
+        assert!(!config.allow_debug_policy);
+        assert_eq!(config.accelerator, AcceleratorChoice::Auto);
+        assert_eq!(config.socket_path(), Path::new("/var/lib/hsevd/hsevd.sock"));
+        assert!(config.tokens.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("state_dir = \"/x\"\nlisten_addr = \"1\"", "listen_addr"),
+            ("state_dir = \"relative\"", "state_dir"),
+            ("state_dir = \"/x\"\naccelerator = \"hvf\"", "accelerator"),
+            ("state_dir = \"/x\"\ndefault_vcpu_type = \"Pentium\"", "default_vcpu_type"),
+            ("state_dir = \"/x\"\n[[tokens]]\nname = \"a b\"\nrole = \"admin\"\nsha256 = \"00\"", "sha256"),
+            (
+                &format!("state_dir = \"/x\"\n[[tokens]]\nname = \"a b\"\nrole = \"admin\"\nsha256 = \"{}\"", "0".repeat(64)),
+                "tokens[0].name",
+            ),
+            ("state_dir = \"/x\"\n[firmware]\nsimulated = true", "simulated"),
+        ];
+        for (text, key) in cases {
+            let error = parse(text).expect_err(text);
+            assert!(error.contains(key), "{key} not named in {error}");
+        }
+    }
+}

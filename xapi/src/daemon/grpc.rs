@@ -1,0 +1,532 @@
+//! The `hsev.v1` services: each RPC authenticates its caller, translates
+//! the request into one lifecycle call, runs it off the async runtime, and
+//! translates the answer back. Long operations stream their progress.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hsev_proto::v1::{
+    self, host_service_server::HostService, image_service_server::ImageService,
+    vm_service_server::VmService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::auth::{Caller, Tokens};
+use super::error::{Kind, OpError};
+use super::images;
+use super::metrics::{Metrics, RequestLabels};
+use super::vms::VmManager;
+use crate::api::vm::{
+    host_to_proto, image_to_proto, spec_from_proto, state_from_proto, vm_to_proto,
+};
+use crate::model::{VmRecord, VmState};
+
+/// A stream of progress messages.
+pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<v1::Progress, Status>> + Send>>;
+
+/// The services' shared state.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// The lifecycle.
+    pub manager: Arc<VmManager>,
+    /// Bearer tokens.
+    pub tokens: Arc<Tokens>,
+    /// Where imported images go.
+    pub images_dir: std::path::PathBuf,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
+}
+
+impl Api {
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok());
+        self.tokens
+            .authenticate(header)
+            .map_err(|error| Status::unauthenticated(error.to_string()))
+    }
+
+    fn admin<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let caller = self.caller(request)?;
+        if caller.is_admin() {
+            Ok(caller)
+        } else {
+            Err(OpError::new(Kind::PermissionDenied, "admins only").into())
+        }
+    }
+
+    fn count(&self, method: &str, code: tonic::Code) {
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                method: method.to_owned(),
+                code: code_name(code),
+            })
+            .inc();
+    }
+
+    fn vm(&self, record: &VmRecord) -> v1::Vm {
+        vm_to_proto(record, self.manager.simulated_firmware())
+    }
+
+    /// Runs a blocking call off the runtime.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        method: &'static str,
+        call: impl FnOnce(&VmManager) -> Result<T, OpError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let manager = Arc::clone(&self.manager);
+        let outcome = tokio::task::spawn_blocking(move || call(&manager))
+            .await
+            .map_err(|error| Status::internal(format!("the operation panicked: {error}")))?
+            .map_err(Status::from);
+        self.count(
+            method,
+            outcome
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok),
+        );
+        outcome
+    }
+
+    /// Runs a long blocking call, streaming its progress and then its VM.
+    fn streamed(
+        &self,
+        method: &'static str,
+        span: tracing::Span,
+        call: impl FnOnce(
+                &VmManager,
+                &(dyn Fn(&str, &str, u32) + Sync),
+            ) -> Result<Option<VmRecord>, OpError>
+            + Send
+            + 'static,
+    ) -> ProgressStream {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let manager = Arc::clone(&self.manager);
+        let metrics = Arc::clone(&self.metrics);
+        let simulated = self.manager.simulated_firmware();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let progress_sender = sender.clone();
+            let progress = move |step: &str, detail: &str, percent: u32| {
+                tracing::info!(step, detail, "progress");
+                let _ = progress_sender.send(Ok(v1::Progress {
+                    step: step.to_owned(),
+                    detail: detail.to_owned(),
+                    percent,
+                    vm: None,
+                }));
+            };
+            let outcome = call(&manager, &progress);
+            let code = match &outcome {
+                Ok(_) => tonic::Code::Ok,
+                Err(error) => Status::from(error.clone()).code(),
+            };
+            metrics
+                .requests
+                .get_or_create(&RequestLabels {
+                    method: method.to_owned(),
+                    code: code_name(code),
+                })
+                .inc();
+            let last = match outcome {
+                Ok(record) => Ok(v1::Progress {
+                    step: "done".to_owned(),
+                    detail: String::new(),
+                    percent: 100,
+                    vm: record.map(|record| vm_to_proto(&record, simulated)),
+                }),
+                Err(error) => {
+                    tracing::warn!(%error, "failed");
+                    Err(Status::from(error))
+                }
+            };
+            let _ = sender.send(last);
+        });
+        Box::pin(UnboundedReceiverStream::new(receiver))
+    }
+}
+
+fn seconds_or(value: u32, default: u64) -> Duration {
+    Duration::from_secs(if value == 0 {
+        default
+    } else {
+        u64::from(value)
+    })
+}
+
+#[tonic::async_trait]
+impl VmService for Api {
+    type CreateVmStream = ProgressStream;
+    type StartVmStream = ProgressStream;
+    type StopVmStream = ProgressStream;
+    type RebootVmStream = ProgressStream;
+    type DeleteVmStream = ProgressStream;
+    type StreamConsoleStream = Pin<Box<dyn Stream<Item = Result<v1::ConsoleChunk, Status>> + Send>>;
+
+    async fn create_vm(
+        &self,
+        request: Request<v1::CreateVmRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let spec = spec_from_proto(
+            request
+                .spec
+                .ok_or_else(|| Status::invalid_argument("spec is required"))?,
+        )?;
+        let span = tracing::info_span!("create_vm", caller = %caller.name, name = %spec.name);
+        let start = request.start;
+        Ok(Response::new(self.streamed(
+            "CreateVm",
+            span,
+            move |manager, progress| manager.create(&caller, spec, start, progress).map(Some),
+        )))
+    }
+
+    async fn start_vm(
+        &self,
+        request: Request<v1::VmRef>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let caller = self.caller(&request)?;
+        let vm = request.into_inner().vm;
+        let span = tracing::info_span!("start_vm", caller = %caller.name, vm = %vm);
+        Ok(Response::new(self.streamed(
+            "StartVm",
+            span,
+            move |manager, progress| manager.start(&caller, &vm, progress).map(Some),
+        )))
+    }
+
+    async fn stop_vm(
+        &self,
+        request: Request<v1::StopVmRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let span = tracing::info_span!("stop_vm", caller = %caller.name, vm = %request.vm);
+        let timeout = seconds_or(request.timeout_seconds, 30);
+        Ok(Response::new(self.streamed(
+            "StopVm",
+            span,
+            move |manager, progress| {
+                manager
+                    .stop(&caller, &request.vm, request.force, timeout, progress)
+                    .map(Some)
+            },
+        )))
+    }
+
+    async fn reboot_vm(
+        &self,
+        request: Request<v1::VmRef>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let caller = self.caller(&request)?;
+        let vm = request.into_inner().vm;
+        let span = tracing::info_span!("reboot_vm", caller = %caller.name, vm = %vm);
+        Ok(Response::new(self.streamed(
+            "RebootVm",
+            span,
+            move |manager, progress| manager.reboot(&caller, &vm, progress).map(Some),
+        )))
+    }
+
+    async fn delete_vm(
+        &self,
+        request: Request<v1::DeleteVmRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let span = tracing::info_span!("delete_vm", caller = %caller.name, vm = %request.vm);
+        Ok(Response::new(self.streamed(
+            "DeleteVm",
+            span,
+            move |manager, progress| {
+                manager
+                    .delete(&caller, &request.vm, request.wipe_disks, progress)
+                    .map(Some)
+            },
+        )))
+    }
+
+    async fn get_vm(&self, request: Request<v1::VmRef>) -> Result<Response<v1::Vm>, Status> {
+        let caller = self.caller(&request)?;
+        let vm = request.into_inner().vm;
+        let record = self
+            .blocking("GetVm", move |manager| manager.get(&caller, &vm))
+            .await?;
+        Ok(Response::new(self.vm(&record)))
+    }
+
+    async fn list_vms(
+        &self,
+        request: Request<v1::ListVmsRequest>,
+    ) -> Result<Response<v1::ListVmsResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let state = state_from_proto(request.state)?;
+        let records = self
+            .blocking("ListVms", move |manager| {
+                manager.list(&caller, state, Some(&request.owner))
+            })
+            .await?;
+        Ok(Response::new(v1::ListVmsResponse {
+            vms: records.iter().map(|record| self.vm(record)).collect(),
+        }))
+    }
+
+    async fn wait_vm(
+        &self,
+        request: Request<v1::WaitVmRequest>,
+    ) -> Result<Response<v1::Vm>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let state = state_from_proto(request.state)?
+            .ok_or_else(|| Status::invalid_argument("state is required"))?;
+        let timeout = seconds_or(request.timeout_seconds, 60);
+        let record = self
+            .blocking("WaitVm", move |manager| {
+                manager.wait(&caller, &request.vm, state, timeout)
+            })
+            .await?;
+        Ok(Response::new(self.vm(&record)))
+    }
+
+    async fn stream_console(
+        &self,
+        request: Request<v1::ConsoleRequest>,
+    ) -> Result<Response<Self::StreamConsoleStream>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let vm = request.vm.clone();
+        let lookup_caller = caller.clone();
+        let path = self
+            .blocking("StreamConsole", move |manager| {
+                manager.console_log(&lookup_caller, &vm)
+            })
+            .await?;
+        let (sender, receiver) = mpsc::channel(16);
+        let manager = Arc::clone(&self.manager);
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt};
+            let Ok(mut file) = tokio::fs::File::open(&path).await else {
+                let _ = sender
+                    .send(Err(Status::failed_precondition(
+                        "the VM has no console output yet",
+                    )))
+                    .await;
+                return;
+            };
+            let length = file
+                .metadata()
+                .await
+                .map(|metadata| metadata.len())
+                .unwrap_or(0);
+            if request.tail_bytes > 0 && request.tail_bytes < length {
+                let _ = file
+                    .seek(std::io::SeekFrom::Start(length - request.tail_bytes))
+                    .await;
+            }
+            let mut buffer = vec![0u8; 16 * 1024];
+            loop {
+                match file.read(&mut buffer).await {
+                    Ok(0) if request.follow => {
+                        let running = manager
+                            .get(&caller, &request.vm)
+                            .map(|record| {
+                                record.state == VmState::Running
+                                    || record.state == VmState::Starting
+                            })
+                            .unwrap_or(false);
+                        if !running || sender.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(0) | Err(_) => return,
+                    Ok(read) => {
+                        if sender
+                            .send(Ok(v1::ConsoleChunk {
+                                data: buffer[..read].to_vec(),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    async fn get_vm_attestation(
+        &self,
+        request: Request<v1::VmRef>,
+    ) -> Result<Response<v1::AttestationStatus>, Status> {
+        let caller = self.caller(&request)?;
+        let vm = request.into_inner().vm;
+        let record = self
+            .blocking("GetVmAttestation", move |manager| manager.get(&caller, &vm))
+            .await?;
+        Ok(Response::new(crate::api::vm::attestation_to_proto(
+            &record.attestation,
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for Api {
+    type ImportImageStream = ProgressStream;
+
+    async fn import_image(
+        &self,
+        request: Request<v1::ImportImageRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let caller = self.admin(&request)?;
+        let request = request.into_inner();
+        let images_dir = self.images_dir.clone();
+        let span = tracing::info_span!("import_image", caller = %caller.name, name = %request.name);
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let manager = Arc::clone(&self.manager);
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let progress_sender = sender.clone();
+            let progress = move |step: &str, detail: &str, percent: u32| {
+                let _ = progress_sender.send(Ok(v1::Progress {
+                    step: step.into(),
+                    detail: detail.into(),
+                    percent,
+                    vm: None,
+                }));
+            };
+            let outcome = images::import(
+                manager.store(),
+                &images_dir,
+                &request.name,
+                std::path::Path::new(&request.source_dir),
+                &progress,
+            );
+            let last = outcome
+                .map(|image| v1::Progress {
+                    step: "done".into(),
+                    detail: format!("imported {} ({})", image.name, image.id),
+                    percent: 100,
+                    vm: None,
+                })
+                .map_err(Status::from);
+            let _ = sender.send(last);
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            receiver,
+        ))))
+    }
+
+    async fn list_images(
+        &self,
+        request: Request<v1::ListImagesRequest>,
+    ) -> Result<Response<v1::ListImagesResponse>, Status> {
+        self.caller(&request)?;
+        let images = self
+            .blocking("ListImages", |manager| Ok(manager.store().list_images()?))
+            .await?;
+        Ok(Response::new(v1::ListImagesResponse {
+            images: images.iter().map(image_to_proto).collect(),
+        }))
+    }
+
+    async fn get_image(
+        &self,
+        request: Request<v1::ImageRef>,
+    ) -> Result<Response<v1::Image>, Status> {
+        self.caller(&request)?;
+        let image = request.into_inner().image;
+        let record = self
+            .blocking("GetImage", move |manager| {
+                Ok(manager.store().get_image(&image)?)
+            })
+            .await?;
+        Ok(Response::new(image_to_proto(&record)))
+    }
+}
+
+/// The API view of every host with its allocations.
+fn hosts(manager: &VmManager) -> Result<Vec<v1::Host>, OpError> {
+    let allocations = manager.store().host_allocations()?;
+    Ok(manager
+        .store()
+        .list_hosts()?
+        .iter()
+        .map(|host| {
+            let allocation = allocations
+                .iter()
+                .find(|allocation| allocation.host == host.name);
+            let placed = allocation.map(|allocation| allocation.placed);
+            let placed = placed.unwrap_or_default();
+            host_to_proto(
+                host,
+                u32::try_from(placed.vcpus).unwrap_or(u32::MAX),
+                placed.memory_mib,
+                u32::try_from(placed.vms).unwrap_or(u32::MAX),
+            )
+        })
+        .collect())
+}
+
+#[tonic::async_trait]
+impl HostService for Api {
+    async fn list_hosts(
+        &self,
+        request: Request<v1::ListHostsRequest>,
+    ) -> Result<Response<v1::ListHostsResponse>, Status> {
+        self.admin(&request)?;
+        let hosts = self.blocking("ListHosts", hosts).await?;
+        Ok(Response::new(v1::ListHostsResponse { hosts }))
+    }
+
+    async fn get_host(&self, request: Request<v1::HostRef>) -> Result<Response<v1::Host>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().host;
+        let hosts = self.blocking("GetHost", hosts).await?;
+        hosts
+            .into_iter()
+            .find(|host| host.name == name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("host {name} not found")))
+    }
+
+    async fn probe_host(
+        &self,
+        request: Request<v1::HostRef>,
+    ) -> Result<Response<v1::Host>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().host;
+        if name != self.manager.host_name() {
+            return Err(Status::not_found(format!("host {name} not found")));
+        }
+        let hosts = self
+            .blocking("ProbeHost", |manager| {
+                super::probe_and_record(manager)?;
+                hosts(manager)
+            })
+            .await?;
+        hosts
+            .into_iter()
+            .find(|host| host.name == name)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("host {name} not found")))
+    }
+}

@@ -1,0 +1,244 @@
+//! `hsevd`: the host agent and, on one host, the pool coordinator. It
+//! drives the hypervisor and the SEV firmware, keeps the pool's state, and
+//! serves the `hsev.v1` API over a Unix socket and TCP with TLS.
+//!
+//! VMs are separate processes: stopping or killing `hsevd` leaves them
+//! running, and the next `hsevd` adopts them ([`vms::VmManager::reconcile`]).
+
+mod artifacts;
+pub mod auth;
+pub mod config;
+pub mod error;
+mod grpc;
+pub mod host;
+pub mod images;
+pub mod metrics;
+pub mod tls;
+pub mod vms;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hsev_attestation::firmware::sev_device::SevDevice;
+use hsev_attestation::firmware::simulated::{SimInit, SimulatedFirmware};
+use hsev_attestation::firmware::SevFirmware;
+use hsev_proto::v1::host_service_server::HostServiceServer;
+use hsev_proto::v1::image_service_server::ImageServiceServer;
+use hsev_proto::v1::vm_service_server::VmServiceServer;
+use time::OffsetDateTime;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use self::config::{AcceleratorChoice, Config};
+use self::error::OpError;
+use self::vms::{Firmware, ManagerParts, VmManager};
+use crate::hypervisor::qemu::{QemuConfig, QemuDriver};
+use crate::hypervisor::{AcceleratorSetting, HypervisorDriver};
+use crate::model::HostRecord;
+use crate::store::Store;
+
+/// Probes the host again and records what it found.
+pub fn probe_and_record(manager: &VmManager) -> Result<(), OpError> {
+    let capabilities = manager.capabilities();
+    manager.store().upsert_host(&HostRecord {
+        name: manager.host_name().to_owned(),
+        status: "up".to_owned(),
+        capabilities_json: serde_json::to_string(&capabilities)
+            .map_err(|error| OpError::internal(error.to_string()))?,
+        probed_at: OffsetDateTime::now_utc(),
+    })?;
+    Ok(())
+}
+
+fn host_name(config: &Config) -> String {
+    config.host_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned())
+    })
+}
+
+fn firmware(config: &Config) -> anyhow::Result<Firmware> {
+    if let Some(dir) = &config.firmware.simulated_dir {
+        let firmware = SimulatedFirmware::init(dir, &SimInit::default())
+            .with_context(|| format!("simulated Secure Processor in {}", dir.display()))?;
+        tracing::warn!(dir = %dir.display(), "SIMULATED AMD Secure Processor: SEV-SNP guests get NO confidentiality");
+        return Ok(Firmware::Simulated(Arc::new(firmware)));
+    }
+    if Path::new("/dev/sev").exists() {
+        let device = SevDevice::open().context("opening /dev/sev")?;
+        return Ok(Firmware::Real(Arc::new(device)));
+    }
+    tracing::info!("no /dev/sev and no simulated firmware: ordinary VMs only");
+    Ok(Firmware::None)
+}
+
+/// Builds the lifecycle manager: store, driver probe, firmware,
+/// capabilities, adoption of running VMs.
+pub fn manager(config: &Config) -> anyhow::Result<Arc<VmManager>> {
+    let state_dir = &config.state_dir;
+    for dir in [
+        state_dir.clone(),
+        state_dir.join("vms"),
+        state_dir.join("images"),
+    ] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store = Arc::new(Store::open(state_dir.join("hsevd.db")).context("opening the store")?);
+    store
+        .init_pool("default")
+        .context("initialising the pool")?;
+    let accelerator = match config.accelerator {
+        AcceleratorChoice::Auto => AcceleratorSetting::Auto,
+        AcceleratorChoice::Kvm => AcceleratorSetting::Kvm,
+        AcceleratorChoice::Tcg => AcceleratorSetting::Tcg,
+    };
+    let driver = QemuDriver::new(QemuConfig {
+        accelerator,
+        ..QemuConfig::default()
+    })
+    .context("the QEMU driver")?;
+    let driver_capabilities = driver.probe().context("probing the host")?;
+    tracing::info!(
+        accelerator = %driver_capabilities.accelerator,
+        reason = %driver_capabilities.accelerator_reason,
+        version = %driver_capabilities.version,
+        "hypervisor probed"
+    );
+    let firmware = firmware(config)?;
+    let firmware_ref: Option<&dyn SevFirmware> = match &firmware {
+        Firmware::None => None,
+        Firmware::Real(device) => Some(device.as_ref()),
+        Firmware::Simulated(simulated) => Some(simulated.as_ref()),
+    };
+    let capabilities = host::capabilities(
+        &driver_capabilities,
+        firmware_ref,
+        config.allow_debug_policy,
+    );
+    let manager = Arc::new(VmManager::new(ManagerParts {
+        store,
+        driver: Arc::new(driver) as Arc<dyn HypervisorDriver>,
+        firmware,
+        host_name: host_name(config),
+        vms_dir: state_dir.join("vms"),
+        allow_debug_policy: config.allow_debug_policy,
+        default_vcpu_type: config.default_vcpu_type.clone(),
+        capabilities,
+        metrics: metrics::Metrics::new(),
+    }));
+    probe_and_record(&manager)?;
+    manager.reconcile()?;
+    manager.update_gauges();
+    Ok(manager)
+}
+
+/// Runs the daemon until SIGINT or SIGTERM. VMs keep running after it.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let manager = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || manager(&config)).await??
+    };
+    let metrics = Arc::clone(manager.metrics());
+    let api = grpc::Api {
+        manager: Arc::clone(&manager),
+        tokens: Arc::new(auth::Tokens::new(&config.tokens)),
+        images_dir: config.state_dir.join("images"),
+        metrics: Arc::clone(&metrics),
+    };
+
+    let monitor = Arc::clone(&manager);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            interval.tick().await;
+            let manager = Arc::clone(&monitor);
+            let _ = tokio::task::spawn_blocking(move || manager.monitor_tick()).await;
+        }
+    });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<VmServiceServer<grpc::Api>>()
+        .await;
+    health_reporter
+        .set_serving::<ImageServiceServer<grpc::Api>>()
+        .await;
+    health_reporter
+        .set_serving::<HostServiceServer<grpc::Api>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hsev_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let routes = tonic::service::Routes::new(health_service)
+        .add_service(reflection)
+        .add_service(VmServiceServer::new(api.clone()))
+        .add_service(ImageServiceServer::new(api.clone()))
+        .add_service(HostServiceServer::new(api));
+    let router = tonic::transport::Server::builder().add_routes(routes.clone());
+
+    let socket = config.socket_path();
+    if socket.exists() {
+        std::fs::remove_file(&socket)
+            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+    }
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let unix = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "serving the API on the Unix socket");
+
+    let shutdown = async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { if let Some(signal) = terminate.as_mut() { signal.recv().await; } else { std::future::pending::<()>().await } } => {}
+        }
+        tracing::info!("shutting down; VMs keep running");
+    };
+
+    if let Some(address) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
+        tracing::info!(%address, "serving metrics at /metrics");
+        tokio::spawn(metrics::serve(listener, metrics));
+    }
+
+    match config.listen {
+        Some(address) => {
+            let identity = tls::identity(&config).context("the TLS identity")?;
+            let tls = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&identity.cert_pem, &identity.key_pem),
+            );
+            let tcp = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {address}"))?;
+            tracing::info!(%address, "serving the API over TLS");
+            let tcp_router = tonic::transport::Server::builder()
+                .tls_config(tls)
+                .context("TLS configuration")?
+                .add_routes(routes);
+            let tcp_incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+            tokio::select! {
+                result = router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown) => result?,
+                result = tcp_router.serve_with_incoming(tcp_incoming) => result?,
+            }
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown)
+                .await?
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The toolstack's domain model: pools, hosts, images, VMs, disks and
+//! events, as the store keeps them and the services reason about them.
+//! Transport types (`hsev.v1` messages) are translated in [`crate::api`];
+//! nothing here knows about gRPC or SQL.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// A VM's id (a UUID in its hyphenated text form).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VmId(pub String);
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How a VM's memory is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfidentialMode {
+    /// An ordinary VM.
+    None,
+    /// AMD SEV.
+    Sev,
+    /// AMD SEV-ES.
+    SevEs,
+    /// AMD SEV-SNP.
+    SevSnp,
+}
+
+impl fmt::Display for ConfidentialMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConfidentialMode::None => "none",
+            ConfidentialMode::Sev => "sev",
+            ConfidentialMode::SevEs => "sev-es",
+            ConfidentialMode::SevSnp => "sev-snp",
+        })
+    }
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// Disks are being prepared.
+    Creating,
+    /// Defined, not running.
+    Stopped,
+    /// Its VMM process is being started.
+    Starting,
+    /// Its VMM process runs.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// Its VMM process died or could not start.
+    Failed,
+    /// Being deleted.
+    Deleting,
+}
+
+impl VmState {
+    /// The name stored and shown.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Failed => "failed",
+            VmState::Deleting => "deleting",
+        }
+    }
+
+    /// Parses [`VmState::as_str`].
+    pub fn parse(text: &str) -> Option<VmState> {
+        [
+            VmState::Creating,
+            VmState::Stopped,
+            VmState::Starting,
+            VmState::Running,
+            VmState::Stopping,
+            VmState::Failed,
+            VmState::Deleting,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == text)
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A host port forwarded to a guest port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortForward {
+    /// Host port on loopback (0: pick a free one at start).
+    pub host_port: u16,
+    /// Guest port.
+    pub guest_port: u16,
+}
+
+/// An extra data disk.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Name, unique within the VM.
+    pub name: String,
+    /// Size in MiB.
+    pub size_mib: u64,
+}
+
+/// What a VM is made of; fixed at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    /// Name, unique per owner.
+    pub name: String,
+    /// The image id.
+    pub image: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Memory protection.
+    pub mode: ConfidentialMode,
+    /// SNP/SEV guest policy.
+    pub guest_policy: u64,
+    /// Extra data disks.
+    pub disks: Vec<DiskSpec>,
+    /// Forwarded ports.
+    pub port_forwards: Vec<PortForward>,
+    /// vCPU model the measurement uses (e.g. `EPYC-v4`).
+    pub vcpu_type: String,
+}
+
+/// Where a guest attestation stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", content = "reason", rename_all = "lowercase")]
+pub enum Attestation {
+    /// Not a confidential VM.
+    NotApplicable,
+    /// Waiting for the guest.
+    Pending,
+    /// The guest attested and got its key.
+    Released,
+    /// The key broker refused, with its reason.
+    Refused(String),
+}
+
+/// What a running VM's process is, so a restarted daemon can find it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRuntime {
+    /// The VMM process id.
+    pub pid: u32,
+    /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22),
+    /// so a recycled pid is never mistaken for it.
+    pub start_ticks: u64,
+    /// Its QMP socket.
+    pub qmp_socket: PathBuf,
+    /// Where its serial console is logged.
+    pub console_log: PathBuf,
+    /// The simulated Secure Processor's channel socket, when simulated.
+    pub sim_channel: Option<PathBuf>,
+    /// The simulated firmware's launch id, when simulated.
+    pub sim_launch_id: Option<u64>,
+    /// Host ports actually forwarded.
+    pub port_forwards: Vec<PortForward>,
+}
+
+/// A VM as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmRecord {
+    /// Id.
+    pub id: VmId,
+    /// Owning tenant.
+    pub owner: String,
+    /// Spec.
+    pub spec: VmSpec,
+    /// State.
+    pub state: VmState,
+    /// Why it is in that state.
+    pub state_reason: String,
+    /// The host it is placed on.
+    pub host: String,
+    /// Expected launch measurement (SNP: 48 bytes; empty when not computed).
+    pub expected_measurement: Vec<u8>,
+    /// Launch digest of the last start (empty before the first).
+    pub launch_digest: Vec<u8>,
+    /// Attestation state.
+    pub attestation: Attestation,
+    /// The running process, when there is one.
+    pub runtime: Option<VmRuntime>,
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+    /// Last state change.
+    pub updated_at: OffsetDateTime,
+}
+
+/// An extra disk of a VM, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRecord {
+    /// The VM.
+    pub vm: VmId,
+    /// Disk name.
+    pub name: String,
+    /// qcow2 file.
+    pub path: PathBuf,
+    /// Size in MiB.
+    pub size_mib: u64,
+}
+
+/// An image as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRecord {
+    /// Id (sha256 of its manifest).
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// Folder holding its artifacts.
+    pub dir: PathBuf,
+    /// sha256 by role (`firmware`, `kernel`, `initrd`).
+    pub sha256: Vec<(String, String)>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// The firmware measures kernel, initrd and command line.
+    pub measured_direct_boot: bool,
+    /// Bytes stored.
+    pub size_bytes: u64,
+    /// Import time.
+    pub imported_at: OffsetDateTime,
+}
+
+/// A host as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRecord {
+    /// Unique name.
+    pub name: String,
+    /// `up` or `down`.
+    pub status: String,
+    /// The probed capabilities, as JSON (see `daemon::probe`).
+    pub capabilities_json: String,
+    /// When last probed.
+    pub probed_at: OffsetDateTime,
+}
+
+/// Something that happened to a VM, kept for `hsev vm show` and audits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Sequence number, increasing.
+    pub seq: i64,
+    /// The VM, if the event concerns one.
+    pub vm: Option<VmId>,
+    /// Short kind (`created`, `started`, `exited`, ...).
+    pub kind: String,
+    /// Details.
+    pub detail: String,
+    /// When.
+    pub at: OffsetDateTime,
+}
