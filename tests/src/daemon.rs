@@ -58,8 +58,15 @@ pub fn image_dir() -> PathBuf {
 }
 
 impl Daemon {
-    /// Starts a daemon with `extra` TOML lines added to its configuration.
+    /// Starts a daemon with `extra` TOML lines added to its configuration
+    /// and the simulated Secure Processor.
     pub fn start(extra: &str) -> Daemon {
+        Self::start_with(extra, true)
+    }
+
+    /// Starts a daemon; `simulated` gives it the simulated Secure Processor
+    /// (without it, this host has no SEV at all).
+    pub fn start_with(extra: &str, simulated: bool) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let config = dir.path().join("hsevd.toml");
@@ -76,10 +83,17 @@ impl Daemon {
             )
         })
         .collect();
+        let firmware = if simulated {
+            format!(
+                "[firmware]\nsimulated_dir = \"{}\"\n",
+                dir.path().join("sim").display()
+            )
+        } else {
+            String::new()
+        };
         let text = format!(
-            "state_dir = \"{state}\"\n{extra}\n[firmware]\nsimulated_dir = \"{sim}\"\n{tokens}",
-            state = state.display(),
-            sim = dir.path().join("sim").display()
+            "state_dir = \"{state}\"\n{extra}\n{firmware}{tokens}",
+            state = state.display()
         );
         std::fs::write(&config, text).expect("config written");
         let mut daemon = Daemon {

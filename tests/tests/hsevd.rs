@@ -298,3 +298,73 @@ fn twenty_concurrent_creates_all_land() {
     let ids: std::collections::HashSet<_> = vms.iter().map(|vm| vm["id"].clone()).collect();
     assert_eq!(ids.len(), 20);
 }
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+#[test]
+fn tls_metrics_and_hosts_without_snp() {
+    let (api, metrics) = (free_port(), free_port());
+    let daemon = Daemon::start_with(
+        &format!("listen = \"127.0.0.1:{api}\"\nmetrics_listen = \"127.0.0.1:{metrics}\""),
+        false,
+    );
+    daemon.import_image();
+
+    // The TCP listener speaks TLS with the daemon's own certificate.
+    let ca = daemon.state_dir().join("tls/cert.pem");
+    let endpoint = format!("https://127.0.0.1:{api}");
+    let trusted = daemon.hsev(
+        ADMIN,
+        [
+            "vm",
+            "list",
+            "--endpoint",
+            &endpoint,
+            "--ca",
+            ca.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(trusted.status.success(), "{}", text(&trusted.stderr));
+    let untrusted = daemon.hsev(ADMIN, ["vm", "list", "--endpoint", &endpoint]);
+    assert_eq!(
+        untrusted.status.code(),
+        Some(2),
+        "an unknown certificate is refused"
+    );
+
+    // Without SEV and without the simulated firmware, SNP is refused.
+    let refused = daemon.hsev(
+        ALICE,
+        [
+            "vm", "create", "snp", "--image", "debian", "--vcpus", "1", "--memory", "256",
+            "--mode", "sev-snp",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("cannot run sev-snp"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let host = daemon.json(ADMIN, ["host", "list"]);
+    assert_eq!(host[0]["capabilities"]["sev"]["snp"], false, "{host}");
+
+    // Metrics, in the Prometheus text format.
+    create(&daemon, ALICE, "plain", &["--mode", "none"]);
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", metrics)).expect("metrics listener");
+    use std::io::{Read, Write};
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    assert!(response.contains("hsevd_api_requests_total"), "{response}");
+    assert!(response.contains("hsevd_vms"), "{response}");
+}

@@ -143,7 +143,8 @@ pub fn import(
     }
     std::fs::write(staging.join("manifest.json"), &manifest_bytes)
         .map_err(|error| io("keep the manifest", error))?;
-    if !dir.exists() {
+    let created = !dir.exists();
+    if created {
         std::fs::rename(&staging, &dir).map_err(|error| io("store the image", error))?;
     } else {
         let _ = std::fs::remove_dir_all(&staging);
@@ -160,6 +161,12 @@ pub fn import(
         imported_at: OffsetDateTime::now_utc(),
     };
     progress("record", "recording the image", 95);
-    store.insert_image(&record)?;
+    if let Err(error) = store.insert_image(&record) {
+        // Nothing is left behind when the name is taken.
+        if created {
+            let _ = std::fs::remove_dir_all(&record.dir);
+        }
+        return Err(error.into());
+    }
     Ok(record)
 }

@@ -463,11 +463,13 @@ impl VmManager {
         vm: &str,
         progress: Progress<'_>,
     ) -> Result<VmRecord, OpError> {
-        let record = self.get(caller, vm)?;
-        let guard = self.lock(&record.id);
+        let id = self.get(caller, vm)?.id;
+        let guard = self.lock(&id);
         let _held = guard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Read again under the lock: another operation may have changed it.
+        let record = self.get(caller, &id.0)?;
         let started_at = Instant::now();
         self.store
             .transition_vm_state(
@@ -635,11 +637,13 @@ impl VmManager {
         timeout: Duration,
         progress: Progress<'_>,
     ) -> Result<VmRecord, OpError> {
-        let record = self.get(caller, vm)?;
-        let guard = self.lock(&record.id);
+        let id = self.get(caller, vm)?.id;
+        let guard = self.lock(&id);
         let _held = guard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Read again under the lock: another operation may have changed it.
+        let record = self.get(caller, &id.0)?;
         self.stop_locked(&record, force, timeout, progress)?;
         progress("done", "stopped", 100);
         self.get(caller, vm)
@@ -724,6 +728,7 @@ impl VmManager {
             let _held = guard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let record = self.get(caller, &record.id.0)?;
             self.stop_locked(&record, false, Duration::from_secs(30), progress)?;
         }
         if record.spec.mode != ConfidentialMode::None {
@@ -741,11 +746,13 @@ impl VmManager {
         wipe: bool,
         progress: Progress<'_>,
     ) -> Result<VmRecord, OpError> {
-        let record = self.get(caller, vm)?;
-        let guard = self.lock(&record.id);
+        let id = self.get(caller, vm)?.id;
+        let guard = self.lock(&id);
         let _held = guard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Read again under the lock: another operation may have changed it.
+        let record = self.get(caller, &id.0)?;
         if record.runtime.is_some() {
             self.stop_locked(&record, true, Duration::ZERO, progress)?;
         }
