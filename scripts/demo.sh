@@ -42,10 +42,12 @@ image="$root/images/out"
 work=$(mktemp -d)
 token=demo-admin-token
 cleanup() {
-  [ -n "${daemon_pid:-}" ] && kill "$daemon_pid" 2>/dev/null
+  local status=$?
+  if [ -n "${daemon_pid:-}" ]; then kill "$daemon_pid" 2>/dev/null || true; fi
   # VMs outlive hsevd by design: stop any the demo left behind.
-  pgrep -f "$work/state/vms" | xargs -r kill -9 2>/dev/null
+  pgrep -f "$work/state/vms" | xargs -r kill -9 2>/dev/null || true
   rm -rf "$work"
+  exit "$status"
 }
 trap cleanup EXIT
 {
