@@ -368,3 +368,96 @@ fn tls_metrics_and_hosts_without_snp() {
     assert!(response.contains("hsevd_api_requests_total"), "{response}");
     assert!(response.contains("hsevd_vms"), "{response}");
 }
+
+fn sha256_file(path: &std::path::Path) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    text(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_owned()
+}
+
+#[test]
+fn an_ovmf_and_disk_image_boots_and_measures_its_firmware() {
+    let daemon = Daemon::start("");
+    let source = tempfile::tempdir().expect("tempdir");
+    let firmware = source.path().join("OVMF.fd");
+    std::fs::copy("/usr/share/ovmf/OVMF.fd", &firmware).expect("Debian's OVMF (make deps)");
+    let disk = source.path().join("disk.qcow2");
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("16M")
+        .status();
+    assert!(created.expect("qemu-img").success());
+    let manifest = serde_json::json!({
+        "firmware": { "path": "OVMF.fd", "sha256": sha256_file(&firmware) },
+        "disk": { "path": "disk.qcow2", "sha256": sha256_file(&disk), "format": "qcow2" },
+    });
+    std::fs::write(source.path().join("manifest.json"), manifest.to_string()).expect("manifest");
+    let imported = daemon.hsev(
+        ADMIN,
+        [
+            "image",
+            "import",
+            "disky",
+            "--from",
+            source.path().to_str().expect("utf-8"),
+        ],
+    );
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+
+    let vm = daemon.json(
+        ALICE,
+        [
+            "vm", "create", "fromdisk", "--image", "disky", "--vcpus", "1", "--memory", "256",
+            "--mode", "sev-snp", "--start",
+        ],
+    );
+    assert_eq!(vm["state"], "running", "{vm}");
+    let reference = hsev_e2e::run(
+        &hsev_e2e::sev_snp_measure(),
+        [
+            "--mode",
+            "snp",
+            "--vcpus",
+            "1",
+            "--vcpu-type",
+            "EPYC-v4",
+            "--ovmf",
+            firmware.to_str().expect("utf-8"),
+        ],
+    );
+    let reference = text(&reference.stdout);
+    assert_eq!(
+        vm["expected_measurement"].as_str(),
+        Some(reference.trim()),
+        "{vm}"
+    );
+    assert_eq!(vm["launch_digest"], vm["expected_measurement"]);
+
+    // Tampered: a firmware that does not match its manifest is refused.
+    let mut bytes = std::fs::read(&firmware).expect("read");
+    bytes[0] ^= 1;
+    std::fs::write(&firmware, bytes).expect("write");
+    let refused = daemon.hsev(
+        ADMIN,
+        [
+            "image",
+            "import",
+            "tampered",
+            "--from",
+            source.path().to_str().expect("utf-8"),
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("differs from the manifest"),
+        "{}",
+        text(&refused.stderr)
+    );
+}

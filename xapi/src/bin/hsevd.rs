@@ -78,8 +78,10 @@ fn load(cli: &Cli) -> Result<Config, String> {
 fn init_logging(format: daemon::config::LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("HSEVD_LOG").unwrap_or_else(|_| "info".into());
+    // Colours only for a person at a terminal: files and journals get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         daemon::config::LogFormat::Json => builder.json().init(),

@@ -14,7 +14,7 @@ use hsev_attestation::measurement::{
 };
 
 use super::error::OpError;
-use super::images::ImageFiles;
+use super::images::{ImageBoot, ImageFiles};
 use crate::hypervisor::KernelHashesPage;
 use crate::model::{ConfidentialMode, VmId, VmSpec};
 
@@ -41,8 +41,17 @@ impl ImageBytes {
         };
         Ok(ImageBytes {
             firmware: read(&files.firmware)?,
-            kernel: read(&files.kernel)?,
-            initrd: read(&files.initrd)?,
+            kernel: match &files.boot {
+                ImageBoot::Direct { kernel, .. } => read(kernel)?,
+                ImageBoot::Disk { .. } => Vec::new(),
+            },
+            initrd: match &files.boot {
+                ImageBoot::Direct {
+                    initrd: Some(initrd),
+                    ..
+                } => read(initrd)?,
+                _ => Vec::new(),
+            },
             cmdline: cmdline.to_owned(),
             measured_direct_boot,
         })
@@ -50,9 +59,9 @@ impl ImageBytes {
 
     /// The direct boot, when the firmware measures it.
     fn direct_boot(&self) -> Option<DirectBoot<'_>> {
-        self.measured_direct_boot.then(|| DirectBoot {
+        (self.measured_direct_boot && !self.kernel.is_empty()).then(|| DirectBoot {
             kernel: &self.kernel,
-            initrd: Some(&self.initrd),
+            initrd: (!self.initrd.is_empty()).then_some(self.initrd.as_slice()),
             append: Some(&self.cmdline),
         })
     }

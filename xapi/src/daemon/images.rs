@@ -1,5 +1,7 @@
-//! Importing guest images: a folder with the `manifest.json` that
-//! `make image` writes. Every artifact's sha256 is checked against the
+//! Importing guest images: a folder with a `manifest.json` naming the
+//! firmware and either a kernel and initrd booted directly (what
+//! `make image` writes) or a disk the firmware boots (`"disk": {"path",
+//! "sha256", "format": "qcow2" | "raw"}`). Every artifact's sha256 is checked against the
 //! manifest before anything is stored; the copy goes to
 //! `<state_dir>/images/<id>/` and is what VMs boot and what their
 //! measurements are computed from.
@@ -10,6 +12,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::error::OpError;
+use crate::hypervisor::DiskFormat;
 use crate::model::ImageRecord;
 use crate::store::Store;
 
@@ -20,6 +23,8 @@ struct Artifact {
     sha256: String,
     #[serde(default)]
     kernel_hashes: bool,
+    #[serde(default)]
+    format: Option<String>,
 }
 
 /// The parts of `manifest.json` an import uses (the rest describes how
@@ -27,9 +32,30 @@ struct Artifact {
 #[derive(Debug, Deserialize)]
 struct Manifest {
     firmware: Artifact,
-    kernel: Artifact,
-    initrd: Artifact,
+    kernel: Option<Artifact>,
+    initrd: Option<Artifact>,
+    disk: Option<Artifact>,
+    #[serde(default)]
     cmdline: String,
+}
+
+/// What an image boots.
+#[derive(Debug, Clone)]
+pub enum ImageBoot {
+    /// The VMM loads a kernel and initrd.
+    Direct {
+        /// The kernel.
+        kernel: PathBuf,
+        /// The initrd.
+        initrd: Option<PathBuf>,
+    },
+    /// The firmware boots a disk (attached read-only: data goes to data disks).
+    Disk {
+        /// The disk.
+        path: PathBuf,
+        /// `qcow2` or `raw`.
+        format: DiskFormat,
+    },
 }
 
 /// The artifacts of an imported image.
@@ -37,18 +63,35 @@ struct Manifest {
 pub struct ImageFiles {
     /// The OVMF firmware.
     pub firmware: PathBuf,
-    /// The kernel.
-    pub kernel: PathBuf,
-    /// The initrd.
-    pub initrd: PathBuf,
+    /// What it boots.
+    pub boot: ImageBoot,
+}
+
+fn has_role(image: &ImageRecord, role: &str) -> bool {
+    image.sha256.iter().any(|(name, _)| name == role)
 }
 
 /// Where an imported image's artifacts are.
 pub fn files(image: &ImageRecord) -> ImageFiles {
+    let boot = if has_role(image, "disk") {
+        let format = if has_role(image, "disk-raw") {
+            DiskFormat::Raw
+        } else {
+            DiskFormat::Qcow2
+        };
+        ImageBoot::Disk {
+            path: image.dir.join("disk.img"),
+            format,
+        }
+    } else {
+        ImageBoot::Direct {
+            kernel: image.dir.join("vmlinuz"),
+            initrd: has_role(image, "initrd").then(|| image.dir.join("initrd.img")),
+        }
+    };
     ImageFiles {
         firmware: image.dir.join("firmware.fd"),
-        kernel: image.dir.join("vmlinuz"),
-        initrd: image.dir.join("initrd.img"),
+        boot,
     }
 }
 
@@ -90,18 +133,46 @@ pub fn import(
         .map_err(|error| OpError::invalid(format!("{}: {error}", manifest_path.display())))?;
     let id = hex::encode(openssl::sha::sha256(&manifest_bytes));
 
+    let disk_format = match manifest
+        .disk
+        .as_ref()
+        .map(|disk| disk.format.as_deref().unwrap_or("qcow2"))
+    {
+        None => None,
+        Some("qcow2") => Some(DiskFormat::Qcow2),
+        Some("raw") => Some(DiskFormat::Raw),
+        Some(other) => {
+            return Err(OpError::invalid(format!(
+                "disk format {other:?}: qcow2 or raw"
+            )))
+        }
+    };
+    // (role, artifact, file name in the store)
+    let mut artifacts: Vec<(&str, &Artifact, &str)> =
+        vec![("firmware", &manifest.firmware, "firmware.fd")];
+    match (&manifest.kernel, &manifest.disk) {
+        (Some(kernel), None) => {
+            artifacts.push(("kernel", kernel, "vmlinuz"));
+            if let Some(initrd) = &manifest.initrd {
+                artifacts.push(("initrd", initrd, "initrd.img"));
+            }
+        }
+        (None, Some(disk)) => artifacts.push(("disk", disk, "disk.img")),
+        _ => {
+            return Err(OpError::invalid(
+                "the manifest must name either a kernel or a disk, not both or neither",
+            ))
+        }
+    }
+
     let mut sha256 = Vec::new();
     let mut size_bytes = 0;
-    let roles = [
-        ("firmware", &manifest.firmware),
-        ("kernel", &manifest.kernel),
-        ("initrd", &manifest.initrd),
-    ];
-    for (index, (role, artifact)) in roles.iter().enumerate() {
+    let steps = artifacts.len() as u32;
+    for (index, (role, artifact, _)) in artifacts.iter().enumerate() {
         progress(
             "verify",
             &format!("checking the {role}'s sha256"),
-            10 + 20 * index as u32,
+            10 + 60 * index as u32 / steps,
         );
         let path = source.join(&artifact.path);
         let (digest, size) = sha256_file(&path)?;
@@ -115,6 +186,10 @@ pub fn import(
         sha256.push(((*role).to_owned(), digest));
         size_bytes += size;
     }
+    if disk_format == Some(DiskFormat::Raw) {
+        // Recorded as a role so the format survives in the store.
+        sha256.push(("disk-raw".to_owned(), String::new()));
+    }
 
     let dir = images_dir.join(&id);
     let staging = images_dir.join(format!(".{id}.partial"));
@@ -122,23 +197,9 @@ pub fn import(
         |what: &str, error: std::io::Error| OpError::internal(format!("cannot {what}: {error}"));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|error| io("create the image folder", error))?;
-    progress("copy", "copying the artifacts into the store", 70);
-    let target = files(&ImageRecord {
-        id: id.clone(),
-        name: name.to_owned(),
-        dir: staging.clone(),
-        sha256: Vec::new(),
-        cmdline: String::new(),
-        measured_direct_boot: false,
-        size_bytes: 0,
-        imported_at: OffsetDateTime::now_utc(),
-    });
-    for (artifact, destination) in [
-        (&manifest.firmware, &target.firmware),
-        (&manifest.kernel, &target.kernel),
-        (&manifest.initrd, &target.initrd),
-    ] {
-        std::fs::copy(source.join(&artifact.path), destination)
+    progress("copy", "copying the artifacts into the store", 75);
+    for (_, artifact, name) in &artifacts {
+        std::fs::copy(source.join(&artifact.path), staging.join(name))
             .map_err(|error| io("copy an artifact", error))?;
     }
     std::fs::write(staging.join("manifest.json"), &manifest_bytes)
@@ -156,7 +217,7 @@ pub fn import(
         dir,
         sha256,
         cmdline: manifest.cmdline,
-        measured_direct_boot: manifest.firmware.kernel_hashes,
+        measured_direct_boot: manifest.firmware.kernel_hashes && manifest.kernel.is_some(),
         size_bytes,
         imported_at: OffsetDateTime::now_utc(),
     };

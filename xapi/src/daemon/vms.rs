@@ -557,19 +557,21 @@ impl VmManager {
                 kernel_hashes: image.measured_direct_boot,
             },
         };
-        let boot = match spec.mode {
+        let boot = match &files.boot {
             // An ordinary VM boots its kernel with QEMU's BIOS, the fastest way.
-            ConfidentialMode::None => Boot::Direct {
-                firmware: None,
-                kernel: files.kernel.clone(),
-                initrd: Some(files.initrd.clone()),
+            images::ImageBoot::Direct { kernel, initrd } => Boot::Direct {
+                firmware: (spec.mode != ConfidentialMode::None).then(|| files.firmware.clone()),
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
                 cmdline: image.cmdline.clone(),
             },
-            _ => Boot::Direct {
-                firmware: Some(files.firmware.clone()),
-                kernel: files.kernel.clone(),
-                initrd: Some(files.initrd.clone()),
-                cmdline: image.cmdline.clone(),
+            images::ImageBoot::Disk { path, format } => Boot::Firmware {
+                ovmf: files.firmware.clone(),
+                disk: Some(Disk {
+                    path: path.clone(),
+                    format: *format,
+                    read_only: true,
+                }),
             },
         };
         let launch = LaunchSpec {
