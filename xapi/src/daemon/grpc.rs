@@ -519,6 +519,7 @@ impl HostService for Api {
         }
         let hosts = self
             .blocking("ProbeHost", |manager| {
+                manager.reprobe()?;
                 super::probe_and_record(manager)?;
                 hosts(manager)
             })

@@ -142,6 +142,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let config = config.clone();
         tokio::task::spawn_blocking(move || manager(&config)).await??
     };
+    if config.tokens.is_empty() {
+        tracing::warn!("no [[tokens]] in the configuration: every API request will be refused as unauthenticated");
+    }
     let metrics = Arc::clone(manager.metrics());
     let api = grpc::Api {
         manager: Arc::clone(&manager),

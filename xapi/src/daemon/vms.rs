@@ -166,6 +166,22 @@ impl VmManager {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = capabilities;
     }
 
+    /// Probes the hypervisor and the firmware again (free ASIDs, TCB, ...).
+    pub fn reprobe(&self) -> Result<(), OpError> {
+        let driver = self.driver.probe()?;
+        let firmware: Option<&dyn SevFirmware> = match &self.firmware {
+            Firmware::None => None,
+            Firmware::Real(device) => Some(device.as_ref()),
+            Firmware::Simulated(simulated) => Some(simulated.as_ref()),
+        };
+        self.set_capabilities(super::host::capabilities(
+            &driver,
+            firmware,
+            self.allow_debug_policy,
+        ));
+        Ok(())
+    }
+
     /// Whether this host's firmware is simulated.
     pub fn simulated_firmware(&self) -> bool {
         matches!(self.firmware, Firmware::Simulated(_))
