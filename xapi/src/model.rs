@@ -65,6 +65,17 @@ pub enum VmState {
 }
 
 impl VmState {
+    /// Every state.
+    pub const ALL: [VmState; 7] = [
+        VmState::Creating,
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Failed,
+        VmState::Deleting,
+    ];
+
     /// The name stored and shown.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -80,17 +91,9 @@ impl VmState {
 
     /// Parses [`VmState::as_str`].
     pub fn parse(text: &str) -> Option<VmState> {
-        [
-            VmState::Creating,
-            VmState::Stopped,
-            VmState::Starting,
-            VmState::Running,
-            VmState::Stopping,
-            VmState::Failed,
-            VmState::Deleting,
-        ]
-        .into_iter()
-        .find(|state| state.as_str() == text)
+        VmState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
     }
 }
 

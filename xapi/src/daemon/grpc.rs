@@ -99,22 +99,19 @@ impl Api {
         outcome
     }
 
-    /// Runs a long blocking call, streaming its progress and then its VM.
+    /// Runs a long blocking call, streaming its progress, then the final
+    /// message it returns (or its error).
     fn streamed(
         &self,
         method: &'static str,
         span: tracing::Span,
-        call: impl FnOnce(
-                &VmManager,
-                &(dyn Fn(&str, &str, u32) + Sync),
-            ) -> Result<Option<VmRecord>, OpError>
+        call: impl FnOnce(&VmManager, &(dyn Fn(&str, &str, u32) + Sync)) -> Result<v1::Progress, OpError>
             + Send
             + 'static,
     ) -> ProgressStream {
         let (sender, receiver) = mpsc::unbounded_channel();
         let manager = Arc::clone(&self.manager);
         let metrics = Arc::clone(&self.metrics);
-        let simulated = self.manager.simulated_firmware();
         tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let progress_sender = sender.clone();
@@ -127,11 +124,13 @@ impl Api {
                     vm: None,
                 }));
             };
-            let outcome = call(&manager, &progress);
-            let code = match &outcome {
-                Ok(_) => tonic::Code::Ok,
-                Err(error) => Status::from(error.clone()).code(),
-            };
+            let outcome = call(&manager, &progress).map_err(|error| {
+                tracing::warn!(%error, "failed");
+                Status::from(error)
+            });
+            let code = outcome
+                .as_ref()
+                .map_or_else(Status::code, |_| tonic::Code::Ok);
             metrics
                 .requests
                 .get_or_create(&RequestLabels {
@@ -139,21 +138,19 @@ impl Api {
                     code: code_name(code),
                 })
                 .inc();
-            let last = match outcome {
-                Ok(record) => Ok(v1::Progress {
-                    step: "done".to_owned(),
-                    detail: String::new(),
-                    percent: 100,
-                    vm: record.map(|record| vm_to_proto(&record, simulated)),
-                }),
-                Err(error) => {
-                    tracing::warn!(%error, "failed");
-                    Err(Status::from(error))
-                }
-            };
-            let _ = sender.send(last);
+            let _ = sender.send(outcome);
         });
         Box::pin(UnboundedReceiverStream::new(receiver))
+    }
+}
+
+/// The last message of a VM operation: the VM as it now is.
+fn finished(manager: &VmManager, vm: &VmRecord) -> v1::Progress {
+    v1::Progress {
+        step: "done".to_owned(),
+        detail: String::new(),
+        percent: 100,
+        vm: Some(vm_to_proto(vm, manager.simulated_firmware())),
     }
 }
 
@@ -190,7 +187,11 @@ impl VmService for Api {
         Ok(Response::new(self.streamed(
             "CreateVm",
             span,
-            move |manager, progress| manager.create(&caller, spec, start, progress).map(Some),
+            move |manager, progress| {
+                manager
+                    .create(&caller, spec, start, progress)
+                    .map(|vm| finished(manager, &vm))
+            },
         )))
     }
 
@@ -204,7 +205,11 @@ impl VmService for Api {
         Ok(Response::new(self.streamed(
             "StartVm",
             span,
-            move |manager, progress| manager.start(&caller, &vm, progress).map(Some),
+            move |manager, progress| {
+                manager
+                    .start(&caller, &vm, progress)
+                    .map(|vm| finished(manager, &vm))
+            },
         )))
     }
 
@@ -222,7 +227,7 @@ impl VmService for Api {
             move |manager, progress| {
                 manager
                     .stop(&caller, &request.vm, request.force, timeout, progress)
-                    .map(Some)
+                    .map(|vm| finished(manager, &vm))
             },
         )))
     }
@@ -237,7 +242,11 @@ impl VmService for Api {
         Ok(Response::new(self.streamed(
             "RebootVm",
             span,
-            move |manager, progress| manager.reboot(&caller, &vm, progress).map(Some),
+            move |manager, progress| {
+                manager
+                    .reboot(&caller, &vm, progress)
+                    .map(|vm| finished(manager, &vm))
+            },
         )))
     }
 
@@ -254,7 +263,7 @@ impl VmService for Api {
             move |manager, progress| {
                 manager
                     .delete(&caller, &request.vm, request.wipe_disks, progress)
-                    .map(Some)
+                    .map(|vm| finished(manager, &vm))
             },
         )))
     }
@@ -400,39 +409,25 @@ impl ImageService for Api {
         let request = request.into_inner();
         let images_dir = self.images_dir.clone();
         let span = tracing::info_span!("import_image", caller = %caller.name, name = %request.name);
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let manager = Arc::clone(&self.manager);
-        tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let progress_sender = sender.clone();
-            let progress = move |step: &str, detail: &str, percent: u32| {
-                let _ = progress_sender.send(Ok(v1::Progress {
-                    step: step.into(),
-                    detail: detail.into(),
-                    percent,
-                    vm: None,
-                }));
-            };
-            let outcome = images::import(
-                manager.store(),
-                &images_dir,
-                &request.name,
-                std::path::Path::new(&request.source_dir),
-                &progress,
-            );
-            let last = outcome
-                .map(|image| v1::Progress {
+        Ok(Response::new(self.streamed(
+            "ImportImage",
+            span,
+            move |manager, progress| {
+                let image = images::import(
+                    manager.store(),
+                    &images_dir,
+                    &request.name,
+                    std::path::Path::new(&request.source_dir),
+                    progress,
+                )?;
+                Ok(v1::Progress {
                     step: "done".into(),
                     detail: format!("imported {} ({})", image.name, image.id),
                     percent: 100,
                     vm: None,
                 })
-                .map_err(Status::from);
-            let _ = sender.send(last);
-        });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            receiver,
-        ))))
+            },
+        )))
     }
 
     async fn list_images(

@@ -195,6 +195,22 @@ impl VmManager {
         Arc::clone(locks.entry(vm.clone()).or_default())
     }
 
+    /// Runs `operation` holding the VM's lock, on the record read under it:
+    /// another operation may have changed the VM before the lock was had.
+    fn locked<T>(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        operation: impl FnOnce(VmRecord) -> Result<T, OpError>,
+    ) -> Result<T, OpError> {
+        let id = self.get(caller, vm)?.id;
+        let guard = self.lock(&id);
+        let _held = guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        operation(self.get(caller, &id.0)?)
+    }
+
     fn run_dir(&self, vm: &VmId) -> PathBuf {
         self.vms_dir.join(&vm.0)
     }
@@ -205,20 +221,31 @@ impl VmManager {
         }
     }
 
-    /// Refreshes the per-state VM gauges.
+    /// Refreshes the per-state VM gauges from the store.
     pub fn update_gauges(&self) {
-        if let Ok(vms) = self.store.list_vms(VmFilter::all()) {
-            for state in [
-                "creating", "stopped", "starting", "running", "stopping", "failed", "deleting",
-            ] {
-                let count = vms.iter().filter(|vm| vm.state.as_str() == state).count();
-                self.metrics
-                    .vms
-                    .get_or_create(&StateLabels {
-                        state: state.to_owned(),
-                    })
-                    .set(count as i64);
-            }
+        if let Ok(vms) = self.store.list_vms(self.on_this_host(None)) {
+            self.set_gauges(&vms);
+        }
+    }
+
+    fn set_gauges(&self, vms: &[VmRecord]) {
+        for state in VmState::ALL {
+            let count = vms.iter().filter(|vm| vm.state == state).count();
+            self.metrics
+                .vms
+                .get_or_create(&StateLabels {
+                    state: state.as_str().to_owned(),
+                })
+                .set(count as i64);
+        }
+    }
+
+    /// This host's VMs, of every owner, optionally in one state.
+    fn on_this_host(&self, state: Option<VmState>) -> VmFilter<'_> {
+        VmFilter {
+            owner: None,
+            state,
+            host: Some(&self.host_name),
         }
     }
 
@@ -479,13 +506,17 @@ impl VmManager {
         vm: &str,
         progress: Progress<'_>,
     ) -> Result<VmRecord, OpError> {
-        let id = self.get(caller, vm)?.id;
-        let guard = self.lock(&id);
-        let _held = guard
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Read again under the lock: another operation may have changed it.
-        let record = self.get(caller, &id.0)?;
+        self.locked(caller, vm, |record| {
+            self.start_locked(caller, &record, progress)
+        })
+    }
+
+    fn start_locked(
+        &self,
+        caller: &Caller,
+        record: &VmRecord,
+        progress: Progress<'_>,
+    ) -> Result<VmRecord, OpError> {
         let started_at = Instant::now();
         self.store
             .transition_vm_state(
@@ -503,7 +534,7 @@ impl VmManager {
                 }
                 other => other.into(),
             })?;
-        match self.launch(&record, progress) {
+        match self.launch(record, progress) {
             Ok(runtime) => {
                 self.metrics
                     .start_seconds
@@ -514,7 +545,7 @@ impl VmManager {
                 self.event(&record.id, "started", &format!("pid {}", runtime.pid));
                 tracing::info!(vm = %record.id, pid = runtime.pid, elapsed_ms = started_at.elapsed().as_millis() as u64, "started");
                 progress("done", "running", 100);
-                self.get(caller, vm)
+                self.get(caller, &record.id.0)
             }
             Err(error) => {
                 self.store
@@ -655,16 +686,11 @@ impl VmManager {
         timeout: Duration,
         progress: Progress<'_>,
     ) -> Result<VmRecord, OpError> {
-        let id = self.get(caller, vm)?.id;
-        let guard = self.lock(&id);
-        let _held = guard
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Read again under the lock: another operation may have changed it.
-        let record = self.get(caller, &id.0)?;
-        self.stop_locked(&record, force, timeout, progress)?;
-        progress("done", "stopped", 100);
-        self.get(caller, vm)
+        self.locked(caller, vm, |record| {
+            self.stop_locked(&record, force, timeout, progress)?;
+            progress("done", "stopped", 100);
+            self.get(caller, &record.id.0)
+        })
     }
 
     fn stop_locked(
@@ -764,42 +790,37 @@ impl VmManager {
         wipe: bool,
         progress: Progress<'_>,
     ) -> Result<VmRecord, OpError> {
-        let id = self.get(caller, vm)?.id;
-        let guard = self.lock(&id);
-        let _held = guard
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Read again under the lock: another operation may have changed it.
-        let record = self.get(caller, &id.0)?;
-        if record.runtime.is_some() {
-            self.stop_locked(&record, true, Duration::ZERO, progress)?;
-        }
-        self.store
-            .update_vm_state(&record.id, VmState::Deleting, "deleting")?;
-        let disks = self.store.disks(&record.id)?;
-        if wipe {
-            for disk in &disks {
-                progress("wipe", &format!("wiping disk {}", disk.name), 50);
-                self.driver.wipe_disk(&disk.path)?;
+        self.locked(caller, vm, |record| {
+            if record.runtime.is_some() {
+                self.stop_locked(&record, true, Duration::ZERO, progress)?;
             }
-        }
-        progress("remove", "removing files", 80);
-        let run_dir = self.run_dir(&record.id);
-        if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir).map_err(|error| {
-                OpError::internal(format!("cannot remove {}: {error}", run_dir.display()))
-            })?;
-        }
-        self.store.delete_vm(&record.id)?;
-        self.store
-            .append_event(Some(&record.id), "deleted", &record.spec.name)
-            .ok();
-        tracing::info!(vm = %record.id, "deleted");
-        progress("done", "deleted", 100);
-        let mut deleted = record;
-        deleted.state = VmState::Deleting;
-        deleted.runtime = None;
-        Ok(deleted)
+            self.store
+                .update_vm_state(&record.id, VmState::Deleting, "deleting")?;
+            let disks = self.store.disks(&record.id)?;
+            if wipe {
+                for disk in &disks {
+                    progress("wipe", &format!("wiping disk {}", disk.name), 50);
+                    self.driver.wipe_disk(&disk.path)?;
+                }
+            }
+            progress("remove", "removing files", 80);
+            let run_dir = self.run_dir(&record.id);
+            if run_dir.exists() {
+                std::fs::remove_dir_all(&run_dir).map_err(|error| {
+                    OpError::internal(format!("cannot remove {}: {error}", run_dir.display()))
+                })?;
+            }
+            self.store.delete_vm(&record.id)?;
+            self.store
+                .append_event(Some(&record.id), "deleted", &record.spec.name)
+                .ok();
+            tracing::info!(vm = %record.id, "deleted");
+            progress("done", "deleted", 100);
+            let mut deleted = record;
+            deleted.state = VmState::Deleting;
+            deleted.runtime = None;
+            Ok(deleted)
+        })
     }
 
     /// Waits for a VM to reach `state`.
@@ -840,11 +861,7 @@ impl VmManager {
     /// Takes back the VMs that kept running while the daemon was down, and
     /// marks the others with why they are not running.
     pub fn reconcile(&self) -> Result<(), OpError> {
-        let vms = self.store.list_vms(VmFilter {
-            owner: None,
-            state: None,
-            host: Some(&self.host_name),
-        })?;
+        let vms = self.store.list_vms(self.on_this_host(None))?;
         for record in vms {
             match (&record.runtime, record.state) {
                 (Some(runtime), _) => match self.driver.adopt(runtime) {
@@ -922,14 +939,12 @@ impl VmManager {
 
     /// One pass of the monitor: every running VM's VMM is checked.
     pub fn monitor_tick(&self) {
-        let Ok(vms) = self.store.list_vms(VmFilter {
-            owner: None,
-            state: Some(VmState::Running),
-            host: Some(&self.host_name),
-        }) else {
+        // One read serves the gauges and the check of the running VMs.
+        let Ok(vms) = self.store.list_vms(self.on_this_host(None)) else {
             return;
         };
-        for record in vms {
+        self.set_gauges(&vms);
+        for record in vms.iter().filter(|vm| vm.state == VmState::Running) {
             let Some(runtime) = &record.runtime else {
                 continue;
             };
@@ -951,7 +966,7 @@ impl VmManager {
                 }
                 Ok(RuntimeState::Exited(reason)) => {
                     let _ = self.driver.stop(runtime, StopMode::Force);
-                    self.mark_dead(&record, &reason.to_string());
+                    self.mark_dead(record, &reason.to_string());
                 }
                 Ok(_) => {}
                 Err(error) => {
@@ -959,7 +974,6 @@ impl VmManager {
                 }
             }
         }
-        self.update_gauges();
     }
 
     /// The console log of a VM.
