@@ -34,8 +34,11 @@ demo: build image
 bench: deps image
 	@bash scripts/bench.sh
 
+# The guest image, with the agent (a release build; the initramfs takes a
+# stripped copy) that unlocks the encrypted data disk.
 image: build
-	@bash images/build.sh
+	$(CARGO) build --release -p hsev-agent
+	@HSEV_AGENT=$(CURDIR)/target/release/hsev-agent bash images/build.sh
 
 clean:
 	$(CARGO) clean

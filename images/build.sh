@@ -5,15 +5,18 @@
 #   firmware/OVMF.fd       edk2 OvmfPkg/AmdSev (SEV-SNP, kernel hashes), built
 #                          from Debian's edk2 source package (firmware.sh)
 #   boot/vmlinuz           Debian's 6.12 cloud kernel (bookworm-backports)
-#   boot/initrd.img        busybox, the guest's kernel modules, /init
-#                          (initramfs.sh; EXTRA_BINARIES / EXTRA_FILES add more)
+#   boot/initrd.img        busybox, the guest's kernel modules, /init, the
+#                          agent (hsev-agent: attested unlock of the data
+#                          disk), cryptsetup and mke2fs (initramfs.sh;
+#                          EXTRA_BINARIES / EXTRA_FILES add more)
 #   boot/sev-hashes.page   the SNP_KERNEL_HASHES page for that kernel, initrd
 #                          and command line (sev_hashes.py)
 #   manifest.json          every artifact with its sha256, the command line,
 #                          how to boot it, and the expected SNP launch
 #                          measurement per vCPU count
 #
-# Environment: IMAGE_OUT, HSEV (the hsev binary), VCPU_COUNTS (default
+# Environment: IMAGE_OUT, HSEV (the hsev binary), HSEV_AGENT (the agent,
+# default target/release/hsev-agent), VCPU_COUNTS (default
 # "1 2 4 8 16"), VCPU_TYPE (default EPYC-v4), GUEST_CMDLINE, GUEST_MODULES,
 # EXTRA_BINARIES, EXTRA_FILES, FIRMWARE_BUILD_TYPE (RELEASE or DEBUG).
 #
@@ -25,13 +28,15 @@ set -euo pipefail
 
 out=${IMAGE_OUT:-$root/images/out}
 hsev=${HSEV:-$root/target/debug/hsev}
+agent=${HSEV_AGENT:-$root/target/release/hsev-agent}
 vcpu_type=${VCPU_TYPE:-EPYC-v4}
 vcpu_counts=(${VCPU_COUNTS:-1 2 4 8 16})
 cmdline=${GUEST_CMDLINE:-console=ttyS0 panic=-1 quiet hsev.exit=idle}
 marker=HSEV-GUEST-READY
 
 [ -x "$hsev" ] || fail "$hsev is missing: run \`make build\`"
-for tool in python3 curl gzip cpio dpkg-deb depmod modprobe nasm iasl gcc g++ make mkfs.msdos mcopy; do
+[ -x "$agent" ] || fail "$agent is missing: run \`make image\` (cargo build --release -p hsev-agent)"
+for tool in python3 curl gzip cpio dpkg-deb depmod modprobe nasm iasl gcc g++ make mkfs.msdos mcopy strip cryptsetup mke2fs; do
   command -v "$tool" >/dev/null || fail "$tool is missing: run \`make deps\`"
 done
 python=/usr/bin/python3
@@ -55,8 +60,9 @@ kernel_root=$(prepare_kernel)
 cp "$kernel_root/boot/vmlinuz-$kernel_release" "$out/boot/vmlinuz.partial"
 install_if_changed "$out/boot/vmlinuz.partial" "$out/boot/vmlinuz"
 
-step "[3/5] initramfs${EXTRA_BINARIES:+ (+ $EXTRA_BINARIES)}${EXTRA_FILES:+ (+ $EXTRA_FILES)}"
-"$images/initramfs.sh" "$out/boot/initrd.img"
+step "[3/5] initramfs with $agent${EXTRA_BINARIES:+ (+ $EXTRA_BINARIES)}${EXTRA_FILES:+ (+ $EXTRA_FILES)}"
+HSEV_AGENT="$agent" "$images/initramfs.sh" "$out/boot/initrd.img"
+guest_tools=$(dpkg-query -W -f '${Package}=${Version} ' cryptsetup-bin e2fsprogs)
 
 step "[4/5] SEV kernel-hashes page (cmdline: $cmdline)"
 hashes=$("$python" "$images/sev_hashes.py" --ovmf "$out/firmware/OVMF.fd" \
@@ -81,7 +87,8 @@ OUT="$out" HASHES="$hashes" CMDLINE="$cmdline" MARKER="$marker" VCPU_TYPE="$vcpu
   EDK2_VERSION="$edk2_version" GRUB_VERSION="$grub_version" \
   FIRMWARE_BUILD_TYPE="${FIRMWARE_BUILD_TYPE:-RELEASE}" \
   KERNEL_PACKAGE="$kernel_package" KERNEL_VERSION="$kernel_version" KERNEL_RELEASE="$kernel_release" \
-  BUSYBOX_VERSION="$busybox_version" EXTRA_BINARIES="${EXTRA_BINARIES:-}" EXTRA_FILES="${EXTRA_FILES:-}" \
+  BUSYBOX_VERSION="$busybox_version" AGENT_SHA256="$(sha256_of "$agent")" GUEST_TOOLS="$guest_tools" \
+  EXTRA_BINARIES="${EXTRA_BINARIES:-}" EXTRA_FILES="${EXTRA_FILES:-}" \
   "$python" - <<'PY'
 import hashlib, json, os
 
@@ -127,6 +134,8 @@ manifest = {
         "boot/initrd.img",
         busybox_static=env["BUSYBOX_VERSION"],
         modules=env["MODULES"].split(),
+        agent={"path": "/usr/bin/hsev-agent", "unstripped_sha256": env["AGENT_SHA256"]},
+        tools=env["GUEST_TOOLS"].split(),
         extra_binaries=env["EXTRA_BINARIES"].split(),
         extra_files=env["EXTRA_FILES"].split(),
     ),

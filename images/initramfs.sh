@@ -1,16 +1,27 @@
 #!/usr/bin/env bash
 # Builds the guest initramfs (a gzip'd newc cpio) into $1:
-#   /init                    images/init (mounts, modules, marker, /hsev/run)
+#   /init                    images/init (mounts, modules, acpid, marker,
+#                            agent, /hsev/run)
+#   /etc/acpid.conf          busybox acpid: the power button (PWRF) runs
+#   /etc/acpi/power-button   images/power-button (closes the data disk,
+#                            powers off)
 #   /bin/busybox + applets   Debian's busybox-static (pinned in lib.sh)
 #   /lib/modules/...         the guest kernel's modules in $GUEST_MODULES and
 #                            their dependencies (unpacked .ko), and
 #                            /lib/modules/hsev-load-order (insmod order)
+#   /usr/bin/hsev-agent      the guest agent ($HSEV_AGENT, stripped), which
+#                            /init runs to unlock the data disk
+#   /usr/sbin/cryptsetup     the host's cryptsetup and mke2fs (cryptsetup-bin,
+#   /usr/sbin/mke2fs         e2fsprogs), for the agent's LUKS2 disk and its ext4
 #   extra files              EXTRA_BINARIES and EXTRA_FILES, below
+# Each executable brings the shared libraries ldd finds for it.
 #
 # Environment:
+#   HSEV_AGENT      the hsev-agent binary (default target/release/hsev-agent:
+#                   `make image` builds it)
 #   GUEST_MODULES   module names (default: configfs tsm sev-guest virtio_blk
-#                   virtio_net dm-crypt xts aesni_intel vsock
-#                   vmw_vsock_virtio_transport)
+#                   virtio_net dm-crypt xts aesni_intel algif_skcipher vsock
+#                   vmw_vsock_virtio_transport evdev button)
 #   EXTRA_BINARIES  "SRC[:DEST] ..." executables; DEST defaults to
 #                   /usr/bin/<name>. A dynamically linked one brings the
 #                   shared libraries ldd finds for it, and its loader. The
@@ -23,9 +34,21 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 dest=${1:?usage: initramfs.sh OUT.img}
-modules=(${GUEST_MODULES:-configfs tsm sev-guest virtio_blk virtio_net dm-crypt xts aesni_intel vsock vmw_vsock_virtio_transport})
+# dm-crypt (with dm-mod) and xts for the LUKS2 data disk (AES, SHA-256 and
+# ext4 are built into this kernel); algif_skcipher (with af_alg): cryptsetup
+# decrypts LUKS2 keyslots through the kernel's user-space crypto API.
+# evdev and button: the ACPI power button as /dev/input/event*, which acpid
+# reads (QEMU's system_powerdown: hsevd's graceful stop).
+modules=(${GUEST_MODULES:-configfs tsm sev-guest virtio_blk virtio_net dm-crypt xts aesni_intel algif_skcipher vsock vmw_vsock_virtio_transport evdev button})
+agent=${HSEV_AGENT:-$root/target/release/hsev-agent}
+[ -x "$agent" ] || fail "$agent is missing: run \`make image\` (cargo build --release -p hsev-agent)"
 kernel_root=$(prepare_kernel)
 busybox=$(prepare_busybox)
+guest_tools=()
+for tool in cryptsetup mke2fs; do
+  found=$(command -v "$tool") || fail "$tool is missing: run \`make deps\`"
+  guest_tools+=("$found")
+done
 
 staging=$(mktemp -d "$cache/.initramfs.XXXXXX")
 trap 'rm -rf "$staging"' EXIT
@@ -39,6 +62,10 @@ while read -r applet; do
 done < <("$busybox" --list-full | sort)
 install -m 0755 "$images/init" "$tree/init"
 install -m 0755 "$images/udhcpc.script" "$tree/usr/share/udhcpc/default.script"
+# busybox acpid (started by /init): the power button's key is the event
+# "PWRF" (its built-in map), which runs /etc/acpi/power-button.
+install -D -m 0755 "$images/power-button" "$tree/etc/acpi/power-button"
+printf 'PWRF power-button\n' >"$tree/etc/acpid.conf"
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$tree/etc/passwd"
 printf 'root:x:0:\n' >"$tree/etc/group"
 
@@ -68,7 +95,8 @@ done
 # copy_with_libraries SRC DEST: an executable and what ldd says it needs.
 copy_with_libraries() {
   local src=$1 dest=$2
-  [ -f "$src" ] || fail "EXTRA_BINARIES: $src is not a file"
+  [ -f "$src" ] || fail "$src is not a file"
+  rm -f "$tree/$dest" # a busybox applet link of the same name goes
   install -D -m 0755 "$src" "$tree/$dest"
   local libraries
   if libraries=$(ldd "$src" 2>/dev/null); then
@@ -77,10 +105,23 @@ copy_with_libraries() {
       [ -n "$library" ] || continue
       [ -e "$tree/$library" ] || install -D -m 0755 "$(readlink -f "$library")" "$tree/$library"
     done < <(awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' <<<"$libraries" | sort -u)
-    grep -q 'not found' <<<"$libraries" && fail "EXTRA_BINARIES: $src needs a library ldd cannot find: $(grep 'not found' <<<"$libraries")"
+    grep -q 'not found' <<<"$libraries" && fail "$src needs a library ldd cannot find: $(grep 'not found' <<<"$libraries")"
   fi
   return 0
 }
+
+# The agent, stripped (the release build keeps line tables: a few MiB that
+# TCG would decompress at every boot), and the tools it runs.
+strip --strip-all -o "$staging/hsev-agent" "$agent"
+copy_with_libraries "$staging/hsev-agent" /usr/bin/hsev-agent
+for tool in "${guest_tools[@]}"; do
+  name=$(basename "$tool")
+  copy_with_libraries "$tool" "/usr/sbin/$name"
+  # busybox's ext2-only mke2fs must not be found first on any PATH.
+  for applet in "$tree/bin/$name" "$tree/sbin/$name" "$tree/usr/bin/$name"; do
+    [ -L "$applet" ] && rm -f "$applet"
+  done
+done
 
 for spec in ${EXTRA_BINARIES:-}; do
   src=${spec%%:*}

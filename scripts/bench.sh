@@ -30,3 +30,14 @@ bash scripts/bench-measure.sh
 echo "== hsevd: VM start latency, vm list with 1000 VMs, resident memory"
 cargo build --quiet --release --bins
 cargo bench --quiet -p hsev-e2e --bench hsevd 2>/dev/null | grep -v '^$'
+
+echo "== key broker: full releases through hsev-kbs (auth + attest + resource + decrypt, simulated evidence per nonce) vs OpenSSL raw ECDSA P-384 verify"
+cargo bench --quiet -p hsev-attestation --bench kbs_release >/dev/null 2>&1 || true
+kbs_out=$(BENCH_SECONDS=$seconds cargo bench --quiet -p hsev-attestation --bench kbs_release 2>/dev/null || true)
+kbs_rate=$(awk '/^kbs_releases_per_second/ {print $2}' <<<"$kbs_out")
+kbs_p50=$(awk '/^kbs_release_p50_ms/ {print $2}' <<<"$kbs_out")
+kbs_p99=$(awk '/^kbs_release_p99_ms/ {print $2}' <<<"$kbs_out")
+kbs_verify=$(openssl speed -seconds "$seconds" ecdsap384 2>/dev/null | awk '/ecdsa \(nistp384\)/ {print $NF}')
+awk -v ours="${kbs_rate:-0}" -v ref="${kbs_verify:-1}" -v p50="${kbs_p50:-0}" -v p99="${kbs_p99:-0}" 'BEGIN {
+  printf "kbs releases: %.0f/s, openssl %.0f verify/s, ratio %.1f%% (target >= 40%%); one release p50 %.2f ms, p99 %.2f ms (target < 25 ms)\n", ours, ref, 100 * ours / ref, p50, p99
+}'

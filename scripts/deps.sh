@@ -43,6 +43,10 @@ declare -A apt_packages=(
   [mtools]=/usr/bin/mcopy
   # grub-mkimage (unpacked from grub-common by images/build.sh) links it.
   [libdevmapper1.02.1]=/lib/x86_64-linux-gnu/libdevmapper.so.1.02.1
+  # Encrypted data disks: hsevd formats them (LUKS2), and `make image` puts
+  # cryptsetup and mke2fs (with the libraries ldd finds) in the initramfs.
+  [cryptsetup-bin]=/sbin/cryptsetup
+  [e2fsprogs]=/sbin/mke2fs
 )
 
 say() { printf 'deps: %s\n' "$*"; }

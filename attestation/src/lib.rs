@@ -4,16 +4,21 @@
 //! This crate owns the SNP attestation report model ([`report`]), AMD
 //! certificate chains with the AMD roots embedded ([`certs`]), the appraisal
 //! policy ([`policy`]), the verifier ([`verifier`]), the KDS addresses and
-//! offline certificate cache ([`kds`], [`cache`]) and the launch-measurement
-//! calculator ([`measurement`]).
+//! offline certificate cache ([`kds`], [`cache`]), the launch-measurement
+//! calculator ([`measurement`]), the key broker, its protocol and client
+//! ([`kbs`]), and the status lines a guest agent sends its host
+//! ([`agent_status`]).
 //!
-//! It must never touch the network, and never accept a report on doubt:
+//! Outside [`kbs`] (the key broker, its client and server) it must never
+//! touch the network; nowhere may it accept a report on doubt:
 //! anything it cannot parse or check is an error or a failed check.
 
+pub mod agent_status;
 pub mod cache;
 pub mod certs;
 pub mod firmware;
 mod hex_bytes;
+pub mod kbs;
 pub mod kds;
 pub mod measurement;
 pub mod policy;

@@ -3,6 +3,15 @@
 //! Every check runs, whatever fails before it, so an [`Appraisal`] names
 //! every reason a report is refused. A [`VerifiedReport`] exists only for a
 //! report that passed them all.
+//!
+//! The costly steps can be done once and reused: a [`ChainCache`] keeps
+//! verified endorsement chains by certificate, and a [`SignedEvidence`]
+//! carries a report whose signature was checked once, to be appraised
+//! against any number of policies ([`appraise_signed`]) without another
+//! P-384 verification, as a key broker does for each resource it releases.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -146,8 +155,56 @@ pub fn appraise_with_key(
     policy: &AppraisalPolicy,
     at: OffsetDateTime,
 ) -> Appraisal {
+    appraise_signed(&SignedEvidence::check(report.clone(), key), policy, at)
+}
+
+/// A report with the outcome of its chain and signature verification,
+/// done once by [`SignedEvidence::check`]. It proves nothing by itself:
+/// only an [`Appraisal`] of it says whether it is acceptable.
+#[derive(Debug, Clone)]
+pub struct SignedEvidence {
+    report: AttestationReport,
+    key: Result<TrustedKey, ChainError>,
+    signature_verified: bool,
+}
+
+impl SignedEvidence {
+    /// Verifies the report's signature with `key` (if its chain verified).
+    pub fn check(report: AttestationReport, key: Result<&TrustedKey, &ChainError>) -> Self {
+        let signature_verified = key.is_ok_and(|key| key.signs(&report));
+        SignedEvidence {
+            report,
+            key: key.cloned().map_err(Clone::clone),
+            signature_verified,
+        }
+    }
+
+    /// The report.
+    pub fn report(&self) -> &AttestationReport {
+        &self.report
+    }
+
+    /// The endorsement key, or why its chain did not verify.
+    pub fn key(&self) -> Result<&TrustedKey, &ChainError> {
+        self.key.as_ref()
+    }
+
+    /// Whether the chain verified and the key signed the report.
+    pub fn signature_verified(&self) -> bool {
+        self.signature_verified
+    }
+}
+
+/// Appraises evidence whose signature was checked before: exactly the
+/// checks and outcome of [`appraise_with_key`], without the P-384 verify.
+pub fn appraise_signed(
+    evidence: &SignedEvidence,
+    policy: &AppraisalPolicy,
+    at: OffsetDateTime,
+) -> Appraisal {
+    let report = &evidence.report;
     let mut checks = Checks(Vec::with_capacity(24));
-    let (product, origin) = match key {
+    let (product, origin) = match evidence.key.as_ref() {
         Ok(key) => {
             checks.record(
                 "certificate_chain",
@@ -162,7 +219,14 @@ pub fn appraise_with_key(
                     }
                 ),
             );
-            check_endorsement(&mut checks, report, key, policy, at);
+            check_endorsement(
+                &mut checks,
+                report,
+                key,
+                evidence.signature_verified,
+                policy,
+                at,
+            );
             (Some(key.product), Some(key.origin))
         }
         Err(error) => {
@@ -187,15 +251,123 @@ pub fn appraise_with_key(
     }
 }
 
+/// Most chains a [`ChainCache`] keeps; past it, it starts afresh.
+const CHAIN_CACHE_CAPACITY: usize = 4096;
+
+/// Verified endorsement chains, by SHA-256 of the certificate's DER (and
+/// of the CRL's, if any): a verifier that sees the same chip again and
+/// again checks its chain (RSA-4096 signatures) and parses its certificate
+/// once. Only chains that verified are kept; the validity windows are
+/// judged at each appraisal, never cached.
+#[derive(Debug)]
+pub struct ChainCache {
+    stores: Vec<TrustStore>,
+    verified: Mutex<HashMap<[u8; 32], TrustedKey>>,
+}
+
+/// Why a certificate cannot be used as an endorsement key.
+#[derive(Debug, thiserror::Error)]
+pub enum CachedChainError {
+    /// The certificate does not parse as a VCEK or VLEK.
+    #[error("the endorsement certificate: {0}")]
+    Certificate(#[from] crate::certs::CertError),
+    /// The certificate does not chain to a trusted root.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+}
+
+impl ChainCache {
+    /// A cache over `stores`, tried in order: the first store a chain
+    /// verifies in wins; when none does, the first store's reason is given.
+    /// (A [`TrustStore`] holds one anchor per product and origin: several
+    /// simulated platforms of one product each need their own store.)
+    pub fn new(stores: Vec<TrustStore>) -> Self {
+        ChainCache {
+            stores,
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The trusted key of the VCEK or VLEK `certificate_der`, verified up
+    /// to a root once and then served from the cache. `product` (the
+    /// report's, if it names one) must agree with the chain's.
+    pub fn verify(
+        &self,
+        certificate_der: &[u8],
+        product: Option<Product>,
+        crl: Option<(&[u8], &RevocationList)>,
+    ) -> Result<TrustedKey, CachedChainError> {
+        let mut hasher = openssl::sha::Sha256::new();
+        hasher.update(certificate_der);
+        if let Some((crl_der, _)) = crl {
+            hasher.update(b"crl");
+            hasher.update(crl_der);
+        }
+        let digest = hasher.finish();
+        let cached = self.entries().get(&digest).cloned();
+        let key = match cached {
+            Some(key) => key,
+            None => {
+                let leaf = EndorsementKey::parse(certificate_der)?;
+                let list = crl.map(|(_, list)| list);
+                let mut first_error = None;
+                let mut verified = None;
+                for store in &self.stores {
+                    match store.verify(&leaf, None, list) {
+                        Ok(key) => {
+                            verified = Some(key);
+                            break;
+                        }
+                        Err(error) => {
+                            first_error.get_or_insert(error);
+                        }
+                    }
+                }
+                let key = match (verified, first_error) {
+                    (Some(key), _) => key,
+                    (None, Some(error)) => return Err(error.into()),
+                    (None, None) => {
+                        return Err(ChainError::UnknownIssuer(leaf.issuer_common_name).into())
+                    }
+                };
+                let mut entries = self.entries();
+                if entries.len() >= CHAIN_CACHE_CAPACITY {
+                    entries.clear();
+                }
+                entries.insert(digest, key.clone());
+                key
+            }
+        };
+        match product {
+            Some(expected) if expected != key.product => Err(ChainError::WrongProduct {
+                kind: key.kind,
+                expected,
+                found: key.product,
+            }
+            .into()),
+            _ => Ok(key),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], TrustedKey>> {
+        // Entries are inserted whole: a panic elsewhere cannot leave one
+        // half-written, so a poisoned lock is still consistent.
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The checks that bind the report to its endorsement key.
 fn check_endorsement(
     checks: &mut Checks,
     report: &AttestationReport,
     key: &TrustedKey,
+    signature_verified: bool,
     policy: &AppraisalPolicy,
     at: OffsetDateTime,
 ) {
-    if key.signs(report) {
+    if signature_verified {
         checks.record("signature", true, format!("signed by the {}", key.kind));
     } else {
         checks.record(
@@ -475,6 +647,98 @@ fn check_guest(checks: &mut Checks, report: &AttestationReport, policy: &Apprais
             "host_data",
             expected.0 == report.host_data,
             format!("host_data {}", hex::encode(report.host_data)),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::firmware::simulated::{SimInit, SimulatedFirmware};
+    use crate::firmware::{GuestRequest, GuestResponse, LaunchFinish};
+
+    #[test]
+    fn signed_evidence_is_appraised_like_appraise_with_key_and_chains_are_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = SimInit {
+            rsa_bits: Some(2048),
+            ..SimInit::default()
+        };
+        let firmware = Arc::new(SimulatedFirmware::init(dir.path(), &options).expect("platform"));
+        let guest = SimulatedFirmware::launch_with_digest(
+            &firmware,
+            0x30000,
+            [0x42; 48],
+            &LaunchFinish::default(),
+        )
+        .expect("launch");
+        let Ok(GuestResponse::Report(raw)) = guest.request(&GuestRequest::Report {
+            report_data: [7; 64],
+            vmpl: 0,
+        }) else {
+            panic!("report")
+        };
+        let report = AttestationReport::from_bytes(&raw).expect("parses");
+        let anchor = firmware.roots().anchor().expect("anchor");
+        let cache = ChainCache::new(vec![
+            TrustStore::amd(),
+            TrustStore::empty().with_anchor(anchor),
+        ]);
+        let key = cache
+            .verify(firmware.vcek_der(), report.product(), None)
+            .expect("chain verifies");
+        assert_eq!(key.origin, RootOrigin::Simulated);
+        let again = cache
+            .verify(firmware.vcek_der(), report.product(), None)
+            .expect("cached");
+        assert_eq!(again.tcb, key.tcb);
+        let other_product = if report.product() == Some(Product::Milan) {
+            Product::Genoa
+        } else {
+            Product::Milan
+        };
+        assert!(matches!(
+            cache.verify(firmware.vcek_der(), Some(other_product), None),
+            Err(CachedChainError::Chain(ChainError::WrongProduct { .. }))
+        ));
+
+        let at = OffsetDateTime::now_utc();
+        let signed = SignedEvidence::check(report.clone(), Ok(&key));
+        assert!(signed.signature_verified());
+        for policy in [
+            AppraisalPolicy::default(),
+            AppraisalPolicy {
+                allow_simulated: true,
+                ..AppraisalPolicy::default()
+            },
+            AppraisalPolicy {
+                allow_simulated: true,
+                allowed_measurements: vec![crate::HexBytes([0x43; 48])],
+                ..AppraisalPolicy::default()
+            },
+        ] {
+            let once = appraise_signed(&signed, &policy, at);
+            let direct = appraise_with_key(&report, Ok(&key), &policy, at);
+            assert_eq!(once.accepted(), direct.accepted());
+            assert_eq!(once.checks(), direct.checks());
+        }
+
+        let mut tampered = raw.clone();
+        tampered[0x50] ^= 1; // report_data
+        let tampered = AttestationReport::from_bytes(&tampered).expect("parses");
+        let signed = SignedEvidence::check(tampered, Ok(&key));
+        assert!(!signed.signature_verified());
+        let policy = AppraisalPolicy {
+            allow_simulated: true,
+            ..AppraisalPolicy::default()
+        };
+        let appraisal = appraise_signed(&signed, &policy, at);
+        assert!(!appraisal.accepted());
+        assert_eq!(
+            appraisal.failures().next().map(|check| check.name),
+            Some("signature")
         );
     }
 }

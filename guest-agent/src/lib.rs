@@ -1,15 +1,25 @@
 //! `hsev-agent`, the HyperSEV agent inside a confidential guest.
 //!
-//! It owns the guest side of attestation: asking the platform for an SEV-SNP
-//! report bound to data of the guest's choosing, and packaging it as
-//! evidence a verifier or key broker accepts. It never holds a host secret
-//! and never writes key material to disk.
+//! It owns the guest side of attestation and of the attested disk-key
+//! release: asking the platform for an SEV-SNP report bound to data of the
+//! guest's choosing, packaging it as evidence a verifier or key broker
+//! accepts, and (`hsev-agent unlock`, [`unlock`]) trading that evidence for
+//! the data disk's key, unlocking the LUKS2 disk and mounting it. It never
+//! holds a host secret, never writes key material to any file, and never
+//! logs one.
 //!
 //! The ways to the Secure Processor live in
 //! [`hsev_attestation::firmware::guest`]: `/dev/sev-guest` and
 //! configfs-tsm. This crate picks one and turns its answer into
 //! [`SnpEvidence`].
+//!
+//! Modules: [`settings`] (kernel command line), [`disk`] (finding the data
+//! disk), [`luks`] (the LUKS2 format, shared with hsevd, which formats the
+//! disks with [`luks::luks_format`]), [`backoff`] (retries), [`boot_log`]
+//! (the log on the unlocked disk), [`status`] (progress lines to the host)
+//! and [`unlock`] (the flow that ties them).
 
+use std::io::Write;
 use std::path::Path;
 
 use hsev_attestation::certs::{parse_certificate_table, CertTableError};
@@ -18,15 +28,33 @@ use hsev_attestation::firmware::guest::sev_guest::{SevGuestDevice, DEFAULT_SEV_G
 use hsev_attestation::firmware::guest::tsm::ConfigFsTsm;
 use hsev_attestation::firmware::guest::GuestReporter;
 
-/// Where the kernel lists virtio-serial ports by name.
-const VIRTIO_PORTS: &str = "/sys/class/virtio-ports";
 use hsev_attestation::firmware::{FirmwareError, GuestRequest, GuestResponse};
 use hsev_attestation::report::{AttestationReport, ReportError, SnpEvidence};
+
+pub mod backoff;
+pub mod boot_log;
+pub mod disk;
+pub mod luks;
+pub mod settings;
+pub mod status;
+pub mod unlock;
+
+use status::VIRTIO_PORTS;
+
+/// Prints one line on the agent's output (the console, in a guest),
+/// prefixed `hsev-agent: `, at once.
+pub fn say(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    // The console is all there is to tell: nothing to do if it fails.
+    let _ = writeln!(stdout, "hsev-agent: {line}");
+    let _ = stdout.flush();
+}
 
 /// Which way to the Secure Processor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
-    /// `/dev/sev-guest` when it exists, else configfs-tsm.
+    /// `/dev/sev-guest` when it exists, else the simulated port, else
+    /// configfs-tsm.
     Auto,
     /// `/dev/sev-guest` (reports, extended reports, derived keys).
     SevGuest,
@@ -77,7 +105,13 @@ pub struct Present {
 }
 
 /// Resolves [`Device::Auto`] from which devices are present: real hardware
-/// first, the simulated port last.
+/// first (`/dev/sev-guest`), then the simulated port, then configfs-tsm.
+///
+/// configfs-tsm comes last because its `report` folder exists as soon as
+/// the `tsm` module is loaded, whether or not a TEE driver provides reports
+/// (in a guest without SEV-SNP, making a report there fails with ENXIO);
+/// the simulated port exists only when the host relays a simulated Secure
+/// Processor, whose evidence every production key broker refuses anyway.
 pub fn choose_device(
     device: Device,
     present: Present,
@@ -85,8 +119,8 @@ pub fn choose_device(
 ) -> Result<Device, AgentError> {
     match device {
         Device::Auto if present.sev_guest => Ok(Device::SevGuest),
-        Device::Auto if present.tsm => Ok(Device::Tsm),
         Device::Auto if present.sim => Ok(Device::Sim),
+        Device::Auto if present.tsm => Ok(Device::Tsm),
         Device::Auto => Err(AgentError::NoDevice {
             tsm_root: tsm_root.display().to_string(),
         }),
@@ -99,16 +133,41 @@ pub fn open_reporter(
     device: Device,
     tsm_root: &Path,
 ) -> Result<Box<dyn GuestReporter>, AgentError> {
+    open_chosen_reporter(device, tsm_root).map(|(_, reporter)| reporter)
+}
+
+/// Opens the chosen way to the Secure Processor, and says which it is
+/// ([`Device::Auto`] resolved).
+pub fn open_chosen_reporter(
+    device: Device,
+    tsm_root: &Path,
+) -> Result<(Device, Box<dyn GuestReporter>), AgentError> {
     let present = Present {
         sev_guest: SevGuestDevice::is_present(),
         tsm: tsm_root.is_dir(),
         sim: find_port(Path::new(VIRTIO_PORTS), PORT_NAME).is_ok(),
     };
-    Ok(match choose_device(device, present, tsm_root)? {
+    let chosen = choose_device(device, present, tsm_root)?;
+    let reporter: Box<dyn GuestReporter> = match chosen {
         Device::SevGuest => Box::new(SevGuestDevice::open()?),
         Device::Tsm | Device::Auto => Box::new(ConfigFsTsm::new(tsm_root)?),
         Device::Sim => Box::new(SimulatedChannel::open_port()?),
-    })
+    };
+    Ok((chosen, reporter))
+}
+
+impl Device {
+    /// How the console names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Device::Auto => "the first Secure Processor found",
+            Device::SevGuest => DEFAULT_SEV_GUEST_PATH,
+            Device::Tsm => "configfs-tsm",
+            Device::Sim => {
+                "the host's simulated Secure Processor (development only: no confidentiality)"
+            }
+        }
+    }
 }
 
 /// An extended report for `report_data` at `vmpl`, as evidence: the
@@ -143,13 +202,44 @@ pub fn evidence(
     })
 }
 
+/// A well-formed, unsigned report binding `report_data` and `measurement`,
+/// for tests of what the agent does with reports.
+#[cfg(test)]
+pub(crate) fn unsigned_report(report_data: &[u8; 64], measurement: &[u8; 48]) -> Vec<u8> {
+    use hsev_attestation::report::{KeyInfo, ReportWriter, SigningKey, TcbVersion};
+    use hsev_attestation::TcbLayout;
+
+    let tcb = TcbVersion {
+        fmc: None,
+        bootloader: 3,
+        tee: 0,
+        snp: 8,
+        microcode: 115,
+    };
+    let mut writer = ReportWriter::new(2, TcbLayout::Legacy);
+    writer
+        .guest(0, 0x30000, &[0; 16], &[0; 16], 0)
+        .platform(
+            0,
+            KeyInfo {
+                author_key_en: false,
+                mask_chip_key: false,
+                signing_key: SigningKey::Vcek,
+            },
+        )
+        .contents(report_data, measurement, &[2; 32]);
+    writer.tcbs(&tcb, &tcb, &tcb, &tcb).expect("tcbs");
+    writer
+        .finish(&[1; 48], &[2; 48])
+        .expect("a report")
+        .as_bytes()
+        .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use hsev_attestation::certs::encode_certificate_table;
-    use hsev_attestation::report::{
-        EvidenceCertificate, KeyInfo, ReportWriter, SigningKey, TcbVersion,
-    };
-    use hsev_attestation::TcbLayout;
+    use hsev_attestation::report::EvidenceCertificate;
 
     use super::*;
 
@@ -176,36 +266,8 @@ mod tests {
         }
     }
 
-    fn report(report_data: &[u8; 64]) -> Vec<u8> {
-        let tcb = TcbVersion {
-            fmc: None,
-            bootloader: 3,
-            tee: 0,
-            snp: 8,
-            microcode: 115,
-        };
-        let mut writer = ReportWriter::new(2, TcbLayout::Legacy);
-        writer
-            .guest(0, 0x30000, &[0; 16], &[0; 16], 0)
-            .platform(
-                0,
-                KeyInfo {
-                    author_key_en: false,
-                    mask_chip_key: false,
-                    signing_key: SigningKey::Vcek,
-                },
-            )
-            .contents(report_data, &[1; 48], &[2; 32]);
-        writer.tcbs(&tcb, &tcb, &tcb, &tcb).expect("tcbs");
-        writer
-            .finish(&[1; 48], &[2; 48])
-            .expect("a report")
-            .as_bytes()
-            .to_vec()
-    }
-
     #[test]
-    fn auto_prefers_sev_guest_then_tsm_then_the_simulated_port() {
+    fn auto_prefers_sev_guest_then_the_simulated_port_then_tsm() {
         let root = Path::new("/sys/kernel/config/tsm/report");
         let pick = |device, sev_guest, tsm| {
             choose_device(
@@ -236,10 +298,19 @@ mod tests {
             choose_device(Device::Auto, simulated, root).expect("sim"),
             Device::Sim
         );
+        let simulated_with_tsm = Present {
+            sim: true,
+            tsm: true,
+            ..Present::default()
+        };
+        assert_eq!(
+            choose_device(Device::Auto, simulated_with_tsm, root).expect("sim"),
+            Device::Sim
+        );
         let real_first = Present {
             sev_guest: true,
             sim: true,
-            ..Present::default()
+            tsm: true,
         };
         assert_eq!(
             choose_device(Device::Auto, real_first, root).expect("real"),
@@ -280,7 +351,7 @@ mod tests {
             EvidenceCertificate::Ask(vec![4; 10]),
         ];
         let mut reporter = canned(Some(GuestResponse::ExtendedReport {
-            report: report(&report_data),
+            report: unsigned_report(&report_data, &[1; 48]),
             certificates: encode_certificate_table(&certificates),
         }));
         let evidence = evidence(&mut reporter, &report_data, 1).expect("evidence");
@@ -299,7 +370,7 @@ mod tests {
     fn evidence_without_certificates_is_fine() {
         for table in [Vec::new(), encode_certificate_table(&[])] {
             let mut reporter = canned(Some(GuestResponse::ExtendedReport {
-                report: report(&[0; 64]),
+                report: unsigned_report(&[0; 64], &[1; 48]),
                 certificates: table,
             }));
             let evidence = evidence(&mut reporter, &[0; 64], 0).expect("evidence");
@@ -309,7 +380,9 @@ mod tests {
 
     #[test]
     fn bad_answers_are_errors() {
-        let mut plain = canned(Some(GuestResponse::Report(report(&[0; 64]))));
+        let mut plain = canned(Some(GuestResponse::Report(unsigned_report(
+            &[0; 64], &[1; 48],
+        ))));
         assert!(matches!(
             evidence(&mut plain, &[0; 64], 0),
             Err(AgentError::UnexpectedResponse(_))
@@ -323,7 +396,7 @@ mod tests {
             Err(AgentError::Report(_))
         ));
         let mut bad_table = canned(Some(GuestResponse::ExtendedReport {
-            report: report(&[0; 64]),
+            report: unsigned_report(&[0; 64], &[1; 48]),
             certificates: vec![1; 24],
         }));
         assert!(matches!(

@@ -1,10 +1,16 @@
 //! `hsev-agent`: the HyperSEV agent inside a confidential guest.
+//!
+//! `evidence` prints an SNP report as Trustee JSON evidence; `unlock` (what
+//! the image's /init runs when the kernel command line has `hsev.kbs=`)
+//! attests to the key broker, unlocks and mounts the data disk.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use hsev_agent::{evidence, open_reporter, Device};
+use hsev_agent::settings::{parse_timeout, UnlockOptions};
+use hsev_agent::status::{StatusPort, VIRTIO_PORTS};
+use hsev_agent::{evidence, open_reporter, say, unlock, Device};
 use hsev_attestation::firmware::guest::tsm::DEFAULT_TSM_ROOT;
 
 /// HyperSEV guest agent.
@@ -30,13 +36,48 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
         /// The way to the Secure Processor: `auto` takes /dev/sev-guest
-        /// when it exists, else configfs-tsm.
+        /// when it exists, else the simulated port, else configfs-tsm.
         #[arg(long, value_enum, default_value_t = Device::Auto)]
         device: Device,
         /// The configfs-tsm report folder.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_TSM_ROOT)]
         tsm: PathBuf,
     },
+    /// Attest to the key broker, get the data disk's key, unlock the LUKS2
+    /// disk whose serial is `hsev-data`, mount it and log the boot on it.
+    /// Settings come from the kernel command line (hsev.kbs=,
+    /// hsev.kbs.resource=, hsev.kbs.timeout=, hsev.data.mount=); a flag
+    /// overrides its option. Exits 3 when the key broker refuses, 1 on any
+    /// other failure.
+    Unlock {
+        /// The key broker's URL (hsev.kbs=).
+        #[arg(long, value_name = "URL")]
+        kbs: Option<String>,
+        /// The disk key's resource, repository/type/tag (hsev.kbs.resource=).
+        #[arg(long, value_name = "PATH")]
+        resource: Option<String>,
+        /// Seconds to retry an unreachable key broker (hsev.kbs.timeout=,
+        /// default 300).
+        #[arg(long, value_name = "SECONDS", value_parser = parse_timeout_flag)]
+        timeout: Option<std::time::Duration>,
+        /// Where to mount the unlocked disk (hsev.data.mount=, default
+        /// /mnt/data).
+        #[arg(long, value_name = "DIR")]
+        mount: Option<PathBuf>,
+        /// The kernel command line to read the settings from.
+        #[arg(long, value_name = "FILE", default_value = "/proc/cmdline")]
+        cmdline: PathBuf,
+        /// The way to the Secure Processor.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// The configfs-tsm report folder.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_TSM_ROOT)]
+        tsm: PathBuf,
+    },
+}
+
+fn parse_timeout_flag(value: &str) -> Result<std::time::Duration, String> {
+    parse_timeout(value).map_err(|error| error.to_string())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +102,51 @@ fn main() -> anyhow::Result<()> {
                 None => println!("{json}"),
             }
         }
+        Command::Unlock {
+            kbs,
+            resource,
+            timeout,
+            mount,
+            cmdline,
+            device,
+            tsm,
+        } => {
+            let flags = UnlockOptions {
+                kbs_url: kbs,
+                resource,
+                timeout,
+                mount,
+            };
+            let code = run_unlock(&cmdline, flags, device, &tsm);
+            std::process::exit(code);
+        }
     }
     Ok(())
+}
+
+/// `hsev-agent unlock`: every outcome on the console and the status port;
+/// answers the exit status.
+fn run_unlock(cmdline: &Path, flags: UnlockOptions, device: Device, tsm: &Path) -> i32 {
+    let mut status = StatusPort::open(Path::new(VIRTIO_PORTS));
+    let settings = std::fs::read_to_string(cmdline)
+        .map_err(|error| format!("cannot read {}: {error}", cmdline.display()))
+        .and_then(|text| UnlockOptions::from_cmdline(&text).map_err(|error| error.to_string()))
+        .and_then(|options| {
+            options
+                .overridden_by(flags)
+                .settings()
+                .map_err(|error| error.to_string())
+        });
+    let settings = match settings {
+        Ok(settings) => settings,
+        Err(error) => {
+            say(&format!("no disk unlocked: {error}"));
+            status.report(hsev_attestation::agent_status::AgentPhase::Failed, &error);
+            return unlock::EXIT_FAILED;
+        }
+    };
+    match unlock::run(&settings, device, tsm, &mut status) {
+        Ok(_) => 0,
+        Err(error) => error.exit_code(),
+    }
 }

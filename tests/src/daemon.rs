@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::kbs::Kbs;
 use crate::{binary, workspace_root};
 
 /// The callers and their tokens.
@@ -24,7 +25,8 @@ pub struct Daemon {
     config: PathBuf,
 }
 
-fn sha256_hex(text: &str) -> String {
+/// SHA-256 of `text`, hex, through the `sha256sum` tool.
+pub(crate) fn sha256_hex(text: &str) -> String {
     let output = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -68,6 +70,23 @@ impl Daemon {
     /// (without it, this host has no SEV at all).
     pub fn start_with(extra: &str, simulated: bool) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
+        let sim_dir = simulated.then(|| dir.path().join("sim"));
+        Self::start_in(dir, extra, sim_dir.as_deref())
+    }
+
+    /// Starts a daemon that registers encrypted disks' keys at `kbs` and
+    /// launches through the simulated Secure Processor `kbs` knows.
+    pub fn with_key_broker(extra: &str, kbs: &Kbs) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = format!(
+            "{extra}\n[key_broker]\nurl = \"{}\"\nadmin_token_file = \"{}\"\n",
+            kbs.url(),
+            kbs.admin_token_file().display()
+        );
+        Self::start_in(dir, &extra, Some(&kbs.sim_dir()))
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &str, sim_dir: Option<&Path>) -> Daemon {
         let state = dir.path().join("state");
         let config = dir.path().join("hsevd.toml");
         let tokens: String = [
@@ -83,13 +102,9 @@ impl Daemon {
             )
         })
         .collect();
-        let firmware = if simulated {
-            format!(
-                "[firmware]\nsimulated_dir = \"{}\"\n",
-                dir.path().join("sim").display()
-            )
-        } else {
-            String::new()
+        let firmware = match sim_dir {
+            Some(sim_dir) => format!("[firmware]\nsimulated_dir = \"{}\"\n", sim_dir.display()),
+            None => String::new(),
         };
         let text = format!(
             "state_dir = \"{state}\"\n{extra}\n{firmware}{tokens}",
@@ -209,6 +224,18 @@ impl Daemon {
         );
         serde_json::from_slice(&output.stdout)
             .unwrap_or_else(|error| panic!("hsev {args:?}: not JSON ({error})"))
+    }
+
+    /// Runs one SQL statement on its store, behind its back (as a rogue
+    /// operator could).
+    pub fn edit_store(&self, sql: &str) {
+        let connection =
+            rusqlite::Connection::open(self.state_dir().join("hsevd.db")).expect("the store opens");
+        connection
+            .busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
+        let changed = connection.execute(sql, []).expect("the statement runs");
+        assert!(changed > 0, "{sql}: no row changed");
     }
 
     /// Imports the test image as `debian`.

@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod firmware_blob;
+pub mod kbs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -195,7 +195,7 @@ fn tenants_see_and_touch_only_their_own_vms() {
 fn invalid_specs_are_refused_and_leave_nothing_behind() {
     let daemon = Daemon::start("");
     daemon.import_image();
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 9] = [
         (
             &[
                 "vm", "create", "a", "--image", "debian", "--vcpus", "0", "--memory", "512",
@@ -248,6 +248,60 @@ fn invalid_specs_are_refused_and_leave_nothing_behind() {
                 "--mode", "sev",
             ],
             "cannot run sev",
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "g",
+                "--image",
+                "debian",
+                "--vcpus",
+                "1",
+                "--memory",
+                "512",
+                "--mode",
+                "none",
+                "--encrypted-disk",
+                "16",
+            ],
+            "needs mode sev-snp",
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "h",
+                "--image",
+                "debian",
+                "--vcpus",
+                "1",
+                "--memory",
+                "512",
+                "--mode",
+                "sev-snp",
+                "--encrypted-disk",
+                "16",
+            ],
+            "no key broker configured",
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "i",
+                "--image",
+                "debian",
+                "--vcpus",
+                "1",
+                "--memory",
+                "512",
+                "--mode",
+                "none",
+                "--disk",
+                "hsev-data:16",
+            ],
+            "reserved",
         ),
     ];
     for (args, expected) in cases {

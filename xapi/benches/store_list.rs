@@ -104,6 +104,8 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
                 guest_port: 22,
             }],
             vcpu_type: "EPYC-v4".to_owned(),
+            encrypted_disk_mib: 0,
+            key_broker: None,
         },
         state: if running {
             VmState::Running
@@ -130,6 +132,7 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
                 host_port: 40_000,
                 guest_port: 22,
             }],
+            agent_channel: None,
         }),
         created_at: now,
         updated_at: now,

@@ -142,6 +142,34 @@ pub struct VmSpec {
     pub port_forwards: Vec<PortForward>,
     /// vCPU model the measurement uses (e.g. `EPYC-v4`).
     pub vcpu_type: String,
+    /// Size of the LUKS2 data disk whose key only the key broker holds and
+    /// releases to the attested guest; 0: none.
+    #[serde(default)]
+    pub encrypted_disk_mib: u64,
+    /// Where the guest's agent fetches that disk's key: set by the daemon at
+    /// creation, measured through the kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_broker: Option<KeyBrokerBinding>,
+}
+
+/// How a guest reaches its disk key: the key broker's address as the guest
+/// sees it and the resource that holds the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyBrokerBinding {
+    /// The key broker's base URL from inside the guest.
+    pub guest_url: String,
+    /// The resource path, `repository/type/tag`.
+    pub resource: String,
+}
+
+impl KeyBrokerBinding {
+    /// The kernel command line options the guest's agent reads.
+    pub fn cmdline_options(&self) -> String {
+        format!(
+            "hsev.net=user hsev.kbs={} hsev.kbs.resource={}",
+            self.guest_url, self.resource
+        )
+    }
 }
 
 /// Where a guest attestation stands.
@@ -176,6 +204,9 @@ pub struct VmRuntime {
     pub sim_launch_id: Option<u64>,
     /// Host ports actually forwarded.
     pub port_forwards: Vec<PortForward>,
+    /// The socket of the guest agent's status port, when the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_channel: Option<PathBuf>,
 }
 
 /// A VM as stored.

@@ -143,6 +143,7 @@ fn spec(dir: &Path, name: &str, boot: Boot) -> LaunchSpec {
         disks: Vec::new(),
         port_forwards: Vec::new(),
         confidential: ConfidentialLaunch::None,
+        agent_channel: None,
     }
 }
 

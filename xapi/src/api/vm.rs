@@ -98,6 +98,9 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
             .collect(),
         port_forwards,
         vcpu_type: spec.vcpu_type,
+        encrypted_disk_mib: spec.encrypted_disk_mib,
+        // The daemon binds the key broker itself; a caller cannot choose it.
+        key_broker: None,
     })
 }
 
@@ -150,6 +153,12 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
                 .collect(),
             port_forwards: forwards(&spec.port_forwards),
             vcpu_type: spec.vcpu_type.clone(),
+            encrypted_disk_mib: spec.encrypted_disk_mib,
+            key_resource: spec
+                .key_broker
+                .as_ref()
+                .map(|binding| binding.resource.clone())
+                .unwrap_or_default(),
         }),
         state: state_to_proto(vm.state).into(),
         state_reason: vm.state_reason.clone(),

@@ -136,6 +136,11 @@ pub struct CreateArgs {
     /// An extra empty data disk, NAME:SIZE_MIB. Repeatable.
     #[arg(long = "disk", value_name = "NAME:SIZE_MIB", value_parser = parse_disk)]
     disks: Vec<DiskSpec>,
+    /// Add a LUKS2 data disk of this size (MiB) whose random key only the
+    /// host's key broker holds: the guest's agent gets it after attesting,
+    /// and unlocks and mounts the disk (sev-snp only).
+    #[arg(long, value_name = "SIZE_MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    encrypted_disk: Option<u64>,
     /// Forward a host loopback port to a guest port, HOSTPORT:GUESTPORT
     /// (host port 0 picks a free one). Repeatable.
     #[arg(long = "forward", value_name = "HOSTPORT:GUESTPORT", value_parser = parse_forward)]
@@ -329,6 +334,8 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                     disks: args.disks.clone(),
                     port_forwards: args.forwards.clone(),
                     vcpu_type: args.vcpu_type.clone().unwrap_or_default(),
+                    encrypted_disk_mib: args.encrypted_disk.unwrap_or(0),
+                    key_resource: String::new(),
                 }),
                 start: args.start,
             };
@@ -562,6 +569,8 @@ pub fn vm_json(vm: &Vm) -> Value {
                 "size_mib": disk.size_mib,
             })).collect::<Vec<_>>(),
             "port_forwards": forwards_json(&spec.port_forwards),
+            "encrypted_disk_mib": spec.encrypted_disk_mib,
+            "key_resource": spec.key_resource,
         },
         "expected_measurement": hex_or_none(&vm.expected_measurement),
         "launch_digest": hex_or_none(&vm.launch_digest),
@@ -619,6 +628,20 @@ pub fn render_vm(vm: &Vm) -> String {
             .join(", ")
     };
     fields.add("disks", disks);
+    if spec.encrypted_disk_mib > 0 {
+        fields.add(
+            "encrypted disk",
+            format!(
+                "{} MiB, LUKS2, key at the key broker as {}",
+                spec.encrypted_disk_mib,
+                if spec.key_resource.is_empty() {
+                    "-"
+                } else {
+                    &spec.key_resource
+                }
+            ),
+        );
+    }
     fields.add("forwards asked", forwards_text(&spec.port_forwards));
     fields.add("forwarded now", forwards_text(&vm.port_forwards));
     fields.add(
@@ -757,6 +780,8 @@ mod tests {
                     guest_port: 22,
                 }],
                 vcpu_type: "EPYC-v4".into(),
+                encrypted_disk_mib: 0,
+                key_resource: String::new(),
             }),
             state: VmState::Running.into(),
             state_reason: String::new(),

@@ -22,6 +22,9 @@ pub enum Kind {
     PermissionDenied,
     /// A wait ran out.
     DeadlineExceeded,
+    /// A service this host depends on (the key broker) cannot be reached;
+    /// retrying later may work.
+    Unavailable,
     /// Something on the host failed.
     Internal,
 }
@@ -53,6 +56,11 @@ impl OpError {
     /// FAILED_PRECONDITION.
     pub fn precondition(message: impl Into<String>) -> Self {
         Self::new(Kind::FailedPrecondition, message)
+    }
+
+    /// UNAVAILABLE.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(Kind::Unavailable, message)
     }
 
     /// INTERNAL.
@@ -102,6 +110,7 @@ impl From<OpError> for tonic::Status {
             Kind::FailedPrecondition => tonic::Code::FailedPrecondition,
             Kind::PermissionDenied => tonic::Code::PermissionDenied,
             Kind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
+            Kind::Unavailable => tonic::Code::Unavailable,
             Kind::Internal => tonic::Code::Internal,
         };
         tonic::Status::new(code, error.message)

@@ -14,18 +14,21 @@ use hsev_attestation::firmware::{channel, LaunchedGuest, SevFirmware};
 use hsev_attestation::report::GuestPolicy;
 use time::OffsetDateTime;
 
+use super::agent_link;
 use super::artifacts::{self, ImageBytes};
 use super::auth::Caller;
+use super::disk_keys::{KeyBroker, ENCRYPTED_DISK_NAME};
 use super::error::{Kind, OpError};
 use super::host::HostCapabilities;
 use super::images;
 use super::metrics::{Metrics, StateLabels};
 use crate::hypervisor::{
-    Boot, ConfidentialLaunch, Disk, ExitReason, HypervisorDriver, LaunchSpec, RuntimeState,
-    StopMode, StopOutcome,
+    Boot, ConfidentialLaunch, Disk, DiskFormat, ExitReason, HypervisorDriver, LaunchSpec,
+    RuntimeState, StopMode, StopOutcome,
 };
 use crate::model::{
-    Attestation, ConfidentialMode, DiskRecord, VmId, VmRecord, VmRuntime, VmSpec, VmState,
+    Attestation, ConfidentialMode, DiskRecord, ImageRecord, VmId, VmRecord, VmRuntime, VmSpec,
+    VmState,
 };
 use crate::store::{Store, VmFilter};
 
@@ -66,6 +69,8 @@ pub struct VmManager {
     /// One lock per VM: lifecycle operations on a VM never overlap.
     locks: Mutex<HashMap<VmId, Arc<Mutex<()>>>>,
     metrics: Arc<Metrics>,
+    /// The key broker holding the keys of encrypted disks, if configured.
+    key_broker: Option<Arc<KeyBroker>>,
 }
 
 impl std::fmt::Debug for VmManager {
@@ -97,6 +102,8 @@ pub struct ManagerParts {
     pub capabilities: HostCapabilities,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The key broker, if configured.
+    pub key_broker: Option<Arc<KeyBroker>>,
 }
 
 const DEFAULT_POLICY: u64 = 0x30000;
@@ -132,6 +139,7 @@ impl VmManager {
             measurements: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             metrics: parts.metrics,
+            key_broker: parts.key_broker,
         }
     }
 
@@ -301,6 +309,12 @@ impl VmManager {
         }
         let mut disk_names = std::collections::HashSet::new();
         for disk in &spec.disks {
+            if disk.name == ENCRYPTED_DISK_NAME {
+                return Err(OpError::invalid(format!(
+                    "disk name {ENCRYPTED_DISK_NAME:?} is reserved for the encrypted disk \
+                     (encrypted_disk_mib)"
+                )));
+            }
             if !valid_disk_name(&disk.name) || !disk_names.insert(disk.name.clone()) {
                 return Err(OpError::invalid(format!(
                     "disk name {:?} is invalid or repeated",
@@ -350,6 +364,21 @@ impl VmManager {
             ConfidentialMode::Sev => sev.sev && !sev.simulated,
             ConfidentialMode::SevEs => sev.sev_es && !sev.simulated,
         };
+        if spec.encrypted_disk_mib > 0 {
+            if spec.mode != ConfidentialMode::SevSnp {
+                return Err(OpError::invalid(format!(
+                    "encrypted_disk_mib needs mode sev-snp (the key is released to an attested \
+                     SNP guest), not {}",
+                    spec.mode
+                )));
+            }
+            if self.key_broker.is_none() {
+                return Err(OpError::precondition(
+                    "this host has no key broker configured ([key_broker] in hsevd's config): \
+                     it cannot create encrypted disks",
+                ));
+            }
+        }
         if !supported {
             return Err(OpError::precondition(format!(
                 "this host cannot run {} guests ({})",
@@ -386,6 +415,14 @@ impl VmManager {
                 other => other.into(),
             })?;
         spec.image = image.id.clone();
+        let id = VmId(uuid::Uuid::new_v4().to_string());
+        let key_broker = match (&self.key_broker, spec.encrypted_disk_mib) {
+            (Some(key_broker), size) if size > 0 => {
+                spec.key_broker = Some(key_broker.binding(&id));
+                Some(key_broker)
+            }
+            _ => None,
+        };
         progress(
             "measurement",
             "computing the expected launch measurement",
@@ -394,10 +431,9 @@ impl VmManager {
         let expected_measurement = self.expected_measurement(&spec, &image)?;
 
         let spec_is_confidential = spec.mode != ConfidentialMode::None;
-        let id = VmId(uuid::Uuid::new_v4().to_string());
         let run_dir = self.run_dir(&id);
         let now = OffsetDateTime::now_utc();
-        let disks: Vec<DiskRecord> = spec
+        let mut disks: Vec<DiskRecord> = spec
             .disks
             .iter()
             .map(|disk| DiskRecord {
@@ -407,6 +443,13 @@ impl VmManager {
                 size_mib: disk.size_mib,
             })
             .collect();
+        let encrypted_disk = key_broker.map(|_| DiskRecord {
+            vm: id.clone(),
+            name: ENCRYPTED_DISK_NAME.to_owned(),
+            path: run_dir.join(format!("disk-{ENCRYPTED_DISK_NAME}.luks")),
+            size_mib: spec.encrypted_disk_mib,
+        });
+        disks.extend(encrypted_disk.clone());
         let record = VmRecord {
             id: id.clone(),
             owner: caller.name.clone(),
@@ -434,13 +477,34 @@ impl VmManager {
             std::fs::create_dir_all(&run_dir).map_err(|error| {
                 OpError::internal(format!("cannot create {}: {error}", run_dir.display()))
             })?;
-            for (index, disk) in disks.iter().enumerate() {
+            let plain_disks = disks.len() - usize::from(encrypted_disk.is_some());
+            for (index, disk) in disks.iter().take(plain_disks).enumerate() {
                 progress(
                     "disks",
                     &format!("creating data disk {} ({} MiB)", disk.name, disk.size_mib),
-                    30 + 40 * index as u32 / disks.len() as u32,
+                    30 + 30 * index as u32 / disks.len() as u32,
                 );
                 self.driver.create_disk(&disk.path, disk.size_mib)?;
+            }
+            if let (Some(key_broker), Some(disk), Some(binding)) =
+                (key_broker, &encrypted_disk, &record.spec.key_broker)
+            {
+                progress(
+                    "disk-key",
+                    &format!(
+                        "formatting the encrypted disk ({} MiB, LUKS2) and registering its key \
+                         at the key broker as {}",
+                        disk.size_mib, binding.resource
+                    ),
+                    60,
+                );
+                key_broker.provision(
+                    &id,
+                    binding,
+                    &disk.path,
+                    disk.size_mib,
+                    &record.expected_measurement,
+                )?;
             }
             Ok(())
         })();
@@ -466,11 +530,16 @@ impl VmManager {
         self.get(caller, &id.0)
     }
 
-    fn expected_measurement(
-        &self,
-        spec: &VmSpec,
-        image: &crate::model::ImageRecord,
-    ) -> Result<Vec<u8>, OpError> {
+    fn expected_measurement(&self, spec: &VmSpec, image: &ImageRecord) -> Result<Vec<u8>, OpError> {
+        if spec.key_broker.is_some() {
+            // Its command line names the VM: a measurement of its own.
+            let bytes = ImageBytes::read(
+                &images::files(image),
+                &vm_cmdline(image, spec),
+                image.measured_direct_boot,
+            )?;
+            return artifacts::expected_measurement(spec, &bytes);
+        }
         let key = (
             image.id.clone(),
             spec.mode,
@@ -569,7 +638,18 @@ impl VmManager {
             .store
             .disks(&record.id)?
             .into_iter()
-            .map(|disk| Disk::qcow2(disk.path))
+            .map(|disk| {
+                if disk.name == ENCRYPTED_DISK_NAME {
+                    Disk {
+                        path: disk.path,
+                        format: DiskFormat::Raw,
+                        read_only: false,
+                        serial: Some(ENCRYPTED_DISK_NAME.to_owned()),
+                    }
+                } else {
+                    Disk::qcow2(disk.path)
+                }
+            })
             .collect();
         let spec = &record.spec;
         let mut simulated_guest = None;
@@ -581,7 +661,11 @@ impl VmManager {
                     "SNP launch through the simulated Secure Processor",
                     20,
                 );
-                let bytes = ImageBytes::read(&files, &image.cmdline, image.measured_direct_boot)?;
+                let bytes = ImageBytes::read(
+                    &files,
+                    &vm_cmdline(&image, spec),
+                    image.measured_direct_boot,
+                )?;
                 let shared: Arc<dyn SevFirmware> = Arc::clone(firmware) as Arc<dyn SevFirmware>;
                 let guest = artifacts::simulated_launch(shared, &record.id, spec, &bytes)?;
                 self.store
@@ -610,7 +694,7 @@ impl VmManager {
                 firmware: (spec.mode != ConfidentialMode::None).then(|| files.firmware.clone()),
                 kernel: kernel.clone(),
                 initrd: initrd.clone(),
-                cmdline: image.cmdline.clone(),
+                cmdline: vm_cmdline(&image, spec),
             },
             images::ImageBoot::Disk { path, format } => Boot::Firmware {
                 ovmf: files.firmware.clone(),
@@ -618,6 +702,7 @@ impl VmManager {
                     path: path.clone(),
                     format: *format,
                     read_only: true,
+                    serial: None,
                 }),
             },
         };
@@ -632,9 +717,21 @@ impl VmManager {
             disks,
             port_forwards: spec.port_forwards.clone(),
             confidential,
+            agent_channel: spec
+                .key_broker
+                .as_ref()
+                .map(|_| self.run_dir(&record.id).join("agent.sock")),
         };
         progress("qemu", "starting the VMM", 60);
+        if spec.key_broker.is_some() {
+            // A new boot attests anew.
+            self.store
+                .set_attestation(&record.id, &Attestation::Pending)?;
+        }
         let mut runtime = self.driver.start(&launch)?;
+        if let Some(socket) = &runtime.agent_channel {
+            agent_link::follow(Arc::clone(&self.store), record.id.clone(), socket.clone());
+        }
         if let Some(guest) = simulated_guest {
             runtime.sim_launch_id = Some(guest.id());
             self.relay(
@@ -794,6 +891,25 @@ impl VmManager {
             if record.runtime.is_some() {
                 self.stop_locked(&record, true, Duration::ZERO, progress)?;
             }
+            if let Some(binding) = &record.spec.key_broker {
+                let key_broker = self.key_broker.as_ref().ok_or_else(|| {
+                    OpError::precondition(format!(
+                        "VM {} has a disk key at the key broker ({}), and this host has no \
+                         [key_broker] configured to revoke it",
+                        record.spec.name, binding.resource
+                    ))
+                })?;
+                progress(
+                    "revoke",
+                    &format!(
+                        "revoking the disk key {} at the key broker",
+                        binding.resource
+                    ),
+                    30,
+                );
+                key_broker.revoke(&record.id, binding)?;
+                self.event(&record.id, "disk-key-revoked", &binding.resource);
+            }
             self.store
                 .update_vm_state(&record.id, VmState::Deleting, "deleting")?;
             let disks = self.store.disks(&record.id)?;
@@ -867,6 +983,13 @@ impl VmManager {
                 (Some(runtime), _) => match self.driver.adopt(runtime) {
                     Ok(RuntimeState::Running | RuntimeState::Paused { .. }) => {
                         self.adopt_simulated(&record, runtime);
+                        if let Some(socket) = &runtime.agent_channel {
+                            agent_link::follow(
+                                Arc::clone(&self.store),
+                                record.id.clone(),
+                                socket.clone(),
+                            );
+                        }
                         if record.state != VmState::Running {
                             self.store
                                 .update_vm_state(&record.id, VmState::Running, "adopted")?;
@@ -983,5 +1106,16 @@ impl VmManager {
             Some(runtime) => runtime.console_log.clone(),
             None => self.run_dir(&record.id).join("console.log"),
         })
+    }
+}
+
+/// The kernel command line `spec` boots `image` with: the image's, plus
+/// where the guest agent fetches the disk key. It is measured (SNP kernel
+/// hashes), so a host that points the guest elsewhere changes the launch
+/// measurement and the key broker refuses.
+fn vm_cmdline(image: &ImageRecord, spec: &VmSpec) -> String {
+    match &spec.key_broker {
+        Some(binding) => format!("{} {}", image.cmdline, binding.cmdline_options()),
+        None => image.cmdline.clone(),
     }
 }

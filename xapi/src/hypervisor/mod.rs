@@ -187,6 +187,10 @@ pub struct LaunchSpec {
     pub port_forwards: Vec<PortForward>,
     /// Memory protection.
     pub confidential: ConfidentialLaunch,
+    /// A Unix socket QEMU listens on for the guest agent's status port
+    /// ([`hsev_attestation::agent_status::PORT_NAME`], virtio-serial); `None`:
+    /// no such port.
+    pub agent_channel: Option<PathBuf>,
 }
 
 /// What boots.
@@ -221,6 +225,9 @@ pub struct Disk {
     pub format: DiskFormat,
     /// The guest may not write to it.
     pub read_only: bool,
+    /// The serial number the guest sees (`/sys/block/vdX/serial`), by which
+    /// it finds a disk of a known role.
+    pub serial: Option<String>,
 }
 
 impl Disk {
@@ -230,6 +237,7 @@ impl Disk {
             path: path.into(),
             format: DiskFormat::Qcow2,
             read_only: false,
+            serial: None,
         }
     }
 }

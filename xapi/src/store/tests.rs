@@ -13,8 +13,8 @@ use time::OffsetDateTime;
 
 use super::*;
 use crate::model::{
-    Attestation, ConfidentialMode, DiskRecord, DiskSpec, HostRecord, ImageRecord, PortForward,
-    VmId, VmRecord, VmRuntime, VmSpec, VmState,
+    Attestation, ConfidentialMode, DiskRecord, DiskSpec, HostRecord, ImageRecord, KeyBrokerBinding,
+    PortForward, VmId, VmRecord, VmRuntime, VmSpec, VmState,
 };
 
 // ---- fixtures ----------------------------------------------------------
@@ -69,6 +69,11 @@ fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
                 guest_port: 22,
             }],
             vcpu_type: "EPYC-v4".to_owned(),
+            encrypted_disk_mib: 64,
+            key_broker: Some(KeyBrokerBinding {
+                guest_url: "http://10.0.2.2:8080".to_owned(),
+                resource: format!("hsev/disk-key/{id}"),
+            }),
         },
         state: VmState::Stopped,
         state_reason: "created".to_owned(),
@@ -94,6 +99,7 @@ fn runtime() -> VmRuntime {
             host_port: 40022,
             guest_port: 22,
         }],
+        agent_channel: Some(PathBuf::from("/run/hsev/vm-1/agent.sock")),
     }
 }
 

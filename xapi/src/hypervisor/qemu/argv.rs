@@ -23,6 +23,7 @@ use base64::Engine as _;
 use super::super::{
     Accelerator, Boot, ConfidentialLaunch, Disk, DriverError, LaunchSpec, SevSupport,
 };
+use hsev_attestation::agent_status::PORT_NAME as AGENT_PORT_NAME;
 use hsev_attestation::firmware::channel::PORT_NAME;
 
 /// The files QEMU uses in a VM's run dir.
@@ -184,6 +185,21 @@ pub fn build(
             ]);
         }
     }
+    // The guest agent's status port.
+    if let Some(socket) = &spec.agent_channel {
+        args.push(["-device", "virtio-serial-pci,id=agent-bus"]);
+        args.push([
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path_value("agent_channel", socket)?
+            ),
+        ]);
+        args.push([
+            "-device",
+            &format!("virtserialport,bus=agent-bus.0,chardev=agent,name={AGENT_PORT_NAME}"),
+        ]);
+    }
     Ok(args.0)
 }
 
@@ -316,6 +332,20 @@ fn push_disk(
     }
     args.push(["-drive", &drive]);
     let mut device = format!("virtio-blk-pci,drive={id}");
+    if let Some(serial) = &disk.serial {
+        if serial.is_empty()
+            || serial.len() > 20
+            || !serial
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(DriverError::InvalidSpec {
+                field,
+                reason: format!("disk serial {serial:?}: 1-20 of A-Z, a-z, 0-9, '-', '_'"),
+            });
+        }
+        device.push_str(&format!(",serial={serial}"));
+    }
     if let Some(index) = bootindex {
         device.push_str(&format!(",bootindex={index}"));
     }
@@ -370,6 +400,7 @@ mod tests {
             disks: Vec::new(),
             port_forwards: Vec::new(),
             confidential,
+            agent_channel: None,
         }
     }
 
@@ -464,6 +495,7 @@ mod tests {
                     path: PathBuf::from("/var/lib/hsev/root,1.raw"),
                     format: crate::hypervisor::DiskFormat::Raw,
                     read_only: true,
+                    serial: None,
                 }),
             },
             ConfidentialLaunch::None,
@@ -486,6 +518,32 @@ mod tests {
         assert!(devices.contains(&"virtio-blk-pci,drive=boot,bootindex=0"));
         assert!(devices.contains(&"virtio-blk-pci,drive=disk0"));
         assert!(devices.contains(&"virtio-blk-pci,drive=disk1"));
+    }
+
+    #[test]
+    fn hypervisor_argv_encrypted_disk_serial_and_agent_port() {
+        let mut launch = spec(direct(None), ConfidentialLaunch::None);
+        launch.disks = vec![Disk {
+            path: PathBuf::from("/d/data.luks"),
+            format: crate::hypervisor::DiskFormat::Raw,
+            read_only: false,
+            serial: Some("hsev-data".into()),
+        }];
+        launch.agent_channel = Some(PathBuf::from("/run/hsev/vm/web-1/agent.sock"));
+        let argv = build(&launch, &tcg(), &paths()).expect("builds");
+        let devices = values(&argv, "-device");
+        assert!(devices.contains(&"virtio-blk-pci,drive=disk0,serial=hsev-data"));
+        assert!(devices.contains(&"virtio-serial-pci,id=agent-bus"));
+        assert!(devices
+            .contains(&"virtserialport,bus=agent-bus.0,chardev=agent,name=org.hypersev.agent.0"));
+        assert!(values(&argv, "-chardev")
+            .contains(&"socket,id=agent,path=/run/hsev/vm/web-1/agent.sock,server=on,wait=off"));
+
+        launch.disks[0].serial = Some("bad,serial".into());
+        assert!(matches!(
+            build(&launch, &tcg(), &paths()),
+            Err(DriverError::InvalidSpec { field: "disks", .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,142 @@
+//! `hsev-kbs`: HyperSEV's key broker (Trustee KBS protocol 0.4.0).
+//!
+//! ```text
+//! hsev-kbs init --state-dir DIR        state folder, KEK, token key, sample config
+//! hsev-kbs serve --config FILE         serve until SIGTERM
+//! hsev-kbs hash-token [--token-file F] SHA-256 of an admin token (stdin by default)
+//! hsev-kbs audit verify --state-dir DIR
+//! ```
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hsev_attestation::kbs::server::audit::{self, AuditError, AUDIT_FILE};
+use hsev_attestation::kbs::server::config::KbsConfig;
+use hsev_attestation::kbs::server::{init, serve};
+use zeroize::Zeroizing;
+
+/// HyperSEV's key broker: verifies SEV-SNP evidence and releases each
+/// resource only to guests its release policy accepts.
+#[derive(Debug, Parser)]
+#[command(name = "hsev-kbs", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the KBS protocol and the admin API until SIGTERM or SIGINT.
+    Serve {
+        /// The configuration file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Create a state folder: key-encryption key (0600), token-signing key
+    /// (0600) and a sample kbs.toml. Never overwrites anything.
+    Init {
+        /// The state folder to create.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+    /// Print the SHA-256 (hex) of an admin token, for `admin_tokens` in the
+    /// configuration. The token is read from standard input (first line) or
+    /// a file, never from the command line.
+    HashToken {
+        /// Read the token from this file instead of standard input.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Audit log commands.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the whole hash chain of audit.jsonl: print the number of
+    /// entries and the head hash, or exit 1 naming the first bad line.
+    Verify {
+        /// The broker's state folder.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HSEV_KBS_LOG")
+        .unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("hsev-kbs: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { config } => {
+            let config = KbsConfig::load(&config)?;
+            serve(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { state_dir } => {
+            let done = init(&state_dir)?;
+            for path in &done.created {
+                println!("created {}", path.display());
+            }
+            for path in &done.kept {
+                println!("kept    {}", path.display());
+            }
+            println!(
+                "next: add an admin token to {} and run hsev-kbs serve --config {}",
+                state_dir.join("kbs.toml").display(),
+                state_dir.join("kbs.toml").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::HashToken { token_file } => {
+            let mut text = Zeroizing::new(String::new());
+            match &token_file {
+                Some(path) => {
+                    *text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                }
+                None => {
+                    std::io::stdin()
+                        .read_to_string(&mut text)
+                        .context("reading the token from standard input")?;
+                }
+            }
+            let token = text.lines().next().unwrap_or_default().trim();
+            anyhow::ensure!(!token.is_empty(), "the token is empty");
+            println!("{}", hex::encode(openssl::sha::sha256(token.as_bytes())));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::Verify { state_dir }) => {
+            match audit::verify(&state_dir.join(AUDIT_FILE)) {
+                Ok(summary) => {
+                    println!("entries {}", summary.entries);
+                    println!("head {}", summary.head);
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error @ AuditError::Broken { .. }) => {
+                    eprintln!("hsev-kbs: {error}");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(error) => Err(error.into()),
+            }
+        }
+    }
+}

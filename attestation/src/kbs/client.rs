@@ -1,0 +1,555 @@
+//! The blocking KBS client: the RCAR flow a guest runs (auth, attest,
+//! resource) and the admin calls the toolstack makes to register reference
+//! values and resources.
+//!
+//! Plain HTTP only (the guest reaches the broker at `http://10.0.2.2:PORT`
+//! through the hypervisor's user network; the resource itself travels
+//! encrypted to the guest's ephemeral key, and the admin API is meant for a
+//! trusted network or a TLS-terminating proxy).
+//!
+//! This module must never log or keep a secret it handles (resource
+//! plaintext, admin token), and never retry on its own: it tells the
+//! caller whether a retry can help ([`ClientError::Unreachable`]) or not.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::de::DeserializeOwned;
+use zeroize::Zeroizing;
+
+pub use super::jwe::KeyAlgorithm;
+use super::jwe::TeeKeyPair;
+pub use super::protocol::ResourcePath;
+use super::protocol::{
+    check_name, runtime_data_binding, Attestation, AttestationToken, Challenge, ErrorInformation,
+    JweResponse, ReferenceValuesBody, Request, ResourceBody, ResourceSummary, RuntimeData, Tee,
+    PROTOCOL_VERSION, SESSION_COOKIE,
+};
+use crate::policy::AppraisalPolicy;
+
+/// Largest answer body read (a JWE of a disk key is a few hundred bytes).
+const MAX_ANSWER: u64 = 16 << 20;
+
+/// Why a call to the broker failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The broker cannot be reached, timed out, or failed (5xx): retrying
+    /// later can help.
+    #[error("key broker unreachable: {0}")]
+    Unreachable(String),
+    /// The broker refused (4xx), with its RFC 7807 reason.
+    #[error("key broker refused ({status} {error_type}): {detail}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The RFC 7807 type URI (`about:blank` when the body had none).
+        error_type: String,
+        /// The broker's explanation.
+        detail: String,
+    },
+    /// An answer that does not follow the protocol, or a local step of the
+    /// flow (key generation, evidence, decryption) that failed.
+    #[error("key broker protocol: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The last segment of a refusal's type URI (`PolicyDeny`, ...).
+    pub fn refusal_kind(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { error_type, .. } => error_type.rsplit('/').next(),
+            _ => None,
+        }
+    }
+}
+
+/// A configured HTTP agent for one broker.
+#[derive(Debug, Clone)]
+struct Http {
+    agent: ureq::Agent,
+    base_url: String,
+}
+
+/// An answer: status, `Set-Cookie` values, body.
+struct Answer {
+    status: u16,
+    cookies: Vec<String>,
+    body: Vec<u8>,
+}
+
+impl Http {
+    fn new(base_url: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let base_url = base_url.trim_end_matches('/');
+        let Some(authority) = base_url.strip_prefix("http://") else {
+            return Err(ClientError::Protocol(format!(
+                "broker URL {base_url:?}: only http:// is supported"
+            )));
+        };
+        if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+            return Err(ClientError::Protocol(format!(
+                "broker URL {base_url:?}: expected http://HOST:PORT"
+            )));
+        }
+        let builder = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0);
+        // A whole-call timeout makes ureq resolve the host in a new thread
+        // on every call, so that the lookup can be abandoned. An IP address
+        // needs no lookup: there, each step (connect, send, receive) gets
+        // `timeout` instead, and no thread is spawned.
+        let builder = if is_ip_literal(authority) {
+            builder
+                .timeout_connect(Some(timeout))
+                .timeout_send_request(Some(timeout))
+                .timeout_send_body(Some(timeout))
+                .timeout_recv_response(Some(timeout))
+                .timeout_recv_body(Some(timeout))
+        } else {
+            builder.timeout_global(Some(timeout))
+        };
+        let agent: ureq::Agent = builder.build().into();
+        Ok(Http {
+            agent,
+            base_url: base_url.to_owned(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    fn finish(
+        result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<Answer, ClientError> {
+        let mut response = result.map_err(|error| ClientError::Unreachable(error.to_string()))?;
+        let status = response.status().as_u16();
+        let cookies = response
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|value| value.to_str().ok().map(str::to_owned))
+            .collect();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER)
+            .read_to_vec()
+            .map_err(|error| ClientError::Unreachable(format!("reading the answer: {error}")))?;
+        Ok(Answer {
+            status,
+            cookies,
+            body,
+        })
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<Answer, ClientError> {
+        let url = self.url(path);
+        let result = match (method, body) {
+            ("POST", Some(body)) => {
+                let mut request = self
+                    .agent
+                    .post(&url)
+                    .header("content-type", "application/json");
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                request.send(body)
+            }
+            ("PUT", Some(body)) => {
+                let mut request = self
+                    .agent
+                    .put(&url)
+                    .header("content-type", "application/json");
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                request.send(body)
+            }
+            ("DELETE", None) => {
+                let mut request = self.agent.delete(&url);
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                request.call()
+            }
+            _ => {
+                let mut request = self.agent.get(&url);
+                for (name, value) in headers {
+                    request = request.header(*name, *value);
+                }
+                request.call()
+            }
+        };
+        Self::finish(result)
+    }
+}
+
+/// Whether `HOST:PORT` (or `[V6]:PORT`) names an IP address.
+fn is_ip_literal(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host),
+    };
+    host.parse::<std::net::IpAddr>().is_ok()
+}
+
+impl Answer {
+    /// The body as `T` on 2xx, else the refusal or failure.
+    fn into_json<T: DeserializeOwned>(self, what: &str) -> Result<T, ClientError> {
+        self.check()?;
+        serde_json::from_slice(&self.body)
+            .map_err(|error| ClientError::Protocol(format!("{what} answer: {error}")))
+    }
+
+    /// Ok on 2xx; a refusal on 4xx; unreachable on 5xx.
+    fn check(&self) -> Result<(), ClientError> {
+        let text = || {
+            String::from_utf8_lossy(&self.body)
+                .chars()
+                .take(2048)
+                .collect::<String>()
+        };
+        match self.status {
+            200..=299 => Ok(()),
+            400..=499 => Err(
+                match serde_json::from_slice::<ErrorInformation>(&self.body) {
+                    Ok(problem) => ClientError::Refused {
+                        status: self.status,
+                        error_type: problem.error_type,
+                        detail: problem.detail,
+                    },
+                    Err(_) => ClientError::Refused {
+                        status: self.status,
+                        error_type: "about:blank".into(),
+                        detail: text(),
+                    },
+                },
+            ),
+            500..=599 => Err(ClientError::Unreachable(format!(
+                "HTTP {}: {}",
+                self.status,
+                serde_json::from_slice::<ErrorInformation>(&self.body)
+                    .map(|problem| problem.detail)
+                    .unwrap_or_else(|_| text())
+            ))),
+            status => Err(ClientError::Protocol(format!(
+                "unexpected HTTP status {status}"
+            ))),
+        }
+    }
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<Vec<u8>, ClientError> {
+    // Evidence with its certificates is some 13 KiB: grow the buffer once.
+    let mut json = Vec::with_capacity(16 * 1024);
+    serde_json::to_writer(&mut json, value)
+        .map_err(|error| ClientError::Protocol(error.to_string()))?;
+    Ok(json)
+}
+
+/// A guest's client of the RCAR protocol.
+#[derive(Debug, Clone)]
+pub struct KbsClient {
+    http: Http,
+}
+
+impl KbsClient {
+    /// A client of the broker at `base_url` (`http://HOST:PORT`). With a
+    /// host name, every call gives up after `timeout`; with an IP address
+    /// (the guest's case), every step of a call (connect, send, receive)
+    /// does.
+    pub fn new(base_url: &str, timeout: Duration) -> Result<Self, ClientError> {
+        Ok(KbsClient {
+            http: Http::new(base_url, timeout)?,
+        })
+    }
+
+    /// `POST /kbs/v0/auth`: the challenge and the session cookie's value.
+    pub fn auth(&self) -> Result<(Challenge, String), ClientError> {
+        let request = Request {
+            version: PROTOCOL_VERSION.into(),
+            tee: Tee::Snp,
+            extra_params: serde_json::Value::String(String::new()),
+        };
+        let answer = self
+            .http
+            .send("POST", "/kbs/v0/auth", &[], Some(&to_json(&request)?))?;
+        let session = answer
+            .cookies
+            .iter()
+            .find_map(|cookie| session_cookie(cookie))
+            .map(str::to_owned);
+        let challenge: Challenge = answer.into_json("auth")?;
+        let session = session.ok_or_else(|| {
+            ClientError::Protocol(format!("auth answer without a {SESSION_COOKIE} cookie"))
+        })?;
+        Ok((challenge, session))
+    }
+
+    /// `POST /kbs/v0/attest` in the session `session`.
+    pub fn attest(
+        &self,
+        session: &str,
+        attestation: &Attestation,
+    ) -> Result<AttestationToken, ClientError> {
+        let cookie = format!("{SESSION_COOKIE}={session}");
+        self.http
+            .send(
+                "POST",
+                "/kbs/v0/attest",
+                &[("cookie", &cookie)],
+                Some(&to_json(attestation)?),
+            )?
+            .into_json("attest")
+    }
+
+    /// `GET /kbs/v0/resource/<path>` in an attested session.
+    pub fn resource(&self, session: &str, path: &ResourcePath) -> Result<JweResponse, ClientError> {
+        let cookie = format!("{SESSION_COOKIE}={session}");
+        self.http
+            .send(
+                "GET",
+                &format!("/kbs/v0/resource/{path}"),
+                &[("cookie", &cookie)],
+                None,
+            )?
+            .into_json("resource")
+    }
+
+    /// The whole RCAR flow: auth, ephemeral key, runtime data, evidence for
+    /// its binding, attest, resource, decrypt. `evidence` gets the 64 bytes
+    /// the report's `report_data` must hold and returns the SNP evidence in
+    /// Trustee JSON form.
+    pub fn fetch_resource(
+        &self,
+        path: &ResourcePath,
+        algorithm: KeyAlgorithm,
+        evidence: &mut dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>,
+    ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        let (challenge, session) = self.auth()?;
+        let key_pair = TeeKeyPair::generate(algorithm)
+            .map_err(|error| ClientError::Protocol(format!("ephemeral key: {error}")))?;
+        let runtime_data = RuntimeData {
+            nonce: challenge.nonce,
+            tee_pubkey: key_pair
+                .public_jwk()
+                .map_err(|error| ClientError::Protocol(format!("ephemeral key: {error}")))?,
+        };
+        let binding = runtime_data_binding(&runtime_data)
+            .map_err(|error| ClientError::Protocol(error.to_string()))?;
+        let snp_evidence = evidence(&binding)
+            .map_err(|error| ClientError::Protocol(format!("cannot obtain evidence: {error}")))?;
+        self.attest(&session, &Attestation::new(runtime_data, snp_evidence))?;
+        let jwe = self.resource(&session, path)?;
+        key_pair
+            .decrypt(&jwe)
+            .map_err(|error| ClientError::Protocol(format!("resource: {error}")))
+    }
+}
+
+/// The value of a `kbs-session-id` `Set-Cookie` header.
+fn session_cookie(header: &str) -> Option<&str> {
+    let first = header.split(';').next()?.trim();
+    let (name, value) = first.split_once('=')?;
+    (name.trim() == SESSION_COOKIE && !value.trim().is_empty()).then(|| value.trim())
+}
+
+/// The toolstack's client of the broker's admin API.
+pub struct AdminClient {
+    http: Http,
+    authorization: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("base_url", &self.http.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminClient {
+    /// A client of the broker at `base_url` with the bearer `token`.
+    pub fn new(base_url: &str, token: &str, timeout: Duration) -> Result<Self, ClientError> {
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+            return Err(ClientError::Protocol(
+                "the admin token must be non-empty printable ASCII".into(),
+            ));
+        }
+        Ok(AdminClient {
+            http: Http::new(base_url, timeout)?,
+            authorization: Zeroizing::new(format!("Bearer {token}")),
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Answer, ClientError> {
+        let answer = self.http.send(
+            method,
+            path,
+            &[("authorization", self.authorization.as_str())],
+            body,
+        )?;
+        answer.check()?;
+        Ok(answer)
+    }
+
+    fn checked_name(name: &str) -> Result<&str, ClientError> {
+        check_name(name).map_err(|error| ClientError::Protocol(error.to_string()))?;
+        Ok(name)
+    }
+
+    /// Creates or replaces the reference-value set `name`.
+    pub fn put_reference_values(
+        &self,
+        name: &str,
+        measurements: &[[u8; 48]],
+    ) -> Result<(), ClientError> {
+        let body = ReferenceValuesBody {
+            measurements: measurements.iter().map(hex::encode).collect(),
+        };
+        self.call(
+            "PUT",
+            &format!("/admin/v0/reference-values/{}", Self::checked_name(name)?),
+            Some(&to_json(&body)?),
+        )
+        .map(drop)
+    }
+
+    /// Creates or replaces the resource at `path`: its secret `data`, its
+    /// release `policy`, and the reference-value sets it also accepts.
+    pub fn put_resource(
+        &self,
+        path: &ResourcePath,
+        data: &[u8],
+        policy: &AppraisalPolicy,
+        reference_values: &[String],
+    ) -> Result<(), ClientError> {
+        for name in reference_values {
+            Self::checked_name(name)?;
+        }
+        let body = ResourceBody {
+            data: STANDARD.encode(data),
+            policy: policy.to_toml(),
+            reference_values: reference_values.to_vec(),
+        };
+        let json = Zeroizing::new(to_json(&body)?);
+        let _secret = Zeroizing::new(body.data);
+        self.call(
+            "PUT",
+            &format!("/admin/v0/resources/{path}"),
+            Some(json.as_slice()),
+        )
+        .map(drop)
+    }
+
+    /// Deletes the resource at `path`.
+    pub fn delete_resource(&self, path: &ResourcePath) -> Result<(), ClientError> {
+        self.call("DELETE", &format!("/admin/v0/resources/{path}"), None)
+            .map(drop)
+    }
+
+    /// Deletes the reference-value set `name`.
+    pub fn delete_reference_values(&self, name: &str) -> Result<(), ClientError> {
+        self.call(
+            "DELETE",
+            &format!("/admin/v0/reference-values/{}", Self::checked_name(name)?),
+            None,
+        )
+        .map(drop)
+    }
+
+    /// Every resource's path, policy and reference-value sets (never data).
+    pub fn list_resources(&self) -> Result<Vec<ResourceSummary>, ClientError> {
+        self.call("GET", "/admin/v0/resources", None)?
+            .into_json("resource list")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_must_be_plain_http() {
+        assert!(KbsClient::new("http://10.0.2.2:8080/", Duration::from_secs(1)).is_ok());
+        for bad in [
+            "https://kbs:1",
+            "kbs:1",
+            "http://",
+            "http://a/b",
+            "http://u@h:1",
+        ] {
+            assert!(
+                matches!(
+                    KbsClient::new(bad, Duration::from_secs(1)),
+                    Err(ClientError::Protocol(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(AdminClient::new("http://h:1", "", Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn ip_literals_are_recognised() {
+        assert!(is_ip_literal("10.0.2.2:8080"));
+        assert!(is_ip_literal("[::1]:8080"));
+        assert!(!is_ip_literal("kbs.example:8080"));
+        assert!(!is_ip_literal("localhost:1"));
+    }
+
+    #[test]
+    fn session_cookie_is_read() {
+        assert_eq!(
+            session_cookie("kbs-session-id=abc; Path=/kbs/v0; HttpOnly; Max-Age=120"),
+            Some("abc")
+        );
+        assert_eq!(session_cookie("other=abc"), None);
+        assert_eq!(session_cookie("kbs-session-id=; Path=/"), None);
+    }
+
+    #[test]
+    fn unreachable_broker_is_retryable() {
+        // Port 9 on loopback: nothing listens (connection refused).
+        let client = KbsClient::new("http://127.0.0.1:9", Duration::from_secs(2)).expect("client");
+        assert!(matches!(client.auth(), Err(ClientError::Unreachable(_))));
+    }
+
+    #[test]
+    fn answers_are_classified() {
+        let answer = |status, body: &str| Answer {
+            status,
+            cookies: Vec::new(),
+            body: body.as_bytes().to_vec(),
+        };
+        let problem = r#"{"type":"https://github.com/confidential-containers/kbs/errors/PolicyDeny","detail":"measurement"}"#;
+        let refused = answer(403, problem).check().expect_err("403");
+        assert_eq!(refused.refusal_kind(), Some("PolicyDeny"));
+        assert!(matches!(
+            answer(404, "no").check(),
+            Err(ClientError::Refused { status: 404, .. })
+        ));
+        assert!(matches!(
+            answer(503, problem).check(),
+            Err(ClientError::Unreachable(_))
+        ));
+        assert!(matches!(
+            answer(302, "").check(),
+            Err(ClientError::Protocol(_))
+        ));
+        assert!(matches!(
+            answer(200, "{").into_json::<Challenge>("auth"),
+            Err(ClientError::Protocol(_))
+        ));
+    }
+}

@@ -1,0 +1,830 @@
+//! The key broker end to end: the real `hsev-kbs` binary on 127.0.0.1,
+//! evidence from a real simulated AMD Secure Processor, the real client.
+
+#[path = "support/kbs.rs"]
+mod kbs_support;
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hsev_attestation::kbs::client::{ClientError, KbsClient, KeyAlgorithm, ResourcePath};
+use hsev_attestation::kbs::jwe::TeeKeyPair;
+use hsev_attestation::kbs::protocol::{runtime_data_binding, Attestation, RuntimeData};
+use hsev_attestation::policy::AppraisalPolicy;
+use hsev_attestation::HexBytes;
+use kbs_support::{
+    admin_client, evidence, guest_client, Kbs, KbsMode, SimPlatform, ADMIN_TOKEN,
+    DEBUG_GUEST_POLICY, GUEST_POLICY,
+};
+
+const MEASUREMENT: [u8; 48] = [0x42; 48];
+const HOST_DATA: [u8; 32] = [0x07; 32];
+
+fn path(text: &str) -> ResourcePath {
+    text.parse().expect("resource path")
+}
+
+/// The release policy of the tests: simulated evidence allowed, the VM's
+/// host data bound, the measurement coming from the reference values.
+fn simulated_policy() -> AppraisalPolicy {
+    AppraisalPolicy {
+        allow_simulated: true,
+        host_data: Some(HexBytes(HOST_DATA)),
+        ..AppraisalPolicy::default()
+    }
+}
+
+/// A development broker trusting `platform`, with the reference-value set
+/// `vm` holding [`MEASUREMENT`].
+fn development_broker(platform: &SimPlatform, extra_config: &str) -> Kbs {
+    let kbs = Kbs::start_with(KbsMode::Development, &[platform.dir.path()], extra_config);
+    admin_client(&kbs)
+        .put_reference_values("vm", &[MEASUREMENT])
+        .expect("reference values");
+    kbs
+}
+
+fn fetch(
+    client: &KbsClient,
+    guest: &hsev_attestation::firmware::LaunchedGuest,
+    resource: &str,
+    algorithm: KeyAlgorithm,
+) -> Result<Vec<u8>, ClientError> {
+    client
+        .fetch_resource(&path(resource), algorithm, &mut |binding| {
+            evidence(guest, binding)
+        })
+        .map(|secret| secret.to_vec())
+}
+
+fn assert_refused(result: Result<Vec<u8>, ClientError>, status: u16, kind: &str, words: &[&str]) {
+    match result {
+        Err(ClientError::Refused {
+            status: got,
+            error_type,
+            detail,
+        }) => {
+            assert_eq!(got, status, "{error_type}: {detail}");
+            assert!(
+                error_type.ends_with(&format!("/{kind}")),
+                "{error_type}: {detail}"
+            );
+            for word in words {
+                assert!(detail.contains(word), "{word:?} not in {detail:?}");
+            }
+        }
+        other => panic!("expected a {status} {kind} refusal, got {other:?}"),
+    }
+}
+
+/// The claims of a JWT, unverified.
+fn claims(token: &str) -> serde_json::Value {
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url")).expect("JSON")
+}
+
+#[test]
+fn releases_to_a_guest_that_satisfies_the_policy_with_either_key_algorithm() {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    let secret = b"0123456789abcdef0123456789abcdef".to_vec();
+    admin_client(&kbs)
+        .put_resource(
+            &path("pool/disk-key/vm-1"),
+            &secret,
+            &simulated_policy(),
+            &["vm".into()],
+        )
+        .expect("resource");
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    let client = guest_client(&kbs);
+    for algorithm in [KeyAlgorithm::EcdhEsA256kw, KeyAlgorithm::RsaOaep256] {
+        let released = fetch(&client, &guest, "pool/disk-key/vm-1", algorithm).expect("released");
+        assert_eq!(released, secret, "{algorithm:?}");
+    }
+
+    // The token says what was verified.
+    let (challenge, session) = client.auth().expect("auth");
+    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key");
+    let runtime_data = RuntimeData {
+        nonce: challenge.nonce,
+        tee_pubkey: key_pair.public_jwk().expect("jwk"),
+    };
+    let binding = runtime_data_binding(&runtime_data).expect("binding");
+    let attestation = Attestation::new(runtime_data, evidence(&guest, &binding).expect("evidence"));
+    let token = client.attest(&session, &attestation).expect("attested");
+    let claims = claims(&token.token);
+    assert_eq!(claims["origin"], "simulated");
+    assert_eq!(claims["measurement"], hex::encode(MEASUREMENT));
+    assert_eq!(claims["host_data"], hex::encode(HOST_DATA));
+    assert_eq!(claims["policy"], "0x30000");
+    assert_eq!(claims["tee-pubkey"]["kty"], "EC");
+    assert!(claims["exp"].as_i64() > claims["iat"].as_i64());
+    // Two resources in one attested session, no second attestation.
+    let jwe = client
+        .resource(&session, &path("pool/disk-key/vm-1"))
+        .expect("first");
+    assert_eq!(key_pair.decrypt(&jwe).expect("decrypts").as_slice(), secret);
+    let jwe = client
+        .resource(&session, &path("pool/disk-key/vm-1"))
+        .expect("second");
+    assert_eq!(key_pair.decrypt(&jwe).expect("decrypts").as_slice(), secret);
+
+    // The bare evidence object as tee-evidence is accepted too.
+    let (challenge, session) = client.auth().expect("auth");
+    let runtime_data = RuntimeData {
+        nonce: challenge.nonce,
+        tee_pubkey: key_pair.public_jwk().expect("jwk"),
+    };
+    let binding = runtime_data_binding(&runtime_data).expect("binding");
+    let bare = Attestation {
+        init_data: None,
+        runtime_data,
+        tee_evidence: evidence(&guest, &binding).expect("evidence"),
+    };
+    client
+        .attest(&session, &bare)
+        .expect("bare evidence attests");
+    let jwe = client
+        .resource(&session, &path("pool/disk-key/vm-1"))
+        .expect("released");
+    assert_eq!(key_pair.decrypt(&jwe).expect("decrypts").as_slice(), secret);
+
+    let verified = kbs.audit_verify();
+    assert!(verified.status.success(), "{verified:?}");
+    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
+    assert!(log.contains("\"event\":\"release\""));
+    assert!(
+        !log.contains("0123456789abcdef"),
+        "the audit log holds no secret"
+    );
+    assert!(!log.contains(ADMIN_TOKEN), "the audit log holds no token");
+}
+
+#[test]
+fn refuses_what_the_release_policy_does_not_allow() {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    let admin = admin_client(&kbs);
+    admin
+        .put_resource(
+            &path("pool/disk-key/vm-1"),
+            b"key-1",
+            &simulated_policy(),
+            &["vm".into()],
+        )
+        .expect("resource");
+    let amd_only = AppraisalPolicy {
+        allow_simulated: false,
+        ..simulated_policy()
+    };
+    admin
+        .put_resource(
+            &path("pool/disk-key/amd-only"),
+            b"key-2",
+            &amd_only,
+            &["vm".into()],
+        )
+        .expect("resource");
+    admin
+        .put_resource(
+            &path("pool/disk-key/no-reference"),
+            b"key-3",
+            &simulated_policy(),
+            &[],
+        )
+        .expect("resource");
+    let client = guest_client(&kbs);
+    let ec = KeyAlgorithm::EcdhEsA256kw;
+
+    let other_measurement = platform.launch([0x43; 48], GUEST_POLICY, HOST_DATA);
+    assert_refused(
+        fetch(&client, &other_measurement, "pool/disk-key/vm-1", ec),
+        403,
+        "PolicyDeny",
+        &["measurement", &hex::encode([0x43; 48])],
+    );
+    let debug = platform.launch(MEASUREMENT, DEBUG_GUEST_POLICY, HOST_DATA);
+    assert_refused(
+        fetch(&client, &debug, "pool/disk-key/vm-1", ec),
+        403,
+        "PolicyDeny",
+        &["debug"],
+    );
+    let other_vm = platform.launch(MEASUREMENT, GUEST_POLICY, [0x08; 32]);
+    assert_refused(
+        fetch(&client, &other_vm, "pool/disk-key/vm-1", ec),
+        403,
+        "PolicyDeny",
+        &["host_data"],
+    );
+    // Every failed check is named, not only the first.
+    let everything_wrong = platform.launch([0x44; 48], DEBUG_GUEST_POLICY, [0x09; 32]);
+    assert_refused(
+        fetch(&client, &everything_wrong, "pool/disk-key/vm-1", ec),
+        403,
+        "PolicyDeny",
+        &["measurement", "debug", "host_data"],
+    );
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    assert_refused(
+        fetch(&client, &guest, "pool/disk-key/amd-only", ec),
+        403,
+        "PolicyDeny",
+        &["simulated_evidence"],
+    );
+    assert_refused(
+        fetch(&client, &guest, "pool/disk-key/no-reference", ec),
+        403,
+        "PolicyDeny",
+        &["measurement", "never released"],
+    );
+    assert_refused(
+        fetch(&client, &guest, "pool/disk-key/unknown", ec),
+        404,
+        "ResourceNotFound",
+        &["pool/disk-key/unknown"],
+    );
+    // The right guest still gets its key.
+    assert_eq!(
+        fetch(&client, &guest, "pool/disk-key/vm-1", ec).expect("released"),
+        b"key-1"
+    );
+
+    // No session, or a session that never attested: 401.
+    let no_session = client.resource(
+        "5d5d3d4e-0000-4000-8000-000000000000",
+        &path("pool/disk-key/vm-1"),
+    );
+    assert!(
+        matches!(no_session, Err(ClientError::Refused { status: 401, .. })),
+        "{no_session:?}"
+    );
+    let (_, session) = client.auth().expect("auth");
+    let unattested = client.resource(&session, &path("pool/disk-key/vm-1"));
+    assert!(
+        matches!(&unattested, Err(ClientError::Refused { status: 401, detail, .. }) if detail.contains("not attested")),
+        "{unattested:?}"
+    );
+    let raw = ureq::get(&format!("{}/kbs/v0/resource/pool/disk-key/vm-1", kbs.url()))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .expect("answers");
+    assert_eq!(raw.status().as_u16(), 401);
+}
+
+/// Runs auth and builds an attestation for `guest`, its evidence bound to
+/// `bind` (the real runtime data when `None`).
+fn prepared_attestation(
+    client: &KbsClient,
+    guest: &hsev_attestation::firmware::LaunchedGuest,
+    bind: Option<[u8; 64]>,
+) -> (String, Attestation) {
+    let (challenge, session) = client.auth().expect("auth");
+    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key");
+    let runtime_data = RuntimeData {
+        nonce: challenge.nonce,
+        tee_pubkey: key_pair.public_jwk().expect("jwk"),
+    };
+    let binding = bind.unwrap_or_else(|| runtime_data_binding(&runtime_data).expect("binding"));
+    let attestation = Attestation::new(runtime_data, evidence(guest, &binding).expect("evidence"));
+    (session, attestation)
+}
+
+fn assert_client_refused<T: std::fmt::Debug>(
+    result: Result<T, ClientError>,
+    status: u16,
+    kind: &str,
+    word: &str,
+) {
+    match result {
+        Err(ClientError::Refused {
+            status: got,
+            error_type,
+            detail,
+        }) => {
+            assert_eq!(got, status, "{error_type}: {detail}");
+            assert!(error_type.ends_with(kind), "{error_type}: {detail}");
+            assert!(detail.contains(word), "{word:?} not in {detail:?}");
+        }
+        other => panic!("expected {status} {kind}, got {other:?}"),
+    }
+}
+
+#[test]
+fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    let client = guest_client(&kbs);
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+
+    // The same attestation twice in one session: the nonce is spent.
+    let (session, attestation) = prepared_attestation(&client, &guest, None);
+    client
+        .attest(&session, &attestation)
+        .expect("first attestation");
+    assert_client_refused(
+        client.attest(&session, &attestation),
+        401,
+        "ExpiredSession",
+        "already used",
+    );
+
+    // An old nonce (the first session's) in a new session.
+    let (new_session, _) = prepared_attestation(&client, &guest, None);
+    assert_client_refused(
+        client.attest(&new_session, &attestation),
+        401,
+        "AttestationFailed",
+        "nonce",
+    );
+    // ...and that failed try spent the new session's nonce too.
+    let (_, fresh) = prepared_attestation(&client, &guest, None);
+    assert_client_refused(
+        client.attest(&new_session, &fresh),
+        401,
+        "ExpiredSession",
+        "already used",
+    );
+
+    // Evidence whose report_data is not the binding of the runtime data.
+    let (session, attestation) = prepared_attestation(&client, &guest, Some([0x55; 64]));
+    assert_client_refused(
+        client.attest(&session, &attestation),
+        401,
+        "AttestationFailed",
+        "report_data",
+    );
+
+    // Runtime data changed after the report was made (another key).
+    let (session, mut attestation) = prepared_attestation(&client, &guest, None);
+    attestation.runtime_data.tee_pubkey = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw)
+        .expect("key")
+        .public_jwk()
+        .expect("jwk");
+    assert_client_refused(
+        client.attest(&session, &attestation),
+        401,
+        "AttestationFailed",
+        "report_data",
+    );
+
+    // A challenge that waited past the session lifetime.
+    drop(kbs);
+    let kbs = development_broker(&platform, "session_ttl_seconds = 1");
+    let client = guest_client(&kbs);
+    let (session, attestation) = prepared_attestation(&client, &guest, None);
+    std::thread::sleep(Duration::from_millis(1300));
+    assert_client_refused(
+        client.attest(&session, &attestation),
+        401,
+        "ExpiredSession",
+        "expired",
+    );
+}
+
+#[test]
+fn production_mode_refuses_simulated_evidence_whatever_the_policy() {
+    let platform = SimPlatform::new();
+    let kbs = Kbs::start_with(KbsMode::Production, &[], "");
+    admin_client(&kbs)
+        .put_reference_values("vm", &[MEASUREMENT])
+        .expect("reference values");
+    admin_client(&kbs)
+        .put_resource(
+            &path("pool/disk-key/vm-1"),
+            b"key",
+            &simulated_policy(),
+            &["vm".into()],
+        )
+        .expect("a policy may say allow_simulated; production ignores it");
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    let result = fetch(
+        &guest_client(&kbs),
+        &guest,
+        "pool/disk-key/vm-1",
+        KeyAlgorithm::EcdhEsA256kw,
+    );
+    assert_refused(
+        result,
+        401,
+        "AttestationFailed",
+        &["simulated_evidence", "production mode", "certificate_chain"],
+    );
+    // Simulated roots in a production configuration are refused at start.
+    let mut config = std::fs::read_to_string(kbs.config_path()).expect("config");
+    config = config.replace(
+        "simulated_roots = []",
+        &format!(
+            "simulated_roots = [{:?}]",
+            platform.dir.path().display().to_string()
+        ),
+    );
+    std::fs::write(kbs.config_path(), config).expect("config");
+    let output = std::process::Command::new(hsev_e2e::binary("hsev-kbs"))
+        .args(["serve", "--config"])
+        .arg(kbs.config_path())
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("simulated_roots"), "{stderr}");
+}
+
+/// A raw admin call: status and body.
+fn raw_admin(
+    kbs: &Kbs,
+    method: &str,
+    route: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    let url = format!("{}{route}", kbs.url());
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let authorization = token.map(|token| format!("Bearer {token}"));
+    let response = match method {
+        "PUT" => {
+            let mut request = agent.put(&url);
+            if let Some(value) = &authorization {
+                request = request.header("authorization", value);
+            }
+            request.send(body.as_bytes())
+        }
+        "DELETE" => {
+            let mut request = agent.delete(&url);
+            if let Some(value) = &authorization {
+                request = request.header("authorization", value);
+            }
+            request.call()
+        }
+        _ => {
+            let mut request = agent.get(&url);
+            if let Some(value) = &authorization {
+                request = request.header("authorization", value);
+            }
+            request.call()
+        }
+    };
+    let mut response = response.expect("answers");
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_to_string().unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    let admin = admin_client(&kbs);
+    admin
+        .put_resource(
+            &path("pool/disk-key/vm-1"),
+            b"key",
+            &simulated_policy(),
+            &["vm".into()],
+        )
+        .expect("resource");
+    let before = admin.list_resources().expect("list");
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].path, path("pool/disk-key/vm-1"));
+    assert_eq!(before[0].reference_values, ["vm"]);
+
+    let good = r#"{"data":"a2V5","policy":"allow_simulated = true","reference_values":["vm"]}"#;
+    let route = "/admin/v0/resources/pool/disk-key/vm-2";
+    assert_eq!(raw_admin(&kbs, "PUT", route, None, good).0, 401);
+    assert_eq!(
+        raw_admin(&kbs, "PUT", route, Some("not-the-token"), good).0,
+        403
+    );
+    assert_eq!(
+        raw_admin(&kbs, "GET", "/admin/v0/resources", None, "").0,
+        401
+    );
+    assert_eq!(
+        raw_admin(
+            &kbs,
+            "DELETE",
+            "/admin/v0/resources/pool/disk-key/vm-1",
+            Some("x"),
+            ""
+        )
+        .0,
+        403
+    );
+    assert_eq!(
+        raw_admin(&kbs, "DELETE", "/admin/v0/reference-values/vm", None, "").0,
+        401
+    );
+
+    let token = Some(ADMIN_TOKEN);
+    for (route, body, field) in [
+        (
+            route,
+            r#"{"data":"a2V5","policy":"allow_simulatd = true"}"#,
+            "allow_simulatd",
+        ),
+        (route, r#"{"data":"not base64!","policy":""}"#, "data"),
+        (route, r#"{"data":"","policy":""}"#, "data"),
+        (
+            route,
+            r#"{"data":"a2V5","policy":"","reference_values":["nope"]}"#,
+            "reference_values[0]",
+        ),
+        (
+            route,
+            r#"{"data":"a2V5","policy":"","reference_values":["bad name"]}"#,
+            "reference_values[0]",
+        ),
+        (
+            route,
+            r#"{"data":"a2V5","policy":"allowed_vmpls = [7]"}"#,
+            "allowed_vmpls",
+        ),
+        (
+            route,
+            &format!(
+                r#"{{"data":"a2V5","policy":"report_data = \"{}\""}}"#,
+                "00".repeat(64)
+            ),
+            "report_data",
+        ),
+        (route, r#"{"data":"a2V5","policy":"","extra":1}"#, "extra"),
+        (route, r#"{"policy":""}"#, "data"),
+        ("/admin/v0/resources/pool/disk-key", good, "resource path"),
+        (
+            "/admin/v0/resources/pool/disk%20key/vm-2",
+            good,
+            "resource path",
+        ),
+        ("/admin/v0/resources/pool/../vm-2", good, "resource path"),
+        (
+            "/admin/v0/reference-values/vm",
+            r#"{"measurements":["00"]}"#,
+            "measurements[0]",
+        ),
+        (
+            "/admin/v0/reference-values/vm",
+            &format!(r#"{{"measurements":["{}","zz"]}}"#, "11".repeat(48)),
+            "measurements[1]",
+        ),
+        (
+            "/admin/v0/reference-values/vm",
+            r#"{"measurement":[]}"#,
+            "measurement",
+        ),
+    ] {
+        let (status, answer) = raw_admin(&kbs, "PUT", route, token, body);
+        assert_eq!(status, 400, "{route} {body}: {answer}");
+        assert!(answer.contains("InvalidRequest"), "{answer}");
+        assert!(answer.contains(field), "{field:?} not named in {answer}");
+    }
+    assert_eq!(
+        raw_admin(
+            &kbs,
+            "DELETE",
+            "/admin/v0/resources/pool/disk-key/none",
+            token,
+            ""
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        raw_admin(&kbs, "DELETE", "/admin/v0/reference-values/none", token, "").0,
+        404
+    );
+
+    // Nothing changed: the list, and the release with the old reference values.
+    assert_eq!(admin.list_resources().expect("list"), before);
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    let released = fetch(
+        &guest_client(&kbs),
+        &guest,
+        "pool/disk-key/vm-1",
+        KeyAlgorithm::EcdhEsA256kw,
+    );
+    assert_eq!(released.expect("still released"), b"key");
+
+    // Deleting the reference values leaves the resource with none: refused.
+    admin.delete_reference_values("vm").expect("deletes");
+    assert_refused(
+        fetch(
+            &guest_client(&kbs),
+            &guest,
+            "pool/disk-key/vm-1",
+            KeyAlgorithm::EcdhEsA256kw,
+        ),
+        403,
+        "PolicyDeny",
+        &["measurement"],
+    );
+    admin
+        .delete_resource(&path("pool/disk-key/vm-1"))
+        .expect("deletes");
+    assert!(admin.list_resources().expect("list").is_empty());
+    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
+    assert!(log.contains("\"action\":\"delete_resource\""));
+    assert!(!log.contains(ADMIN_TOKEN) && !log.contains("not-the-token"));
+}
+
+#[test]
+fn resource_data_is_encrypted_at_rest() {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    let secret = b"PLAINTEXT-DISK-KEY-7f3a9c1e5b2d8e4f".to_vec();
+    admin_client(&kbs)
+        .put_resource(
+            &path("pool/disk-key/vm-1"),
+            &secret,
+            &simulated_policy(),
+            &["vm".into()],
+        )
+        .expect("resource");
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&secret);
+    let mut found_rows = false;
+    for entry in std::fs::read_dir(kbs.state_dir()).expect("state dir") {
+        let file = entry.expect("entry").path();
+        let bytes = std::fs::read(&file).expect("reads");
+        let name = file.display().to_string();
+        assert!(
+            !bytes
+                .windows(secret.len())
+                .any(|window| window == secret.as_slice()),
+            "plaintext in {name}"
+        );
+        assert!(
+            !bytes
+                .windows(encoded.len())
+                .any(|window| window == encoded.as_bytes()),
+            "base64 plaintext in {name}"
+        );
+        found_rows |= name.contains("kbs.db")
+            && bytes
+                .windows(5)
+                .any(|window| window == b"vm-1\0" || window == b"pool/");
+    }
+    assert!(found_rows, "the resource row is in the database");
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_and_the_audit_chain_holds() {
+    let platform = SimPlatform::new();
+    let mut kbs = development_broker(&platform, "");
+    let admin = admin_client(&kbs);
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let writer = {
+        let acknowledged = std::sync::Arc::clone(&acknowledged);
+        std::thread::spawn(move || {
+            for index in 0..2000 {
+                let resource = path(&format!("pool/disk-key/vm-{index}"));
+                let data = format!("key-{index}");
+                match admin.put_resource(
+                    &resource,
+                    data.as_bytes(),
+                    &simulated_policy(),
+                    &["vm".into()],
+                ) {
+                    Ok(()) => acknowledged.lock().expect("lock").push(index),
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    // Let a stream of writes run, then cut the power.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while acknowledged.lock().expect("lock").len() < 40 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kbs.kill_9();
+    writer.join().expect("writer");
+    let acknowledged = acknowledged.lock().expect("lock").clone();
+    assert!(
+        acknowledged.len() >= 40,
+        "only {} writes before the kill",
+        acknowledged.len()
+    );
+
+    kbs.restart();
+    let listed: Vec<String> = admin_client(&kbs)
+        .list_resources()
+        .expect("list")
+        .into_iter()
+        .map(|summary| summary.path.to_string())
+        .collect();
+    for index in &acknowledged {
+        assert!(
+            listed.contains(&format!("pool/disk-key/vm-{index}")),
+            "vm-{index} lost"
+        );
+    }
+    let client = guest_client(&kbs);
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    for index in &acknowledged {
+        let released = fetch(
+            &client,
+            &guest,
+            &format!("pool/disk-key/vm-{index}"),
+            KeyAlgorithm::EcdhEsA256kw,
+        )
+        .expect("released after the restart");
+        assert_eq!(released, format!("key-{index}").into_bytes());
+    }
+
+    // The audit chain verifies across the crash...
+    let verified = kbs.audit_verify();
+    assert!(verified.status.success(), "{verified:?}");
+    let stdout = String::from_utf8_lossy(&verified.stdout);
+    let entries: u64 = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("entries "))
+        .and_then(|count| count.parse().ok())
+        .expect("entries line");
+    assert!(entries as usize > acknowledged.len(), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("head ") && line.len() == 5 + 64),
+        "{stdout}"
+    );
+
+    // ...and one flipped byte is found, naming its line.
+    kbs.kill_9();
+    let audit = kbs.state_dir().join("audit.jsonl");
+    let mut bytes = std::fs::read(&audit).expect("audit");
+    let line_starts: Vec<usize> = std::iter::once(0)
+        .chain(
+            bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, &byte)| byte == b'\n')
+                .map(|(index, _)| index + 1),
+        )
+        .collect();
+    let target_line = 10;
+    bytes[line_starts[target_line - 1] + 30] ^= 0x20;
+    std::fs::write(&audit, &bytes).expect("writes");
+    let broken = kbs.audit_verify();
+    assert_eq!(broken.status.code(), Some(1), "{broken:?}");
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(stderr.contains(&format!("line {target_line}")), "{stderr}");
+}
+
+#[test]
+fn refuses_to_start_on_an_unsafe_kek_or_a_bad_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let init = std::process::Command::new(hsev_e2e::binary("hsev-kbs"))
+        .args(["init", "--state-dir"])
+        .arg(&state)
+        .output()
+        .expect("init");
+    assert!(init.status.success(), "{init:?}");
+    let kek = state.join("kek.bin");
+    assert_eq!(
+        std::fs::metadata(&kek).expect("kek").permissions().mode() & 0o777,
+        0o600
+    );
+    let serve = |config: &str| -> String {
+        let path = dir.path().join("kbs.toml");
+        std::fs::write(&path, config).expect("config");
+        let output = std::process::Command::new(hsev_e2e::binary("hsev-kbs"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .output()
+            .expect("runs");
+        assert!(!output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = {:?}\nmode = \"production\"\n",
+        state.display().to_string()
+    );
+
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let error = serve(&config);
+    assert!(
+        error.contains("kek.bin") && error.contains("0640"),
+        "{error}"
+    );
+    std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(&kek, [0u8; 31]).expect("short kek");
+    let error = serve(&config);
+    assert!(error.contains("31 bytes"), "{error}");
+    std::fs::remove_file(&kek).expect("remove");
+    let error = serve(&config);
+    assert!(error.contains("kek.bin"), "{error}");
+
+    let error = serve(&format!("{config}session_ttl = 5\n"));
+    assert!(error.contains("session_ttl"), "{error}");
+    let error = serve(&config.replace("production", "staging"));
+    assert!(error.contains("mode"), "{error}");
+    let error = serve(&format!("{config}session_ttl_seconds = 0\n"));
+    assert!(error.contains("session_ttl_seconds"), "{error}");
+}

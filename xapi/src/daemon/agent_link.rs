@@ -1,0 +1,142 @@
+//! The guest agent's status port: the daemon connects to the socket QEMU
+//! listens on for the virtio-serial port
+//! [`hsev_attestation::agent_status::PORT_NAME`], reads the agent's status
+//! lines and records them as the VM's attestation state and events.
+//!
+//! The lines are the guest's word: they tell the owner where the attested
+//! boot stands (and the key broker's refusal reason), they prove nothing
+//! and never change what the key broker releases.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hsev_attestation::agent_status::{AgentPhase, AgentStatus, MAX_LINE};
+
+use crate::model::{Attestation, VmId};
+use crate::store::Store;
+
+/// How long to wait for QEMU's socket to appear.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Follows `vm`'s agent port at `socket` on a thread of its own, until the
+/// VMM closes it.
+pub fn follow(store: Arc<Store>, vm: VmId, socket: PathBuf) {
+    std::thread::spawn(move || {
+        let Some(stream) = connect(&socket) else {
+            tracing::warn!(vm = %vm, socket = %socket.display(), "no guest agent port to follow");
+            return;
+        };
+        let mut reader = BufReader::new(stream);
+        let mut line = Vec::with_capacity(256);
+        loop {
+            line.clear();
+            // One line, at most MAX_LINE bytes of it; the rest is skipped.
+            match (&mut reader)
+                .take(MAX_LINE as u64)
+                .read_until(b'\n', &mut line)
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.last() != Some(&b'\n') {
+                let mut rest = Vec::new();
+                if reader.read_until(b'\n', &mut rest).unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            record(&store, &vm, &String::from_utf8_lossy(&line));
+        }
+    });
+}
+
+fn connect(socket: &std::path::Path) -> Option<UnixStream> {
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match UnixStream::connect(socket) {
+            Ok(stream) => return Some(stream),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Records one status line.
+fn record(store: &Store, vm: &VmId, line: &str) {
+    let status = match AgentStatus::from_line(line) {
+        Ok(status) => status,
+        Err(error) => {
+            tracing::warn!(vm = %vm, %error, "unreadable line on the guest agent port");
+            return;
+        }
+    };
+    let attestation = attestation_for(&status);
+    if let Some(attestation) = &attestation {
+        if let Err(error) = store.set_attestation(vm, attestation) {
+            tracing::warn!(vm = %vm, %error, "cannot record the attestation state");
+        }
+    }
+    let phase = serde_json::to_value(status.phase)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let detail = if status.detail.is_empty() {
+        phase.clone()
+    } else {
+        format!("{phase}: {}", status.detail)
+    };
+    if let Err(error) = store.append_event(Some(vm), "agent", &detail) {
+        tracing::warn!(vm = %vm, %error, "cannot record the agent's status");
+    }
+    tracing::info!(vm = %vm, phase = %phase, detail = %status.detail, "guest agent");
+}
+
+/// The attestation state a status means, if it changes it.
+fn attestation_for(status: &AgentStatus) -> Option<Attestation> {
+    match status.phase {
+        AgentPhase::Attesting | AgentPhase::Unreachable => Some(Attestation::Pending),
+        AgentPhase::Unlocked => Some(Attestation::Released),
+        AgentPhase::Refused => Some(Attestation::Refused(if status.detail.is_empty() {
+            "the key broker refused (no reason given)".to_owned()
+        } else {
+            status.detail.clone()
+        })),
+        // The key was released; what failed after is an event, not a verdict.
+        AgentPhase::Failed => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(phase: AgentPhase, detail: &str) -> AgentStatus {
+        AgentStatus {
+            phase,
+            detail: detail.to_owned(),
+        }
+    }
+
+    #[test]
+    fn phases_map_to_attestation_states() {
+        assert_eq!(
+            attestation_for(&status(AgentPhase::Unlocked, "mounted")),
+            Some(Attestation::Released)
+        );
+        assert_eq!(
+            attestation_for(&status(AgentPhase::Refused, "measurement differs")),
+            Some(Attestation::Refused("measurement differs".into()))
+        );
+        assert!(matches!(
+            attestation_for(&status(AgentPhase::Refused, "")),
+            Some(Attestation::Refused(reason)) if !reason.is_empty()
+        ));
+        assert_eq!(
+            attestation_for(&status(AgentPhase::Attesting, "")),
+            Some(Attestation::Pending)
+        );
+        assert_eq!(attestation_for(&status(AgentPhase::Failed, "mount")), None);
+    }
+}
