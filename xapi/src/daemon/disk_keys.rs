@@ -63,7 +63,7 @@ impl KeyBroker {
             ));
         }
         let admin = AdminClient::new(&config.url, &token, ADMIN_TIMEOUT)
-            .map_err(|error| format!("key_broker.url {}: {}", config.url, describe(&error)))?;
+            .map_err(|error| format!("key_broker.url {}: {error}", config.url))?;
         Ok(KeyBroker {
             admin,
             url: config.url.clone(),
@@ -163,11 +163,8 @@ impl KeyBroker {
     }
 
     fn unavailable(&self, what: &str, error: &ClientError) -> OpError {
-        let message = format!(
-            "cannot {what} at the key broker {}: {}",
-            self.url,
-            describe(error)
-        );
+        // The error's own text says "key broker unreachable", "... refused".
+        let message = format!("cannot {what} at {}: {error}", self.url);
         match error {
             ClientError::Unreachable(_) => OpError::unavailable(message),
             _ => OpError::internal(message),
@@ -185,16 +182,4 @@ fn resource_path(binding: &KeyBrokerBinding) -> Result<ResourcePath, OpError> {
         .resource
         .parse()
         .map_err(|error| OpError::internal(format!("resource {:?}: {error}", binding.resource)))
-}
-
-fn describe(error: &ClientError) -> String {
-    match error {
-        ClientError::Unreachable(reason) => format!("unreachable ({reason})"),
-        ClientError::Refused {
-            status,
-            error_type,
-            detail,
-        } => format!("refused with {status} {error_type}: {detail}"),
-        ClientError::Protocol(reason) => format!("unexpected answer: {reason}"),
-    }
 }

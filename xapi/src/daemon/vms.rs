@@ -477,8 +477,9 @@ impl VmManager {
             std::fs::create_dir_all(&run_dir).map_err(|error| {
                 OpError::internal(format!("cannot create {}: {error}", run_dir.display()))
             })?;
-            let plain_disks = disks.len() - usize::from(encrypted_disk.is_some());
-            for (index, disk) in disks.iter().take(plain_disks).enumerate() {
+            // The encrypted disk, known by its name as at launch, is made below.
+            let plain_disks = disks.iter().filter(|disk| disk.name != ENCRYPTED_DISK_NAME);
+            for (index, disk) in plain_disks.enumerate() {
                 progress(
                     "disks",
                     &format!("creating data disk {} ({} MiB)", disk.name, disk.size_mib),
