@@ -4,8 +4,8 @@
 
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/cargo/bin:$(PATH)
-# The real AMD evidence the tests and the demo read.
-export HSEV_TESTDATA ?= $(abspath $(CURDIR)/../shared/testdata/snp)
+# The real AMD evidence the tests and the demo read (kept in the repository).
+export HSEV_TESTDATA ?= $(CURDIR)/attestation/testdata/snp
 FUZZ_SECONDS ?= 30
 
 .PHONY: deps build test lint unit-tests fuzz-smoke demo bench image clean

@@ -51,40 +51,17 @@ fail() {
 
 # --- Debian registry access (private apt configuration, never the system's) --
 
-# The system's own Debian mirror, as configured in its deb822 sources.
-debian_mirror() {
-  local mirror
-  mirror=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
-  [ -n "$mirror" ] || fail "no Debian mirror found in /etc/apt/sources.list.d/debian.sources"
-  printf '%s\n' "${mirror%/}"
-}
+. "$root/scripts/lib/debian-apt.sh"
 
-debian_security_mirror() {
-  awk '/^URIs:/ && $2 ~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true
-}
+debian_mirror() { private_apt_mirror || fail "no Debian mirror configured on this system"; }
 
 apt_dir="$cache/apt"
-apt_options=(-o "Dir::Etc::SourceList=$apt_dir/sources.list"
-  -o Dir::Etc::SourceParts=/nonexistent
-  -o "Dir::State::Lists=$apt_dir/lists"
-  -o "Dir::Cache=$apt_dir/cache")
-
+private_apt_init "$apt_dir"
 apt_updated=0
 apt_update() {
   [ "$apt_updated" = 1 ] && return 0
-  local mirror security
-  mirror=$(debian_mirror)
-  security=$(debian_security_mirror)
-  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-  {
-    echo "deb $mirror bookworm main"
-    echo "deb $mirror bookworm-updates main"
-    echo "deb $mirror bookworm-backports main"
-    [ -n "$security" ] && echo "deb $security bookworm-security main"
-  } >"$apt_dir/sources.list"
   step "apt: updating the private package index ($apt_dir)"
-  apt-get "${apt_options[@]}" -qq update
+  private_apt_update || fail "cannot update the private package index in $apt_dir"
   apt_updated=1
 }
 
@@ -103,11 +80,11 @@ fetch_deb() {
   mkdir -p "$downloads"
   local tmp
   tmp=$(mktemp -d "$downloads/.fetch.XXXXXX")
-  if [ ! -f "$apt_dir/sources.list" ] || ! apt-cache "${apt_options[@]}" show "$package=$version" >/dev/null 2>&1; then
+  if [ ! -f "$apt_dir/sources.list" ] || ! apt-cache "${private_apt_options[@]}" show "$package=$version" >/dev/null 2>&1; then
     apt_update >&2
   fi
   step "download: $package $version" >&2
-  (cd "$tmp" && apt-get "${apt_options[@]}" -qq download "$package=$version" 2>&1 |
+  (cd "$tmp" && apt-get "${private_apt_options[@]}" -qq download "$package=$version" 2>&1 |
     grep -v 'unsandboxed as root' >&2 || true)
   local got
   got=$(find "$tmp" -name '*.deb' | head -n1)

@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
-export HSEV_TESTDATA=${HSEV_TESTDATA:-$root/../shared/testdata/snp}
+export HSEV_TESTDATA=${HSEV_TESTDATA:-$root/attestation/testdata/snp}
 seconds=${BENCH_SECONDS:-5}
 
 echo "== report verification (one core, chain cached) vs OpenSSL raw ECDSA P-384 verify"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make demo`: verifies the real AMD SEV-SNP evidence in shared/testdata with
+# `make demo`: verifies the real AMD SEV-SNP evidence in attestation/testdata with
 # the hsev CLI and prints each verdict; then tells the attested disk-key
 # story in a temporary folder, with a simulated AMD Secure Processor:
 #
@@ -21,7 +21,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 hsev="$root/target/debug/hsev"
-testdata=${HSEV_TESTDATA:-$root/../shared/testdata/snp}
+testdata=${HSEV_TESTDATA:-$root/attestation/testdata/snp}
 reports="$testdata/reports"
 [ -d "$reports" ] || { echo "demo: the real AMD evidence is expected in $testdata (set HSEV_TESTDATA)" >&2; exit 1; }
 # The evidence is judged at a fixed time inside every certificate's validity;

@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 seconds=${1:-30}
-testdata=${HSEV_TESTDATA:-$root/../shared/testdata/snp}
+testdata=${HSEV_TESTDATA:-$root/attestation/testdata/snp}
 export PATH="$root/.tools/cargo/bin:$PATH"
 # cargo-fuzz needs nightly-only compiler flags (sanitizers, coverage); the
 # project's toolchain is stable, and RUSTC_BOOTSTRAP allows them.

@@ -38,11 +38,12 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// The shared AMD SEV-SNP evidence: `$HSEV_TESTDATA` or `../shared/testdata/snp`.
+/// The real AMD SEV-SNP evidence: `$HSEV_TESTDATA`, or the copy kept in the
+/// repository (`attestation/testdata/snp`, with its provenance).
 pub fn snp_testdata() -> PathBuf {
     let dir = std::env::var_os("HSEV_TESTDATA")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/testdata/snp"));
+        .unwrap_or_else(|| workspace_root().join("attestation/testdata/snp"));
     assert!(
         dir.join("reports").is_dir(),
         "the real AMD evidence is expected in {} (set HSEV_TESTDATA to its folder)",
