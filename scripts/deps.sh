@@ -208,10 +208,26 @@ if [ "$mode" = check ]; then
 fi
 
 if [ ${#missing_apt[@]} -gt 0 ]; then install_apt_packages "${missing_apt[@]}"; fi
-for tool in "${missing_tools[@]}"; do
-  say "installing $tool into $tools"
-  "${tool_installer[$tool]}"
-done
+# The tools do not depend on one another: installed side by side, each into
+# its own folder, each with its own log (shown if it fails).
+if [ ${#missing_tools[@]} -gt 0 ]; then
+  say "installing into $tools, side by side: ${missing_tools[*]}"
+  mkdir -p "$tools/logs"
+  declare -A installing=()
+  for tool in "${missing_tools[@]}"; do
+    "${tool_installer[$tool]}" >"$tools/logs/$tool.log" 2>&1 &
+    installing[$tool]=$!
+  done
+  failed=0
+  for tool in "${missing_tools[@]}"; do
+    if ! wait "${installing[$tool]}"; then
+      tail -n 20 "$tools/logs/$tool.log" >&2
+      say "installing $tool failed (log: $tools/logs/$tool.log)"
+      failed=1
+    fi
+  done
+  [ "$failed" = 0 ] || exit 1
+fi
 # What was installed must now be found: a probe that disagrees with its
 # installer would reinstall on every run.
 for tool in "${missing_tools[@]}"; do

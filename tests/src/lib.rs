@@ -58,15 +58,34 @@ pub fn snp_report_file(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()))
 }
 
-/// The `sev-snp-measure` reference tool that `make deps` installs.
-pub fn sev_snp_measure() -> PathBuf {
-    let path = workspace_root().join(".tools/venv/bin/sev-snp-measure");
+/// A tool `make deps` installs under `.tools` (`relative` to it).
+fn project_tool(relative: &str) -> PathBuf {
+    let path = workspace_root().join(".tools").join(relative);
     assert!(
         path.is_file(),
-        "sev-snp-measure is expected at {} (run `make deps`)",
+        "{} is expected at {} (run `make deps`)",
+        path.file_name().unwrap_or_default().to_string_lossy(),
         path.display()
     );
     path
+}
+
+/// The `sev-snp-measure` reference tool that `make deps` installs.
+pub fn sev_snp_measure() -> PathBuf {
+    project_tool("venv/bin/sev-snp-measure")
+}
+
+/// The `grpcurl` client that `make deps` installs.
+pub fn grpcurl() -> PathBuf {
+    project_tool("grpcurl/bin/grpcurl")
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
 }
 
 /// Runs `program` with `args` and returns its output, whatever its exit code.

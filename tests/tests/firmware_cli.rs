@@ -188,6 +188,45 @@ fn a_simulated_report_verifies_only_when_simulated_evidence_is_allowed() {
         text(&accepted.stdout)
     );
 
+    // The folder --certs-out wrote is a certificate folder --cert-dir takes.
+    let from_folder = |extra: &[&str]| {
+        let mut args = vec![
+            "attest",
+            "verify",
+            "--report",
+            path(&report),
+            "--cert-dir",
+            path(&certs),
+            "--policy",
+            path(&policy),
+        ];
+        args.extend(extra);
+        hsev(args)
+    };
+    let sim_roots = certs.join("sim_roots.pem");
+    let round_trip = from_folder(&["--sim-root", path(&sim_roots)]);
+    assert_eq!(
+        round_trip.status.code(),
+        Some(0),
+        "{}{}",
+        text(&round_trip.stdout),
+        text(&round_trip.stderr)
+    );
+    // The folder's roots are not trusted for being there: that is said.
+    let untrusted = from_folder(&[]);
+    assert_eq!(
+        untrusted.status.code(),
+        Some(1),
+        "{}",
+        text(&untrusted.stderr)
+    );
+    assert!(text(&untrusted.stdout).contains("FAIL certificate_chain"));
+    assert!(
+        text(&untrusted.stderr).contains(&format!("--sim-root {}", sim_roots.display())),
+        "{}",
+        text(&untrusted.stderr)
+    );
+
     // Without its roots, the chain is unknown whatever the policy.
     let unknown = hsev([
         "attest",

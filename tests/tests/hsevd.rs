@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use hsev_e2e::daemon::{processes_mentioning, Daemon, ADMIN, ALICE, BOB};
+use hsev_e2e::free_port;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -351,14 +352,6 @@ fn twenty_concurrent_creates_all_land() {
     assert!(vms.iter().all(|vm| vm["state"] == "stopped"), "{vms:?}");
     let ids: std::collections::HashSet<_> = vms.iter().map(|vm| vm["id"].clone()).collect();
     assert_eq!(ids.len(), 20);
-}
-
-/// A free TCP port on loopback.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
 }
 
 #[test]

@@ -10,7 +10,7 @@ use hsev_attestation::certs::{
     EndorsementKey, RevocationList, RootOrigin, TrustAnchor, TrustStore,
 };
 use hsev_attestation::policy::AppraisalPolicy;
-use hsev_attestation::report::{AttestationReport, EvidenceCertificate, SnpEvidence};
+use hsev_attestation::report::{AttestationReport, EvidenceCertificate, SigningKey, SnpEvidence};
 use hsev_attestation::verifier::{appraise, Appraisal};
 use hsev_attestation::{kds, Product};
 use time::format_description::well_known::Rfc3339;
@@ -56,8 +56,10 @@ pub struct VerifyArgs {
     /// The VLEK that signed the report (DER or PEM).
     #[arg(long, value_name = "FILE", conflicts_with = "cert_dir")]
     vlek: Option<PathBuf>,
-    /// A certificate cache (`hsev attest cache`); default: the evidence's own
-    /// cert_chain, else the default cache.
+    /// A certificate folder: a flat one holding `vcek.der` or `vlek.der`
+    /// (or `.pem`), as `hsev firmware sim report --certs-out` and snpguest
+    /// write it, or a certificate cache (`hsev attest cache`); default: the
+    /// evidence's own cert_chain, else the default cache.
     #[arg(long, value_name = "DIR")]
     cert_dir: Option<PathBuf>,
     /// A CRL to check the chain against (DER or PEM).
@@ -180,8 +182,22 @@ fn product_of(
     }
 }
 
+/// The endorsement key at the top of a flat certificate folder, for the kind
+/// of key that signed `report`: `vcek.der` or `vlek.der` (or `.pem`), the
+/// names `hsev firmware sim report --certs-out`, snpguest and AMD's KDS use.
+fn flat_folder_key(dir: &Path, report: &AttestationReport) -> Option<PathBuf> {
+    let stem = match report.key_info.signing_key {
+        SigningKey::Vlek => "vlek",
+        SigningKey::Vcek | SigningKey::None => "vcek",
+    };
+    ["der", "pem"]
+        .iter()
+        .map(|extension| dir.join(format!("{stem}.{extension}")))
+        .find(|path| path.is_file())
+}
+
 /// The endorsement key and CRL to check `evidence` with, from the flags,
-/// the evidence itself, or the cache.
+/// a flat certificate folder, the evidence itself, or the cache.
 fn endorsement(
     args: &VerifyArgs,
     evidence: &SnpEvidence,
@@ -201,6 +217,13 @@ fn endorsement(
         .transpose()?;
     if let Some(path) = args.vcek.as_deref().or(args.vlek.as_deref()) {
         return Ok((vec![parse(path)?], crl));
+    }
+    if let Some(path) = args
+        .cert_dir
+        .as_deref()
+        .and_then(|dir| flat_folder_key(dir, &evidence.report))
+    {
+        return Ok((vec![parse(&path)?], crl));
     }
     if args.cert_dir.is_none() {
         let mut keys = Vec::new();
@@ -286,6 +309,23 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, InputError> {
         appraisals.find(Appraisal::accepted).unwrap_or(first)
     };
     print_appraisal(&args.source.report, &appraisal, args.output)?;
+    if !appraisal.accepted() && args.sim_root.is_empty() {
+        // Roots found beside the certificates are never trusted for being
+        // there; say how to trust them on purpose.
+        if let Some(bundle) = args
+            .cert_dir
+            .as_deref()
+            .map(|dir| dir.join("sim_roots.pem"))
+            .filter(|bundle| bundle.is_file())
+        {
+            eprintln!(
+                "hint: {} holds a simulated platform's roots; trust them with --sim-root {} \
+                 (and a policy with allow_simulated = true)",
+                bundle.parent().unwrap_or(&bundle).display(),
+                bundle.display()
+            );
+        }
+    }
     Ok(if appraisal.accepted() {
         ExitCode::SUCCESS
     } else {

@@ -186,13 +186,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     health_reporter
         .set_serving::<HostServiceServer<grpc::Api>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(hsev_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection in both versions: v1, and v1alpha, which grpcurl before
+    // 1.8.8 and many other clients still ask for.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hsev_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
-        .context("building the reflection service")?;
+        .context("building the reflection service (v1)")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service (v1alpha)")?;
     let routes = tonic::service::Routes::new(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(VmServiceServer::new(api.clone()))
         .add_service(ImageServiceServer::new(api.clone()))
         .add_service(HostServiceServer::new(api));
