@@ -19,11 +19,11 @@ have_image=false
 if [ -f images/out/manifest.json ]; then have_image=true; fi
 
 total=0
-line() { printf '  %-58s %s\n' "$1" "$2"; }
+line() { printf '  %-64s %s\n' "$1" "$2" | sed 's/ *$//'; }
 echo "make demo: what happens now"
 if [ -n "$missing" ]; then
-  line "1. install what is missing (make deps): $(wc -w <<<"$missing") packages" "about 40 s"
-  line "   ($missing)" ""
+  line "1. make deps installs $(wc -w <<<"$missing") missing packages and tools" "about 40 s"
+  fold -s -w 60 <<<"$missing" | while read -r names; do line "   $names" ""; done
   total=$((total + 40))
 else
   line "1. packages and tools: all present" "1 s"
