@@ -5,7 +5,8 @@
 //! certificate chains with the AMD roots embedded ([`certs`]), the appraisal
 //! policy ([`policy`]), the verifier ([`verifier`]), the KDS addresses and
 //! offline certificate cache ([`kds`], [`cache`]), the launch-measurement
-//! calculator ([`measurement`]), the key broker, its protocol and client
+//! calculator ([`measurement`]), the owner-signed ID blocks that pin a
+//! launch ([`id_block`]), the key broker, its protocol and client
 //! ([`kbs`]), and the status lines a guest agent sends its host
 //! ([`agent_status`]).
 //!
@@ -18,6 +19,7 @@ pub mod cache;
 pub mod certs;
 pub mod firmware;
 mod hex_bytes;
+pub mod id_block;
 pub mod kbs;
 pub mod kds;
 pub mod measurement;

@@ -8,6 +8,7 @@
 //! allowed_measurements = ["6a6519d757e68c2e..."]
 //! allowed_vmpls = [0]
 //! minimum_abi = "1.51"
+//! allowed_id_key_digests = ["<96 hex digits: hsev idkey generate>"]
 //! [minimum_tcb]
 //! bootloader = 3
 //! snp = 8
@@ -130,6 +131,14 @@ pub struct AppraisalPolicy {
     pub allowed_products: Vec<Product>,
     /// Lowest acceptable guest SVN.
     pub minimum_guest_svn: Option<u32>,
+    /// ID keys (SHA-384 of each in AMD's layout, as `hsev idkey generate`
+    /// prints it) one of which must have signed the launch's ID block; empty
+    /// accepts a launch with or without one. With it, "whatever my ID key
+    /// signed" can stand in for a list of measurements.
+    pub allowed_id_key_digests: Vec<HexBytes<48>>,
+    /// Author keys one of which must have signed the ID key; empty accepts
+    /// any (or none).
+    pub allowed_author_key_digests: Vec<HexBytes<48>>,
     /// Accept evidence from a simulated AMD Secure Processor. It proves
     /// nothing about confidentiality: for development pools only.
     pub allow_simulated: bool,
@@ -152,6 +161,8 @@ impl Default for AppraisalPolicy {
             allowed_signing_keys: vec![EndorsementKind::Vcek, EndorsementKind::Vlek],
             allowed_products: Vec::new(),
             minimum_guest_svn: None,
+            allowed_id_key_digests: Vec::new(),
+            allowed_author_key_digests: Vec::new(),
             allow_simulated: false,
         }
     }
@@ -252,6 +263,8 @@ mod tests {
                 ..MinimumTcb::default()
             },
             host_data: Some(HexBytes([7; 32])),
+            allowed_id_key_digests: vec![HexBytes([9; 48])],
+            allowed_author_key_digests: vec![HexBytes([8; 48])],
             ..AppraisalPolicy::default()
         };
         assert_eq!(

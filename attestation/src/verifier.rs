@@ -19,6 +19,7 @@ use time::OffsetDateTime;
 use crate::certs::{
     ChainError, EndorsementKey, EndorsementKind, RevocationList, RootOrigin, TrustStore, TrustedKey,
 };
+use crate::hex_bytes::HexBytes;
 use crate::policy::{AbiVersion, AppraisalPolicy};
 use crate::product::Product;
 use crate::report::{AttestationReport, SigningKey};
@@ -553,6 +554,39 @@ fn check_platform(
 }
 
 /// Checks on the guest: its policy, VMPL, measurement and bound data.
+/// The launch's ID key (or author key) digest against the policy's list,
+/// when it has one. A launch without an ID block reports zeros, which no
+/// key hashes to.
+fn check_key_digest(
+    checks: &mut Checks,
+    name: &'static str,
+    what: &str,
+    reported: &[u8; 48],
+    allowed: &[HexBytes<48>],
+) {
+    if allowed.is_empty() {
+        return;
+    }
+    let (passed, detail) = if reported == &[0; 48] {
+        (false, format!("the launch was signed by no {what}"))
+    } else {
+        let passed = allowed.iter().any(|digest| &digest.0 == reported);
+        (
+            passed,
+            format!(
+                "{what} {} {}",
+                hex::encode(reported),
+                if passed {
+                    "is allowed"
+                } else {
+                    "is not among the allowed ones"
+                }
+            ),
+        )
+    };
+    checks.record(name, passed, detail);
+}
+
 fn check_guest(checks: &mut Checks, report: &AttestationReport, policy: &AppraisalPolicy) {
     let guest_policy = report.policy;
     checks.record(
@@ -628,6 +662,20 @@ fn check_guest(checks: &mut Checks, report: &AttestationReport, policy: &Apprais
             ),
         );
     }
+    check_key_digest(
+        checks,
+        "id_key",
+        "ID key",
+        &report.id_key_digest,
+        &policy.allowed_id_key_digests,
+    );
+    check_key_digest(
+        checks,
+        "author_key",
+        "author key",
+        &report.author_key_digest,
+        &policy.allowed_author_key_digests,
+    );
     if let Some(minimum) = policy.minimum_guest_svn {
         checks.record(
             "guest_svn",

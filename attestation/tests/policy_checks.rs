@@ -34,6 +34,9 @@ struct Shape {
     platform_info: u64,
     signing_key: SigningKey,
     guest_svn: u32,
+    /// The ID block's keys (zero: launched without one).
+    id_key_digest: [u8; 48],
+    author_key_digest: [u8; 48],
 }
 
 impl Default for Shape {
@@ -44,6 +47,8 @@ impl Default for Shape {
             platform_info: 0,
             signing_key: SigningKey::Vcek,
             guest_svn: 3,
+            id_key_digest: [0; 48],
+            author_key_digest: [0; 48],
         }
     }
 }
@@ -67,12 +72,18 @@ fn writer(
         .platform(
             shape.platform_info,
             KeyInfo {
-                author_key_en: false,
+                author_key_en: shape.author_key_digest != [0; 48],
                 mask_chip_key: false,
                 signing_key: shape.signing_key,
             },
         )
         .contents(&REPORT_DATA, &MEASUREMENT, &HOST_DATA)
+        .identities(
+            &shape.id_key_digest,
+            &shape.author_key_digest,
+            &[0; 32],
+            &[0xff; 32],
+        )
         .chip_id(&CHIP_ID)
         .cpuid(cpuid);
     writer
@@ -298,6 +309,46 @@ fn measurement() {
         ..lenient()
     };
     assert!(failed(&report, &allowed).is_empty());
+}
+
+#[test]
+fn id_and_author_keys() {
+    let (id_key, author_key) = ([0x1d; 48], [0xa0; 48]);
+    let signed = genoa_report(&Shape {
+        id_key_digest: id_key,
+        author_key_digest: author_key,
+        ..Shape::default()
+    });
+    let unsigned = genoa_report(&Shape::default());
+    // "Whatever my ID key signed", with no measurement listed.
+    let mine = AppraisalPolicy {
+        allowed_id_key_digests: vec![HexBytes(id_key)],
+        ..lenient()
+    };
+    assert!(failed(&signed, &mine).is_empty());
+    assert_eq!(failed(&unsigned, &mine), vec!["id_key"]);
+    let detail = judge(&unsigned, &mine)
+        .failures()
+        .map(|check| check.detail.clone())
+        .collect::<Vec<_>>();
+    assert_eq!(detail, vec!["the launch was signed by no ID key"]);
+    let someone_elses = AppraisalPolicy {
+        allowed_id_key_digests: vec![HexBytes([0x2e; 48])],
+        ..lenient()
+    };
+    assert_eq!(failed(&signed, &someone_elses), vec!["id_key"]);
+    let authored = AppraisalPolicy {
+        allowed_author_key_digests: vec![HexBytes(author_key)],
+        ..mine.clone()
+    };
+    assert!(failed(&signed, &authored).is_empty());
+    let other_author = AppraisalPolicy {
+        allowed_author_key_digests: vec![HexBytes([0x2e; 48])],
+        ..mine
+    };
+    assert_eq!(failed(&signed, &other_author), vec!["author_key"]);
+    // Without lists, ID blocks neither help nor hurt.
+    assert!(failed(&signed, &lenient()).is_empty());
 }
 
 #[test]

@@ -11,9 +11,10 @@ use hsev_attestation::certs::{parse_certificate_table, EndorsementKey, TrustStor
 use hsev_attestation::firmware::launcher::{launch_snp_guest, GuestArtifacts};
 use hsev_attestation::firmware::simulated::{SimInit, SimulatedFirmware};
 use hsev_attestation::firmware::{
-    DerivedKeyRequest, FirmwareError, GuestRequest, GuestResponse, IdBlock, LaunchFinish,
-    LaunchedGuest, PageUpdate, RootKey, SevFirmware, SnpLaunch,
+    DerivedKeyRequest, FirmwareError, GuestRequest, GuestResponse, LaunchFinish, LaunchedGuest,
+    PageUpdate, RootKey, SevFirmware, SnpLaunch,
 };
+use hsev_attestation::id_block::{public_key_digest, IdBlock, SignedIdBlock};
 use hsev_attestation::measurement::{self, vcpu_sig_for_type, DirectBoot, OvmfImage, VmmType};
 use hsev_attestation::policy::{AppraisalPolicy, MinimumTcb};
 use hsev_attestation::report::{AttestationReport, EvidenceCertificate, TcbVersion};
@@ -525,30 +526,19 @@ fn the_firmware_enforces_launch_rules() {
     );
 }
 
-fn id_block(
-    launch_digest: [u8; 48],
-    policy: u64,
-) -> (IdBlock, openssl::ec::EcKey<openssl::pkey::Private>) {
+fn p384_key() -> openssl::ec::EcKey<openssl::pkey::Private> {
     let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::SECP384R1).expect("P-384");
-    let key = openssl::ec::EcKey::generate(&group).expect("key");
-    let mut block = IdBlock {
+    openssl::ec::EcKey::generate(&group).expect("key")
+}
+
+fn id_block(launch_digest: [u8; 48], policy: u64) -> IdBlock {
+    IdBlock {
         launch_digest,
         family_id: [0xfa; 16],
         image_id: [0x1d; 16],
         guest_svn: 5,
         policy,
-        id_key: openssl::pkey::PKey::from_ec_key(key.clone())
-            .expect("pkey")
-            .public_key_to_der()
-            .expect("der"),
-        signature: Vec::new(),
-    };
-    let hash = openssl::sha::sha384(&block.signed_bytes());
-    block.signature = openssl::ecdsa::EcdsaSig::sign(&hash, &key)
-        .expect("sign")
-        .to_der()
-        .expect("der");
-    (block, key)
+    }
 }
 
 #[test]
@@ -566,51 +556,63 @@ fn id_blocks_pin_the_launch() {
         .expect("launch")
         .launch_digest();
     let shared = || Arc::clone(&firmware) as Arc<dyn SevFirmware>;
-
-    let (block, _) = id_block(expected, POLICY);
-    let finish = LaunchFinish {
-        id_block: Some(block),
+    let finish_with = |signed: SignedIdBlock| LaunchFinish {
+        id_block: Some(signed),
         host_data: [0; 32],
     };
-    let guest =
-        launch_snp_guest(shared(), &artifacts, POLICY, &finish).expect("the ID block matches");
+    let (id_key, author_key) = (p384_key(), p384_key());
+
+    // Signed by the ID key, the ID key signed by the author key.
+    let signed =
+        SignedIdBlock::sign(id_block(expected, POLICY), &id_key, Some(&author_key)).expect("signs");
+    let guest = launch_snp_guest(shared(), &artifacts, POLICY, &finish_with(signed))
+        .expect("the ID block matches");
     let (report, _) = extended_report(&guest, [0; 64]);
     assert_eq!(
         (report.family_id, report.image_id, report.guest_svn),
         ([0xfa; 16], [0x1d; 16], 5)
     );
-    assert_ne!(report.id_key_digest, [0; 48]);
+    assert_eq!(
+        report.id_key_digest,
+        public_key_digest(&id_key).expect("digest")
+    );
+    assert_eq!(
+        report.author_key_digest,
+        public_key_digest(&author_key).expect("digest")
+    );
+    assert!(report.key_info.author_key_en, "AUTHOR_KEY_EN is reported");
+    drop(guest);
 
-    let (wrong_digest, _) = id_block([0; 48], POLICY);
-    let error = launch_snp_guest(
-        shared(),
-        &artifacts,
-        POLICY,
-        &LaunchFinish {
-            id_block: Some(wrong_digest),
-            host_data: [0; 32],
-        },
-    )
-    .expect_err("wrong digest");
-    assert!(error.to_string().contains("BAD_MEASUREMENT"), "{error}");
+    // The ID key alone: no author key digest, AUTHOR_KEY_EN clear.
+    let alone = SignedIdBlock::sign(id_block(expected, POLICY), &id_key, None).expect("signs");
+    let guest =
+        launch_snp_guest(shared(), &artifacts, POLICY, &finish_with(alone)).expect("matches");
+    let (report, _) = extended_report(&guest, [0; 64]);
+    assert_eq!(report.author_key_digest, [0; 48]);
+    assert!(!report.key_info.author_key_en);
+    drop(guest);
 
-    let (mut forged, _) = id_block(expected, POLICY);
+    let refusal = |signed: SignedIdBlock| {
+        launch_snp_guest(shared(), &artifacts, POLICY, &finish_with(signed))
+            .expect_err("refused")
+            .to_string()
+    };
+    let wrong_digest =
+        SignedIdBlock::sign(id_block([0; 48], POLICY), &id_key, None).expect("signs");
+    assert!(refusal(wrong_digest).contains("BAD_MEASUREMENT"));
+    let wrong_policy =
+        SignedIdBlock::sign(id_block(expected, POLICY | 1 << 20), &id_key, None).expect("signs");
+    assert!(refusal(wrong_policy).contains("POLICY_FAILURE"));
+    let signed = SignedIdBlock::sign(id_block(expected, POLICY), &id_key, None).expect("signs");
+    let mut forged = signed.block;
     forged.image_id = [0; 16];
-    let error = launch_snp_guest(
-        shared(),
-        &artifacts,
-        POLICY,
-        &LaunchFinish {
-            id_block: Some(forged),
-            host_data: [0; 32],
-        },
-    )
-    .expect_err("forged");
-    assert!(error.to_string().contains("BAD_SIGNATURE"), "{error}");
+    let forged =
+        SignedIdBlock::from_bytes(&forged.to_bytes(), signed.auth_bytes()).expect("parses");
+    assert!(refusal(forged).contains("BAD_SIGNATURE"));
     assert_eq!(
         firmware.status().expect("status").asids.free,
-        3,
-        "failed launches hold no ASID"
+        4,
+        "refused launches hold no ASID (and the finished ones were torn down)"
     );
 }
 

@@ -6,5 +6,6 @@ pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod hypervisor;
+pub mod launch;
 pub mod model;
 pub mod store;

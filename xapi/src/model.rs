@@ -142,33 +142,106 @@ pub struct VmSpec {
     pub port_forwards: Vec<PortForward>,
     /// vCPU model the measurement uses (e.g. `EPYC-v4`).
     pub vcpu_type: String,
-    /// Size of the LUKS2 data disk whose key only the key broker holds and
-    /// releases to the attested guest; 0: none.
+    /// Size of the data disk the guest encrypts (LUKS2) with a key that
+    /// only the tenant's key broker holds and releases to the attested
+    /// guest; 0: none. The host creates it empty and never sees the key.
     #[serde(default)]
     pub encrypted_disk_mib: u64,
-    /// Where the guest's agent fetches that disk's key: set by the daemon at
-    /// creation, measured through the kernel command line.
+    /// The tenant's key broker, where the guest's agent fetches that disk's
+    /// key: given by the tenant, measured through the kernel command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_broker: Option<KeyBrokerBinding>,
+    /// The owner's ID block, checked by the firmware before the guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_block: Option<OwnerIdBlock>,
 }
 
-/// How a guest reaches its disk key: the key broker's address as the guest
-/// sees it and the resource that holds the key.
+/// How a guest reaches its disk key: its tenant's key broker as the guest
+/// sees it, the public key the guest pins it by, and the tenant's
+/// repository there.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyBrokerBinding {
     /// The key broker's base URL from inside the guest.
     pub guest_url: String,
-    /// The resource path, `repository/type/tag`.
-    pub resource: String,
+    /// SHA-256 of the broker's TLS public key (SubjectPublicKeyInfo),
+    /// `sha256:<64 hex digits>`; empty only for a plain-HTTP development
+    /// broker.
+    #[serde(default)]
+    pub pin: String,
+    /// The tenant's repository at the broker.
+    pub repository: String,
 }
 
+/// The encrypted disk's name among a VM's disks, and the serial number the
+/// guest's agent finds it by.
+pub const ENCRYPTED_DISK_NAME: &str = "hsev-data";
+
+/// The resource type of disk keys at the key broker.
+pub const DISK_KEY_TYPE: &str = "disk-key";
+
 impl KeyBrokerBinding {
-    /// The kernel command line options the guest's agent reads.
-    pub fn cmdline_options(&self) -> String {
+    /// The resource holding `vm`'s disk key: `<repository>/disk-key/<vm id>`.
+    pub fn resource(&self, vm: &VmId) -> String {
+        format!("{}/{DISK_KEY_TYPE}/{}", self.repository, vm.0)
+    }
+
+    /// The kernel command line options `vm`'s agent reads.
+    pub fn cmdline_options(&self, vm: &VmId) -> String {
+        let pin = if self.pin.is_empty() {
+            String::new()
+        } else {
+            format!(" hsev.kbs.pin={}", self.pin)
+        };
         format!(
-            "hsev.net=user hsev.kbs={} hsev.kbs.resource={}",
-            self.guest_url, self.resource
+            "hsev.net=user hsev.kbs={}{pin} hsev.kbs.resource={}",
+            self.guest_url,
+            self.resource(vm)
         )
+    }
+}
+
+/// An ID block and its authentication structure as the VM's owner signed
+/// them (SNP ABI bytes, stored base64).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerIdBlock {
+    /// The structures.
+    pub signed: hsev_attestation::id_block::SignedIdBlock,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OwnerIdBlockText {
+    block: String,
+    auth: String,
+}
+
+impl Serialize for OwnerIdBlock {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        OwnerIdBlockText {
+            block: engine.encode(self.signed.block.to_bytes()),
+            auth: engine.encode(self.signed.auth_bytes()),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for OwnerIdBlock {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        let text = OwnerIdBlockText::deserialize(deserializer)?;
+        let decode = |field: &str, value: &str| {
+            engine
+                .decode(value)
+                .map_err(|error| serde::de::Error::custom(format!("id_block.{field}: {error}")))
+        };
+        let signed = hsev_attestation::id_block::SignedIdBlock::from_bytes(
+            &decode("block", &text.block)?,
+            &decode("auth", &text.auth)?,
+        )
+        .map_err(serde::de::Error::custom)?;
+        Ok(OwnerIdBlock { signed })
     }
 }
 

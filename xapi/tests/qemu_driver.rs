@@ -701,6 +701,7 @@ fn probe_and_clean_refusal_of_sev_snp() {
         policy: 0x30000,
         host_data: [7; 32],
         kernel_hashes: true,
+        id_block: None,
     };
     let error = driver.start(&launch).expect_err("no SNP here");
     println!("SNP refused: {error}");

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::id_block::SignedIdBlock;
 use crate::measurement::{MeasurementError, PageType, PAGE_SIZE};
 use crate::product::Product;
 use crate::report::{FirmwareVersion, TcbVersion};
@@ -186,47 +187,12 @@ impl PageUpdate<'_> {
     }
 }
 
-/// The ID block a guest owner may sign to pin its launch (SNP ABI
-/// `SNP_LAUNCH_FINISH`): the firmware refuses a launch whose digest or
-/// policy differ, and reports the ID key's digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdBlock {
-    /// The launch digest the guest must have.
-    pub launch_digest: [u8; 48],
-    /// Family id reported back.
-    pub family_id: [u8; 16],
-    /// Image id reported back.
-    pub image_id: [u8; 16],
-    /// Guest SVN reported back.
-    pub guest_svn: u32,
-    /// The policy the guest must have been started with.
-    pub policy: u64,
-    /// The ID key's public key, DER (SubjectPublicKeyInfo, P-384).
-    pub id_key: Vec<u8>,
-    /// The ID key's ECDSA P-384 / SHA-384 signature (DER) over the block's
-    /// bytes as [`IdBlock::signed_bytes`] lays them out.
-    pub signature: Vec<u8>,
-}
-
-impl IdBlock {
-    /// The 96-byte `ID_BLOCK` structure the signature covers.
-    pub fn signed_bytes(&self) -> [u8; 0x60] {
-        let mut bytes = [0u8; 0x60];
-        bytes[..0x30].copy_from_slice(&self.launch_digest);
-        bytes[0x30..0x40].copy_from_slice(&self.family_id);
-        bytes[0x40..0x50].copy_from_slice(&self.image_id);
-        bytes[0x50..0x54].copy_from_slice(&1u32.to_le_bytes());
-        bytes[0x54..0x58].copy_from_slice(&self.guest_svn.to_le_bytes());
-        bytes[0x58..0x60].copy_from_slice(&self.policy.to_le_bytes());
-        bytes
-    }
-}
-
 /// What `SNP_LAUNCH_FINISH` takes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LaunchFinish {
-    /// An optional ID block.
-    pub id_block: Option<IdBlock>,
+    /// An optional ID block and its authentication, signed by the guest
+    /// owner (the firmware refuses a launch that does not match it).
+    pub id_block: Option<SignedIdBlock>,
     /// 32 bytes of host data bound into every report (HyperSEV binds the
     /// VM id here).
     pub host_data: [u8; 32],

@@ -66,8 +66,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use sev::error::{FirmwareError as SevFirmwareError, SevError};
 
 use super::{
-    AsidCounts, FirmwareError, GuestRequest, GuestResponse, IdBlock, LaunchFinish, LaunchHandle,
-    PageUpdate, PlatformStatus, SevFirmware,
+    AsidCounts, FirmwareError, GuestRequest, GuestResponse, LaunchFinish, LaunchHandle, PageUpdate,
+    PlatformStatus, SevFirmware,
 };
 use crate::measurement::PAGE_SIZE;
 use crate::product::{Product, TcbLayout};
@@ -253,19 +253,26 @@ impl SevFirmware for SevDevice {
                     .to_owned(),
             ));
         };
-        let id_auth = id_auth_info(id_block)?;
+        // The owner's signatures, checked here so that a bad ID block is
+        // refused with a reason before the firmware answers with a bare
+        // status code (it checks them again). The host cannot know the
+        // launch digest: the firmware compares that one.
+        let block = &id_block.block;
+        id_block
+            .check(&block.launch_digest, block.policy)
+            .map_err(|refusal| FirmwareError::IdBlock(refusal.to_string()))?;
         let mut launches = self.lock();
         let state = launches
             .get_mut(&launch.0)
             .ok_or(FirmwareError::UnknownLaunch(launch.0))?;
-        if id_block.policy != state.policy {
+        if block.policy != state.policy {
             return Err(FirmwareError::IdBlock(format!(
-                "the ID block's policy {:#x} is not the launch's {:#x}",
-                id_block.policy, state.policy
+                "POLICY_FAILURE: the ID block's policy {:#x} is not the launch's {:#x}",
+                block.policy, state.policy
             )));
         }
-        state.finish(&id_block.signed_bytes(), &id_auth, &finish.host_data)?;
-        Ok(id_block.launch_digest)
+        state.finish(&block.to_bytes(), id_block.auth_bytes(), &finish.host_data)?;
+        Ok(block.launch_digest)
     }
 
     fn guest_request(
@@ -526,70 +533,6 @@ impl PageRange {
             page_type,
         })
     }
-}
-
-/// The 4096-byte `ID_AUTH_INFO` structure for an ID block signed by its ID
-/// key alone (no author key): SNP ABI, `SNP_LAUNCH_FINISH`.
-fn id_auth_info(id_block: &IdBlock) -> Result<Vec<u8>, FirmwareError> {
-    use openssl::bn::{BigNum, BigNumContext, BigNumRef};
-    use openssl::ec::EcGroup;
-    use openssl::ecdsa::EcdsaSig;
-    use openssl::hash::MessageDigest;
-    use openssl::nid::Nid;
-    use openssl::pkey::PKey;
-    use openssl::sign::Verifier;
-
-    const ALGO_ECDSA_P384_SHA384: u32 = 1;
-    const CURVE_P384: u32 = 2;
-    const COMPONENT: usize = 72;
-    const ID_BLOCK_SIG: usize = 0x40;
-    const ID_KEY: usize = 0x240;
-
-    fn little_endian(number: &BigNumRef) -> Result<Vec<u8>, FirmwareError> {
-        let mut bytes = number.to_vec_padded(COMPONENT as i32)?;
-        bytes.reverse();
-        Ok(bytes)
-    }
-
-    let key = PKey::public_key_from_der(&id_block.id_key)
-        .map_err(|error| FirmwareError::IdBlock(format!("the ID key does not parse: {error}")))?;
-    let ec_key = key
-        .ec_key()
-        .map_err(|_| FirmwareError::IdBlock("the ID key is not an EC key".to_owned()))?;
-    if ec_key.group().curve_name() != Some(Nid::SECP384R1) {
-        return Err(FirmwareError::IdBlock(
-            "the ID key is not on P-384".to_owned(),
-        ));
-    }
-    let mut verifier = Verifier::new(MessageDigest::sha384(), &key)?;
-    let signed_bytes = id_block.signed_bytes();
-    if !verifier
-        .verify_oneshot(&id_block.signature, &signed_bytes)
-        .unwrap_or(false)
-    {
-        return Err(FirmwareError::IdBlock(
-            "the ID key's signature does not verify over the ID block".to_owned(),
-        ));
-    }
-    let signature = EcdsaSig::from_der(&id_block.signature)?;
-
-    let group = EcGroup::from_curve_name(Nid::SECP384R1)?;
-    let (mut x, mut y) = (BigNum::new()?, BigNum::new()?);
-    let mut context = BigNumContext::new()?;
-    ec_key
-        .public_key()
-        .affine_coordinates(&group, &mut x, &mut y, &mut context)?;
-
-    let mut info = vec![0u8; 0x1000];
-    info[..4].copy_from_slice(&ALGO_ECDSA_P384_SHA384.to_le_bytes());
-    // AUTHOR_KEY_ALGO stays zero: no author key (auth_key_en is 0).
-    info[ID_BLOCK_SIG..ID_BLOCK_SIG + COMPONENT].copy_from_slice(&little_endian(signature.r())?);
-    info[ID_BLOCK_SIG + COMPONENT..ID_BLOCK_SIG + 2 * COMPONENT]
-        .copy_from_slice(&little_endian(signature.s())?);
-    info[ID_KEY..ID_KEY + 4].copy_from_slice(&CURVE_P384.to_le_bytes());
-    info[ID_KEY + 4..ID_KEY + 4 + COMPONENT].copy_from_slice(&little_endian(&x)?);
-    info[ID_KEY + 4 + COMPONENT..ID_KEY + 4 + 2 * COMPONENT].copy_from_slice(&little_endian(&y)?);
-    Ok(info)
 }
 
 /// Which launch command failed, for error messages and mapping.
@@ -966,13 +909,11 @@ mod tests {
     use std::sync::Arc;
 
     use openssl::ec::{EcGroup, EcKey};
-    use openssl::hash::MessageDigest;
     use openssl::nid::Nid;
-    use openssl::pkey::PKey;
-    use openssl::sign::Signer;
 
     use super::*;
     use crate::firmware::{LaunchedGuest, SnpLaunch};
+    use crate::id_block::{IdBlock, SignedIdBlock};
     use crate::measurement::Gctx;
 
     /// A device over `/dev/null`: enough to reach every check made before
@@ -981,23 +922,17 @@ mod tests {
         SevDevice::open_at("/dev/null").expect("/dev/null opens")
     }
 
-    fn signed_id_block(launch_digest: [u8; 48], policy: u64, curve: Nid) -> IdBlock {
-        let group = EcGroup::from_curve_name(curve).expect("curve");
-        let key = PKey::from_ec_key(EcKey::generate(&group).expect("key")).expect("pkey");
-        let mut id_block = IdBlock {
+    fn signed_id_block(launch_digest: [u8; 48], policy: u64) -> SignedIdBlock {
+        let key = EcKey::generate(&EcGroup::from_curve_name(Nid::SECP384R1).expect("curve"))
+            .expect("key");
+        let block = IdBlock {
             launch_digest,
             family_id: [1; 16],
             image_id: [2; 16],
             guest_svn: 3,
             policy,
-            id_key: key.public_key_to_der().expect("der"),
-            signature: Vec::new(),
         };
-        let mut signer = Signer::new(MessageDigest::sha384(), &key).expect("signer");
-        id_block.signature = signer
-            .sign_oneshot_to_vec(&id_block.signed_bytes())
-            .expect("sign");
-        id_block
+        SignedIdBlock::sign(block, &key, None).expect("signs")
     }
 
     #[test]
@@ -1270,7 +1205,7 @@ mod tests {
             matches!(&error, FirmwareError::Unsupported(reason) if reason.contains("attestation report")),
             "{error}"
         );
-        let id_block = signed_id_block([7; 48], 0x30000, Nid::SECP384R1);
+        let id_block = signed_id_block([7; 48], 0x30000);
         let finish = LaunchFinish {
             id_block: Some(id_block),
             host_data: [0; 32],
@@ -1322,74 +1257,22 @@ mod tests {
     }
 
     #[test]
-    fn the_id_auth_structure_has_the_abi_layout() {
-        let id_block = signed_id_block([9; 48], 0x30000, Nid::SECP384R1);
-        let info = id_auth_info(&id_block).expect("auth info");
-        assert_eq!(info.len(), 0x1000);
-        assert_eq!(info[..4], 1u32.to_le_bytes());
-        assert_eq!(info[4..8], [0; 4]);
-        assert_eq!(info[0x240..0x244], 2u32.to_le_bytes());
-        assert!(info[0x644..].iter().all(|&byte| byte == 0));
-
-        // r and s, little-endian, rebuild a signature that verifies.
-        let big = |bytes: &[u8]| {
-            let mut bytes = bytes.to_vec();
-            bytes.reverse();
-            openssl::bn::BigNum::from_slice(&bytes).expect("bignum")
-        };
-        let signature = openssl::ecdsa::EcdsaSig::from_private_components(
-            big(&info[0x40..0x88]),
-            big(&info[0x88..0xd0]),
-        )
-        .expect("signature");
-        let digest =
-            openssl::hash::hash(MessageDigest::sha384(), &id_block.signed_bytes()).expect("digest");
-        let key = PKey::public_key_from_der(&id_block.id_key)
-            .expect("key")
-            .ec_key()
-            .expect("ec");
-        assert!(signature.verify(&digest, &key).expect("verify"));
-
-        // qx and qy, little-endian, are the key's point.
-        let group = EcGroup::from_curve_name(Nid::SECP384R1).expect("group");
-        let point = openssl::ec::EcPoint::from_bytes(
-            &group,
-            &[
-                &[4u8][..],
-                &big(&info[0x244..0x28c]).to_vec_padded(48).expect("x"),
-                &big(&info[0x28c..0x2d4]).to_vec_padded(48).expect("y"),
-            ]
-            .concat(),
-            &mut openssl::bn::BigNumContext::new().expect("ctx"),
-        )
-        .expect("point");
-        let mut context = openssl::bn::BigNumContext::new().expect("ctx");
-        assert!(point
-            .eq(&group, key.public_key(), &mut context)
-            .expect("compare"));
-    }
-
-    #[test]
     fn bad_id_blocks_are_refused_before_the_firmware() {
-        let p256 = signed_id_block([9; 48], 0x30000, Nid::X9_62_PRIME256V1);
-        let error = id_auth_info(&p256).expect_err("P-256");
+        let signed = signed_id_block([9; 48], 0x30000);
+        let mut block = signed.block.to_bytes();
+        block[0x54] ^= 1;
+        let tampered = SignedIdBlock::from_bytes(&block, signed.auth_bytes()).expect("parses");
+        let finish = LaunchFinish {
+            id_block: Some(tampered),
+            host_data: [0; 32],
+        };
+        let error = null_device()
+            .launch_finish(&LaunchHandle(1), &finish)
+            .expect_err("tampered");
         assert!(
-            matches!(&error, FirmwareError::IdBlock(reason) if reason.contains("P-384")),
+            matches!(&error, FirmwareError::IdBlock(reason) if reason.starts_with("BAD_SIGNATURE")),
             "{error}"
         );
-        let mut tampered = signed_id_block([9; 48], 0x30000, Nid::SECP384R1);
-        tampered.guest_svn += 1;
-        let error = id_auth_info(&tampered).expect_err("tampered");
-        assert!(
-            matches!(&error, FirmwareError::IdBlock(reason) if reason.contains("does not verify")),
-            "{error}"
-        );
-        let mut garbage = signed_id_block([9; 48], 0x30000, Nid::SECP384R1);
-        garbage.id_key = vec![1, 2, 3];
-        assert!(matches!(
-            id_auth_info(&garbage),
-            Err(FirmwareError::IdBlock(_))
-        ));
     }
 
     #[test]
@@ -1493,7 +1376,7 @@ mod tests {
             .expect("update");
         let guest: LaunchedGuest = launch
             .finish(&LaunchFinish {
-                id_block: Some(signed_id_block(digest, policy, Nid::SECP384R1)),
+                id_block: Some(signed_id_block(digest, policy)),
                 host_data: [0x11; 32],
             })
             .expect("finish");

@@ -7,9 +7,10 @@ use time::OffsetDateTime;
 use crate::daemon::error::OpError;
 use crate::daemon::host::HostCapabilities;
 use crate::model::{
-    Attestation, ConfidentialMode, DiskSpec, HostRecord, ImageRecord, PortForward, VmRecord,
-    VmSpec, VmState,
+    Attestation, ConfidentialMode, DiskSpec, HostRecord, ImageRecord, KeyBrokerBinding,
+    OwnerIdBlock, PortForward, VmRecord, VmSpec, VmState,
 };
+use hsev_attestation::id_block::SignedIdBlock;
 
 fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&Rfc3339).unwrap_or_default()
@@ -99,9 +100,23 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
         port_forwards,
         vcpu_type: spec.vcpu_type,
         encrypted_disk_mib: spec.encrypted_disk_mib,
-        // The daemon binds the key broker itself; a caller cannot choose it.
-        key_broker: None,
+        key_broker: spec.key_broker.map(|broker| KeyBrokerBinding {
+            guest_url: broker.url,
+            pin: broker.pin,
+            repository: broker.repository,
+        }),
+        id_block: id_block_from_proto(&spec.id_block, &spec.id_auth)?,
     })
+}
+
+/// An owner's ID block from its two structures; none when both are empty.
+pub fn id_block_from_proto(block: &[u8], auth: &[u8]) -> Result<Option<OwnerIdBlock>, OpError> {
+    if block.is_empty() && auth.is_empty() {
+        return Ok(None);
+    }
+    SignedIdBlock::from_bytes(block, auth)
+        .map(|signed| Some(OwnerIdBlock { signed }))
+        .map_err(|error| OpError::invalid(format!("id_block: {error}")))
 }
 
 fn forwards(forwards: &[PortForward]) -> Vec<v1::PortForward> {
@@ -157,7 +172,22 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
             key_resource: spec
                 .key_broker
                 .as_ref()
-                .map(|binding| binding.resource.clone())
+                .map(|binding| binding.resource(&vm.id))
+                .unwrap_or_default(),
+            key_broker: spec.key_broker.as_ref().map(|binding| v1::KeyBroker {
+                url: binding.guest_url.clone(),
+                pin: binding.pin.clone(),
+                repository: binding.repository.clone(),
+            }),
+            id_block: spec
+                .id_block
+                .as_ref()
+                .map(|id_block| id_block.signed.block.to_bytes().to_vec())
+                .unwrap_or_default(),
+            id_auth: spec
+                .id_block
+                .as_ref()
+                .map(|id_block| id_block.signed.auth_bytes().to_vec())
                 .unwrap_or_default(),
         }),
         state: state_to_proto(vm.state).into(),

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hsev_xapi::cli::{attest, completions, firmware, host, image, measure, output, vm};
+use hsev_xapi::cli::{attest, completions, firmware, host, idkey, image, measure, output, vm};
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
 #[derive(Debug, Parser)]
@@ -24,6 +24,12 @@ enum Command {
     /// Calculate the launch measurement of an SEV, SEV-ES or SEV-SNP guest
     /// (the flags, defaults and output of sev-snp-measure).
     Measure(measure::MeasureArgs),
+    /// The owner's SNP ID and author keys, on the owner's machine.
+    #[command(subcommand)]
+    Idkey(idkey::IdKeyCommand),
+    /// Sign SNP ID blocks that pin a launch, on the owner's machine.
+    #[command(subcommand)]
+    Idblock(idkey::IdBlockCommand),
     /// Confidential VMs on hsevd: create, start, stop, inspect, console.
     Vm(vm::VmArgs),
     /// The pool's hypervisor hosts and what they can run (admins).
@@ -44,6 +50,12 @@ fn main() -> ExitCode {
             firmware::run(&command).unwrap_or_else(|error| output::input_error_exit(&error))
         }
         Command::Measure(args) => measure::run(&args),
+        Command::Idkey(command) => {
+            idkey::run_idkey(&command).unwrap_or_else(|error| output::input_error_exit(&error))
+        }
+        Command::Idblock(command) => {
+            idkey::run_idblock(&command).unwrap_or_else(|error| output::input_error_exit(&error))
+        }
         Command::Vm(args) => vm::run(&args),
         Command::Host(args) => host::run(&args),
         Command::Image(args) => image::run(&args),

@@ -1,13 +1,16 @@
 //! The `hsev` command line: one module per command group, and the output
-//! conventions they share. `attest`, `measure` and `firmware` work offline;
-//! `vm`, `host` and `image` talk to hsevd through `client`.
+//! conventions they share. `attest`, `measure`, `firmware` and `idkey` work
+//! offline; `vm`, `host` and `image` talk to hsevd through `client`;
+//! `tenant` is what a tenant computes on its own machine.
 
 pub mod attest;
 pub mod client;
 pub mod completions;
 pub mod firmware;
 pub mod host;
+pub mod idkey;
 pub mod image;
 pub mod measure;
 pub mod output;
+pub mod tenant;
 pub mod vm;

@@ -5,14 +5,16 @@
 //! as `show` prints it or, with `--output json`, as one JSON document.
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
+use hsev_attestation::id_block::IdBlock;
 use hsev_proto::v1::attestation_status::State as AttestationState;
 use hsev_proto::v1::{
     AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest, CreateVmRequest,
-    DeleteVmRequest, DiskSpec, ListVmsRequest, PortForward, RootOrigin, StopVmRequest, Vm, VmRef,
-    VmSpec, VmState, WaitVmRequest,
+    DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, PortForward, RootOrigin,
+    SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
 };
 use serde_json::{json, Value};
 
@@ -20,7 +22,9 @@ use super::client::{
     self, enum_name, follow_progress, hex_or_none, print_json, print_stdout, render_table,
     Connection, ConnectionArgs, Fields, RemoteError,
 };
-use super::output::OutputFormat;
+use super::idkey::{self, IdBlockFields};
+use super::output::{InputError, OutputFormat};
+use super::tenant::measure_vm;
 
 /// `hsev vm ...` and its connection flags.
 #[derive(Debug, Args)]
@@ -36,7 +40,7 @@ pub struct VmArgs {
 pub enum VmCommand {
     /// Create a VM: place it, prepare its disks, compute its expected
     /// launch measurement; `--start` starts it too.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a stopped or failed VM (a new launch: the guest attests again).
     Start(VmName),
     /// Stop a VM: ACPI shutdown, killed after the timeout.
@@ -53,6 +57,12 @@ pub enum VmCommand {
     Console(ConsoleArgs),
     /// Wait until a VM reaches a state; exit 1 on timeout.
     Wait(WaitArgs),
+    /// Compute a VM's launch measurement here, from your own copy of its
+    /// image, beside the host's figure; exit 1 if they differ.
+    Measure(MeasureVmArgs),
+    /// Set the owner's SNP ID block of a stopped sev-snp VM (signed here
+    /// with your ID key over the measurement computed here), or remove it.
+    IdBlock(IdBlockArgs),
 }
 
 /// How a VM's memory is protected.
@@ -136,11 +146,16 @@ pub struct CreateArgs {
     /// An extra empty data disk, NAME:SIZE_MIB. Repeatable.
     #[arg(long = "disk", value_name = "NAME:SIZE_MIB", value_parser = parse_disk)]
     disks: Vec<DiskSpec>,
-    /// Add a LUKS2 data disk of this size (MiB) whose random key only the
-    /// host's key broker holds: the guest's agent gets it after attesting,
-    /// and unlocks and mounts the disk (sev-snp only).
+    /// Add a data disk of this size (MiB) that the guest encrypts (LUKS2)
+    /// with a key only your key broker holds and releases to the attested
+    /// guest; the host creates it empty and never sees the key (sev-snp
+    /// only; needs --key-broker).
     #[arg(long, value_name = "SIZE_MIB", value_parser = clap::value_parser!(u64).range(1..))]
     encrypted_disk: Option<u64>,
+    #[command(flatten)]
+    key_broker: KeyBrokerArgs,
+    #[command(flatten)]
+    id_block: IdBlockSource,
     /// Forward a host loopback port to a guest port, HOSTPORT:GUESTPORT
     /// (host port 0 picks a free one). Repeatable.
     #[arg(long = "forward", value_name = "HOSTPORT:GUESTPORT", value_parser = parse_forward)]
@@ -151,6 +166,111 @@ pub struct CreateArgs {
     /// Start the VM once created.
     #[arg(long)]
     start: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// The tenant's key broker, as the guest reaches it.
+#[derive(Debug, Clone, Args)]
+pub struct KeyBrokerArgs {
+    /// Your key broker's URL as the guest reaches it (https://...; http://
+    /// only for a development broker).
+    #[arg(long = "key-broker", value_name = "URL", env = "HSEV_KEY_BROKER")]
+    url: Option<String>,
+    /// SHA-256 of its TLS public key, sha256:<64 hex> (`hsev-kbs
+    /// fingerprint`): the guest refuses any other broker.
+    #[arg(
+        long = "key-broker-pin",
+        value_name = "PIN",
+        env = "HSEV_KEY_BROKER_PIN"
+    )]
+    pin: Option<String>,
+    /// Your repository at the broker (the disk key is
+    /// REPOSITORY/disk-key/<vm id>).
+    #[arg(
+        long = "key-broker-repository",
+        value_name = "NAME",
+        env = "HSEV_KEY_BROKER_REPOSITORY"
+    )]
+    repository: Option<String>,
+}
+
+impl KeyBrokerArgs {
+    fn to_proto(&self) -> Result<Option<KeyBroker>, RemoteError> {
+        match (&self.url, &self.repository) {
+            (None, None) if self.pin.is_none() => Ok(None),
+            (Some(url), Some(repository)) => Ok(Some(KeyBroker {
+                url: url.clone(),
+                pin: self.pin.clone().unwrap_or_default(),
+                repository: repository.clone(),
+            })),
+            _ => Err(RemoteError::Input(
+                "--key-broker and --key-broker-repository go together (with --key-broker-pin \
+                 for an https broker)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Where a VM's ID block comes from: signed here, or handed over signed.
+#[derive(Debug, Clone, Args)]
+pub struct IdBlockSource {
+    /// Sign an ID block with this ID key (`hsev idkey generate`) over the
+    /// launch measurement computed here from --image-manifest.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "image_manifest",
+        conflicts_with = "id_block"
+    )]
+    id_key: Option<PathBuf>,
+    /// An author key that signs the ID key.
+    #[arg(long, value_name = "FILE", requires = "id_key")]
+    author_key: Option<PathBuf>,
+    /// Your copy of the VM's image (its manifest.json or folder).
+    #[arg(long, value_name = "FILE")]
+    image_manifest: Option<PathBuf>,
+    #[command(flatten)]
+    fields: IdBlockFields,
+    /// A pre-signed ID_BLOCK (96 bytes, `hsev idblock sign`).
+    #[arg(long, value_name = "FILE", requires = "id_auth")]
+    id_block: Option<PathBuf>,
+    /// Its ID_AUTH_INFO (4096 bytes).
+    #[arg(long, value_name = "FILE", requires = "id_block")]
+    id_auth: Option<PathBuf>,
+}
+
+impl IdBlockSource {
+    fn given(&self) -> bool {
+        self.id_key.is_some() || self.id_block.is_some()
+    }
+}
+
+/// `hsev vm measure`.
+#[derive(Debug, Args)]
+pub struct MeasureVmArgs {
+    /// Id or name of the VM.
+    vm: String,
+    /// Your copy of the VM's image (its manifest.json or folder).
+    #[arg(long, value_name = "FILE")]
+    image_manifest: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// `hsev vm id-block`.
+#[derive(Debug, Args)]
+pub struct IdBlockArgs {
+    /// Id or name of the VM.
+    vm: String,
+    #[command(flatten)]
+    source: IdBlockSource,
+    /// Remove the VM's ID block.
+    #[arg(long, conflicts_with_all = ["id_key", "id_block"])]
+    remove: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -323,6 +443,7 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
     let mut vms = connection.vms();
     match command {
         VmCommand::Create(args) => {
+            let key_broker = args.key_broker.to_proto()?;
             let request = CreateVmRequest {
                 spec: Some(VmSpec {
                     name: args.name.clone(),
@@ -336,11 +457,74 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                     vcpu_type: args.vcpu_type.clone().unwrap_or_default(),
                     encrypted_disk_mib: args.encrypted_disk.unwrap_or(0),
                     key_resource: String::new(),
+                    key_broker,
+                    id_block: Vec::new(),
+                    id_auth: Vec::new(),
                 }),
-                start: args.start,
+                // With an ID block, started once it is set.
+                start: args.start && !args.id_block.given(),
             };
             let vm = follow_progress(vms.create_vm(request).await?).await?;
-            finish(vm, args.output)
+            if !args.id_block.given() {
+                return finish(vm, args.output);
+            }
+            let vm = vm.ok_or_else(|| RemoteError::Failed("hsevd sent no VM".into()))?;
+            let mut vm = set_id_block(connection, &vm, &args.id_block).await?;
+            if args.start {
+                vm = follow_progress(vms.start_vm(vm_ref(&vm.id)).await?)
+                    .await?
+                    .unwrap_or(vm);
+            }
+            finish(Some(vm), args.output)
+        }
+        VmCommand::Measure(args) => {
+            let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
+            let ours = measure_vm(&vm, &args.image_manifest)
+                .map_err(|error| RemoteError::Input(error.0))?;
+            let equal = ours.measurement == vm.expected_measurement;
+            match args.output {
+                OutputFormat::Json => print_json(&json!({
+                    "vm": vm.id,
+                    "computed_here": hex::encode(&ours.measurement),
+                    "host_expected": hex::encode(&vm.expected_measurement),
+                    "equal": equal,
+                }))?,
+                OutputFormat::Text => print_stdout(&format!(
+                    "computed here:  {}\nhost expects:   {}\n{}\n",
+                    hex::encode(&ours.measurement),
+                    hex_or_none(&vm.expected_measurement).unwrap_or_else(|| "-".to_owned()),
+                    if equal {
+                        "EQUAL: the host computes what this image measures"
+                    } else {
+                        "DIFFERENT: pin the figure computed here, never the host's"
+                    }
+                ))?,
+            }
+            Ok(if equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        VmCommand::IdBlock(args) => {
+            let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
+            let vm = if args.remove {
+                let request = SetVmIdBlockRequest {
+                    vm: vm.id.clone(),
+                    id_block: Vec::new(),
+                    id_auth: Vec::new(),
+                };
+                vms.set_vm_id_block(request).await?.into_inner()
+            } else if args.source.given() {
+                set_id_block(connection, &vm, &args.source).await?
+            } else {
+                return Err(RemoteError::Input(
+                    "give --id-key (with --image-manifest), --id-block and --id-auth, or --remove"
+                        .into(),
+                ));
+            };
+            print_vm(&vm, args.output)?;
+            Ok(ExitCode::SUCCESS)
         }
         VmCommand::Start(args) => {
             let vm = follow_progress(vms.start_vm(vm_ref(&args.vm)).await?).await?;
@@ -411,6 +595,67 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Signs (or reads) `vm`'s ID block and sets it.
+async fn set_id_block(
+    connection: &Connection,
+    vm: &Vm,
+    source: &IdBlockSource,
+) -> Result<Vm, RemoteError> {
+    let input = |error: InputError| RemoteError::Input(error.0);
+    let (block, auth) = match (&source.id_key, &source.id_block, &source.id_auth) {
+        (Some(id_key), _, _) => {
+            let manifest = source
+                .image_manifest
+                .as_deref()
+                .ok_or_else(|| RemoteError::Input("--id-key needs --image-manifest".into()))?;
+            let ours = measure_vm(vm, manifest).map_err(input)?;
+            let launch_digest: [u8; 48] = ours.measurement.as_slice().try_into().map_err(|_| {
+                RemoteError::Input(format!("VM {} is not an sev-snp VM", ours.spec.name))
+            })?;
+            eprintln!(
+                "hsev: signing an ID block for measurement {} (computed here from {})",
+                hex::encode(launch_digest),
+                manifest.display()
+            );
+            let block = IdBlock {
+                launch_digest,
+                family_id: source.fields.family_id.unwrap_or_default(),
+                image_id: source.fields.image_id.unwrap_or_default(),
+                guest_svn: source.fields.guest_svn,
+                policy: ours.spec.guest_policy,
+            };
+            let signed = idkey::sign(block, id_key, source.author_key.as_deref()).map_err(input)?;
+            (
+                signed.block.to_bytes().to_vec(),
+                signed.auth_bytes().to_vec(),
+            )
+        }
+        (None, Some(block), Some(auth)) => {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|error| {
+                    RemoteError::Input(format!("cannot read {}: {error}", path.display()))
+                })
+            };
+            (read(block)?, read(auth)?)
+        }
+        _ => {
+            return Err(RemoteError::Input(
+                "give --id-key (with --image-manifest), or --id-block and --id-auth".into(),
+            ))
+        }
+    };
+    let request = SetVmIdBlockRequest {
+        vm: vm.id.clone(),
+        id_block: block,
+        id_auth: auth,
+    };
+    Ok(connection
+        .vms()
+        .set_vm_id_block(request)
+        .await?
+        .into_inner())
 }
 
 fn vm_ref(vm: &str) -> VmRef {
@@ -782,6 +1027,9 @@ mod tests {
                 vcpu_type: "EPYC-v4".into(),
                 encrypted_disk_mib: 0,
                 key_resource: String::new(),
+                key_broker: None,
+                id_block: Vec::new(),
+                id_auth: Vec::new(),
             }),
             state: VmState::Running.into(),
             state_reason: String::new(),

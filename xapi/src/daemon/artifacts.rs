@@ -1,126 +1,22 @@
-//! What a VM boots and must measure, from its image and spec: the expected
-//! launch measurement at creation, and at start the launch itself through
-//! the simulated Secure Processor with the SNP kernel-hashes page QEMU is
-//! given.
+//! A VM's launch on this host: through the simulated Secure Processor over
+//! exactly the artifacts QEMU is given, with the owner's ID block, and the
+//! SNP kernel-hashes page QEMU is handed. What a launch must measure is
+//! [`crate::launch`]'s, shared with the tenant's CLI.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use hsev_attestation::firmware::launcher::{launch_snp_guest, GuestArtifacts};
 use hsev_attestation::firmware::{LaunchFinish, LaunchedGuest, SevFirmware};
-use hsev_attestation::measurement::{
-    self, vcpu_sig_for_type, DirectBoot, OvmfImage, SectionType, SevEsLaunch, SevHashes, SnpLaunch,
-    VmmType,
-};
+use hsev_attestation::measurement::{self, OvmfImage, SectionType, SevHashes};
 
 use super::error::OpError;
-use super::images::{ImageBoot, ImageFiles};
 use crate::hypervisor::KernelHashesPage;
-use crate::model::{ConfidentialMode, VmId, VmSpec};
-
-/// The bytes of an image's artifacts.
-pub struct ImageBytes {
-    firmware: Vec<u8>,
-    kernel: Vec<u8>,
-    initrd: Vec<u8>,
-    cmdline: String,
-    measured_direct_boot: bool,
-}
-
-impl ImageBytes {
-    /// Reads an image's artifacts.
-    pub fn read(
-        files: &ImageFiles,
-        cmdline: &str,
-        measured_direct_boot: bool,
-    ) -> Result<Self, OpError> {
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(|error| {
-                OpError::internal(format!("cannot read {}: {error}", path.display()))
-            })
-        };
-        Ok(ImageBytes {
-            firmware: read(&files.firmware)?,
-            kernel: match &files.boot {
-                ImageBoot::Direct { kernel, .. } => read(kernel)?,
-                ImageBoot::Disk { .. } => Vec::new(),
-            },
-            initrd: match &files.boot {
-                ImageBoot::Direct {
-                    initrd: Some(initrd),
-                    ..
-                } => read(initrd)?,
-                _ => Vec::new(),
-            },
-            cmdline: cmdline.to_owned(),
-            measured_direct_boot,
-        })
-    }
-
-    /// The direct boot, when the firmware measures it.
-    fn direct_boot(&self) -> Option<DirectBoot<'_>> {
-        (self.measured_direct_boot && !self.kernel.is_empty()).then(|| DirectBoot {
-            kernel: &self.kernel,
-            initrd: (!self.initrd.is_empty()).then_some(self.initrd.as_slice()),
-            append: Some(&self.cmdline),
-        })
-    }
-}
-
-/// The host data a VM's launch binds: SHA-256 of its id, so a report names
-/// the VM it comes from.
-pub fn host_data(vm: &VmId) -> [u8; 32] {
-    openssl::sha::sha256(vm.0.as_bytes())
-}
-
-fn vcpu_sig(spec: &VmSpec) -> Result<u64, OpError> {
-    vcpu_sig_for_type(&spec.vcpu_type)
-        .map(u64::from)
-        .ok_or_else(|| OpError::invalid(format!("unknown vCPU type {:?}", spec.vcpu_type)))
-}
+use crate::launch::{host_data, vcpu_sig, ImageBytes};
+use crate::model::{VmId, VmSpec};
 
 fn measurement_error(error: measurement::MeasurementError) -> OpError {
     OpError::precondition(format!("the image cannot be measured: {error}"))
-}
-
-/// The launch measurement a VM of `spec` booting `image` must show: 48
-/// bytes for SEV-SNP, 32 for SEV and SEV-ES, none for ordinary VMs.
-pub fn expected_measurement(spec: &VmSpec, image: &ImageBytes) -> Result<Vec<u8>, OpError> {
-    if spec.mode == ConfidentialMode::None {
-        return Ok(Vec::new());
-    }
-    let ovmf = OvmfImage::parse(&image.firmware).map_err(measurement_error)?;
-    let vcpus = spec.vcpus as usize;
-    Ok(match spec.mode {
-        ConfidentialMode::SevSnp => measurement::snp_launch_digest(&SnpLaunch {
-            ovmf: &ovmf,
-            vcpus,
-            vcpu_sig: vcpu_sig(spec)?,
-            guest_features: 1,
-            vmm: VmmType::Qemu,
-            direct_boot: image.direct_boot(),
-            ovmf_hash: None,
-        })
-        .map_err(measurement_error)?
-        .launch_digest
-        .to_vec(),
-        ConfidentialMode::SevEs => measurement::seves_launch_digest(&SevEsLaunch {
-            ovmf: &ovmf,
-            vcpus,
-            vcpu_sig: vcpu_sig(spec)?,
-            vmm: VmmType::Qemu,
-            direct_boot: image.direct_boot(),
-        })
-        .map_err(measurement_error)?
-        .launch_digest
-        .to_vec(),
-        ConfidentialMode::Sev => {
-            measurement::sev_launch_digest(&ovmf, image.direct_boot().as_ref())
-                .map_err(measurement_error)?
-                .to_vec()
-        }
-        ConfidentialMode::None => Vec::new(),
-    })
 }
 
 /// Launches `vm` through the simulated Secure Processor over exactly the
@@ -135,11 +31,14 @@ pub fn simulated_launch(
         ovmf: &image.firmware,
         direct_boot: image.direct_boot(),
         vcpus: spec.vcpus as usize,
-        vcpu_sig: vcpu_sig(spec)?,
+        vcpu_sig: vcpu_sig(&spec.vcpu_type)?,
         guest_features: 1,
     };
     let finish = LaunchFinish {
-        id_block: None,
+        id_block: spec
+            .id_block
+            .as_ref()
+            .map(|id_block| id_block.signed.clone()),
         host_data: host_data(vm),
     };
     Ok(launch_snp_guest(

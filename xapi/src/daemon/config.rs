@@ -19,13 +19,6 @@
 //! [firmware]
 //! simulated_dir = "/var/lib/hsevd/sim"  # use the simulated Secure Processor (no /dev/sev)
 //!
-//! [key_broker]                        # hsev-kbs, for VMs with an encrypted disk
-//! url = "http://127.0.0.1:8080"         # where this daemon registers keys
-//! guest_url = "http://10.0.2.2:8080"    # where guests reach it; default: url
-//!                                       # with a loopback host as 10.0.2.2
-//! admin_token_file = "/etc/hsevd/kbs-admin.token"
-//! repository = "hsev"                   # resources are <repository>/disk-key/<vm id>
-//!
 //! [[tokens]]
 //! name = "ops"
 //! role = "admin"
@@ -137,79 +130,6 @@ pub struct FirmwareConfig {
     pub simulated_dir: Option<PathBuf>,
 }
 
-/// The key broker (`hsev-kbs`) that holds the keys of encrypted disks.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyBrokerConfig {
-    /// Its base URL from this host (admin API).
-    pub url: String,
-    /// Its base URL from inside a guest; default: `url` with a loopback
-    /// host replaced by 10.0.2.2, the host as QEMU's user network shows it.
-    pub guest_url: Option<String>,
-    /// A file holding the admin bearer token (first line).
-    pub admin_token_file: PathBuf,
-    /// The resource repository this host's keys go in.
-    #[serde(default = "default_repository")]
-    pub repository: String,
-}
-
-fn default_repository() -> String {
-    "hsev".to_owned()
-}
-
-impl KeyBrokerConfig {
-    /// The URL guests use.
-    pub fn guest_url(&self) -> String {
-        if let Some(url) = &self.guest_url {
-            return url.clone();
-        }
-        for loopback in ["127.0.0.1", "localhost", "[::1]"] {
-            let prefix = format!("http://{loopback}");
-            if let Some(rest) = self.url.strip_prefix(&prefix) {
-                if rest.is_empty() || rest.starts_with(':') || rest.starts_with('/') {
-                    return format!("http://10.0.2.2{rest}");
-                }
-            }
-        }
-        self.url.clone()
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &str, problem: String| ConfigError::Invalid {
-            key: format!("key_broker.{key}"),
-            problem,
-        };
-        for (key, url) in [
-            ("url", Some(&self.url)),
-            ("guest_url", self.guest_url.as_ref()),
-        ] {
-            let Some(url) = url else { continue };
-            // The guest reads it from its kernel command line: no spaces.
-            if !url.starts_with("http://") || url.len() <= 7 || url.contains(char::is_whitespace) {
-                return Err(invalid(
-                    key,
-                    format!("{url:?} must be an http:// URL without spaces"),
-                ));
-            }
-        }
-        if self.repository.is_empty()
-            || !self
-                .repository
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-        {
-            return Err(invalid(
-                "repository",
-                format!(
-                    "{:?} must be letters, digits, '-', '_' or '.'",
-                    self.repository
-                ),
-            ));
-        }
-        Ok(())
-    }
-}
-
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,8 +161,6 @@ pub struct Config {
     /// Firmware.
     #[serde(default)]
     pub firmware: FirmwareConfig,
-    /// The key broker; without it, VMs cannot have encrypted disks.
-    pub key_broker: Option<KeyBrokerConfig>,
     /// Bearer tokens.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
@@ -311,9 +229,6 @@ impl Config {
                 return Err(invalid("host_name", "must not be empty".into()));
             }
         }
-        if let Some(key_broker) = &self.key_broker {
-            key_broker.validate()?;
-        }
         Ok(())
     }
 
@@ -345,22 +260,6 @@ mod tests {
     }
 
     #[test]
-    fn guests_reach_a_loopback_key_broker_through_the_user_network() {
-        let config = parse(
-            "state_dir = \"/x\"\n[key_broker]\nurl = \"http://127.0.0.1:8080\"\nadmin_token_file = \"/t\"",
-        )
-        .expect("valid");
-        let key_broker = config.key_broker.expect("set");
-        assert_eq!(key_broker.guest_url(), "http://10.0.2.2:8080");
-        assert_eq!(key_broker.repository, "hsev");
-        let remote = KeyBrokerConfig {
-            url: "http://kbs.example:8080".into(),
-            ..key_broker
-        };
-        assert_eq!(remote.guest_url(), "http://kbs.example:8080");
-    }
-
-    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("state_dir = \"/x\"\nlisten_addr = \"1\"", "listen_addr"),
@@ -373,13 +272,10 @@ mod tests {
                 "tokens[0].name",
             ),
             ("state_dir = \"/x\"\n[firmware]\nsimulated = true", "simulated"),
+            // Keys belong to the tenant's broker: the host has none to name.
             (
-                "state_dir = \"/x\"\n[key_broker]\nurl = \"https://kbs\"\nadmin_token_file = \"/t\"",
-                "key_broker.url",
-            ),
-            (
-                "state_dir = \"/x\"\n[key_broker]\nurl = \"http://kbs:1\"\nadmin_token_file = \"/t\"\nrepository = \"a/b\"",
-                "key_broker.repository",
+                "state_dir = \"/x\"\n[key_broker]\nurl = \"http://kbs:1\"",
+                "key_broker",
             ),
         ];
         for (text, key) in cases {

@@ -82,6 +82,16 @@ impl From<StoreError> for OpError {
     }
 }
 
+impl From<crate::launch::LaunchError> for OpError {
+    fn from(error: crate::launch::LaunchError) -> Self {
+        match error {
+            crate::launch::LaunchError::UnknownVcpuType(_) => OpError::invalid(error.to_string()),
+            crate::launch::LaunchError::Measurement(_) => OpError::precondition(error.to_string()),
+            crate::launch::LaunchError::Read { .. } => OpError::internal(error.to_string()),
+        }
+    }
+}
+
 impl From<DriverError> for OpError {
     fn from(error: DriverError) -> Self {
         OpError::internal(error.to_string())
@@ -93,6 +103,7 @@ impl From<FirmwareError> for OpError {
         let kind = match &error {
             FirmwareError::PolicyRefused { .. } => Kind::InvalidArgument,
             FirmwareError::NoFreeAsid(_)
+            | FirmwareError::IdBlock(_)
             | FirmwareError::SnpDisabled
             | FirmwareError::Unsupported(_) => Kind::FailedPrecondition,
             _ => Kind::Internal,

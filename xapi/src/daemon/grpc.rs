@@ -395,6 +395,21 @@ impl VmService for Api {
             &record.attestation,
         )))
     }
+
+    async fn set_vm_id_block(
+        &self,
+        request: Request<v1::SetVmIdBlockRequest>,
+    ) -> Result<Response<v1::Vm>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let id_block = crate::api::vm::id_block_from_proto(&request.id_block, &request.id_auth)?;
+        let record = self
+            .blocking("SetVmIdBlock", move |manager| {
+                manager.set_id_block(&caller, &request.vm, id_block)
+            })
+            .await?;
+        Ok(Response::new(self.vm(&record)))
+    }
 }
 
 #[tonic::async_trait]

@@ -1,43 +1,19 @@
-//! Importing guest images: a folder with a `manifest.json` naming the
-//! firmware and either a kernel and initrd booted directly (what
-//! `make image` writes) or a disk the firmware boots (`"disk": {"path",
-//! "sha256", "format": "qcow2" | "raw"}`). Every artifact's sha256 is checked against the
-//! manifest before anything is stored; the copy goes to
+//! Importing guest images: a folder with a `manifest.json`
+//! ([`crate::launch::manifest`]). Every artifact's sha256 is checked against
+//! the manifest before anything is stored; the copy goes to
 //! `<state_dir>/images/<id>/` and is what VMs boot and what their
 //! measurements are computed from.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::error::OpError;
 use crate::hypervisor::DiskFormat;
+use crate::launch::manifest::ImageFolder;
+use crate::launch::ArtifactPaths;
 use crate::model::ImageRecord;
 use crate::store::Store;
-
-/// An artifact entry of the manifest.
-#[derive(Debug, Deserialize)]
-struct Artifact {
-    path: PathBuf,
-    sha256: String,
-    #[serde(default)]
-    kernel_hashes: bool,
-    #[serde(default)]
-    format: Option<String>,
-}
-
-/// The parts of `manifest.json` an import uses (the rest describes how
-/// the image was built).
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    firmware: Artifact,
-    kernel: Option<Artifact>,
-    initrd: Option<Artifact>,
-    disk: Option<Artifact>,
-    #[serde(default)]
-    cmdline: String,
-}
 
 /// What an image boots.
 #[derive(Debug, Clone)]
@@ -65,6 +41,21 @@ pub struct ImageFiles {
     pub firmware: PathBuf,
     /// What it boots.
     pub boot: ImageBoot,
+}
+
+impl ImageFiles {
+    /// The artifacts a launch measures.
+    pub fn artifact_paths(&self) -> ArtifactPaths {
+        let (kernel, initrd) = match &self.boot {
+            ImageBoot::Direct { kernel, initrd } => (Some(kernel.clone()), initrd.clone()),
+            ImageBoot::Disk { .. } => (None, None),
+        };
+        ArtifactPaths {
+            firmware: self.firmware.clone(),
+            kernel,
+            initrd,
+        }
+    }
 }
 
 fn has_role(image: &ImageRecord, role: &str) -> bool {
@@ -95,13 +86,14 @@ pub fn files(image: &ImageRecord) -> ImageFiles {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<(String, u64), OpError> {
-    let bytes = std::fs::read(path)
-        .map_err(|error| OpError::invalid(format!("cannot read {}: {error}", path.display())))?;
-    Ok((
-        hex::encode(openssl::sha::sha256(&bytes)),
-        bytes.len() as u64,
-    ))
+/// The file name an artifact of `role` gets in the store.
+fn stored_name(role: &str) -> &'static str {
+    match role {
+        "firmware" => "firmware.fd",
+        "kernel" => "vmlinuz",
+        "initrd" => "initrd.img",
+        _ => "disk.img",
+    }
 }
 
 fn valid_name(name: &str) -> bool {
@@ -125,67 +117,21 @@ pub fn import(
             "image name {name:?}: 1-63 letters, digits, '-', '_' or '.'"
         )));
     }
-    let manifest_path = source.join("manifest.json");
-    let manifest_bytes = std::fs::read(&manifest_path).map_err(|error| {
-        OpError::invalid(format!("cannot read {}: {error}", manifest_path.display()))
-    })?;
-    let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-        .map_err(|error| OpError::invalid(format!("{}: {error}", manifest_path.display())))?;
-    let id = hex::encode(openssl::sha::sha256(&manifest_bytes));
-
-    let disk_format = match manifest
-        .disk
-        .as_ref()
-        .map(|disk| disk.format.as_deref().unwrap_or("qcow2"))
-    {
-        None => None,
-        Some("qcow2") => Some(DiskFormat::Qcow2),
-        Some("raw") => Some(DiskFormat::Raw),
-        Some(other) => {
-            return Err(OpError::invalid(format!(
-                "disk format {other:?}: qcow2 or raw"
-            )))
-        }
-    };
-    // (role, artifact, file name in the store)
-    let mut artifacts: Vec<(&str, &Artifact, &str)> =
-        vec![("firmware", &manifest.firmware, "firmware.fd")];
-    match (&manifest.kernel, &manifest.disk) {
-        (Some(kernel), None) => {
-            artifacts.push(("kernel", kernel, "vmlinuz"));
-            if let Some(initrd) = &manifest.initrd {
-                artifacts.push(("initrd", initrd, "initrd.img"));
-            }
-        }
-        (None, Some(disk)) => artifacts.push(("disk", disk, "disk.img")),
-        _ => {
-            return Err(OpError::invalid(
-                "the manifest must name either a kernel or a disk, not both or neither",
-            ))
-        }
-    }
-
-    let mut sha256 = Vec::new();
-    let mut size_bytes = 0;
-    let steps = artifacts.len() as u32;
-    for (index, (role, artifact, _)) in artifacts.iter().enumerate() {
-        progress(
-            "verify",
-            &format!("checking the {role}'s sha256"),
-            10 + 60 * index as u32 / steps,
-        );
-        let path = source.join(&artifact.path);
-        let (digest, size) = sha256_file(&path)?;
-        if !digest.eq_ignore_ascii_case(&artifact.sha256) {
-            return Err(OpError::invalid(format!(
-                "{}: sha256 {digest} differs from the manifest's {}",
-                path.display(),
-                artifact.sha256
-            )));
-        }
-        sha256.push(((*role).to_owned(), digest));
-        size_bytes += size;
-    }
+    let folder = ImageFolder::read(source).map_err(|error| OpError::invalid(error.to_string()))?;
+    let manifest = &folder.manifest;
+    let id = folder.image_id();
+    let disk_format = manifest
+        .disk_format()
+        .map_err(|error| OpError::invalid(error.to_string()))?;
+    progress("verify", "checking every artifact's sha256", 10);
+    let verified = folder
+        .verify()
+        .map_err(|error| OpError::invalid(error.to_string()))?;
+    let size_bytes = verified.iter().map(|artifact| artifact.size).sum();
+    let mut sha256: Vec<(String, String)> = verified
+        .iter()
+        .map(|artifact| (artifact.role.to_owned(), artifact.sha256.clone()))
+        .collect();
     if disk_format == Some(DiskFormat::Raw) {
         // Recorded as a role so the format survives in the store.
         sha256.push(("disk-raw".to_owned(), String::new()));
@@ -198,11 +144,11 @@ pub fn import(
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|error| io("create the image folder", error))?;
     progress("copy", "copying the artifacts into the store", 75);
-    for (_, artifact, name) in &artifacts {
-        std::fs::copy(source.join(&artifact.path), staging.join(name))
+    for artifact in &verified {
+        std::fs::copy(&artifact.path, staging.join(stored_name(artifact.role)))
             .map_err(|error| io("copy an artifact", error))?;
     }
-    std::fs::write(staging.join("manifest.json"), &manifest_bytes)
+    std::fs::write(staging.join("manifest.json"), &folder.bytes)
         .map_err(|error| io("keep the manifest", error))?;
     let created = !dir.exists();
     if created {
@@ -216,8 +162,8 @@ pub fn import(
         name: name.to_owned(),
         dir,
         sha256,
-        cmdline: manifest.cmdline,
-        measured_direct_boot: manifest.firmware.kernel_hashes && manifest.kernel.is_some(),
+        cmdline: manifest.cmdline.clone(),
+        measured_direct_boot: manifest.measured_direct_boot(),
         size_bytes,
         imported_at: OffsetDateTime::now_utc(),
     };

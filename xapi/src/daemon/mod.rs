@@ -9,7 +9,6 @@ mod agent_link;
 mod artifacts;
 pub mod auth;
 pub mod config;
-pub mod disk_keys;
 pub mod error;
 mod grpc;
 pub mod host;
@@ -33,7 +32,6 @@ use time::OffsetDateTime;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use self::config::{AcceleratorChoice, Config};
-use self::disk_keys::KeyBroker;
 use self::error::OpError;
 use self::vms::{Firmware, ManagerParts, VmManager};
 use crate::hypervisor::qemu::{QemuConfig, QemuDriver};
@@ -122,15 +120,6 @@ pub fn manager(config: &Config) -> anyhow::Result<Arc<VmManager>> {
         firmware_ref,
         config.allow_debug_policy,
     );
-    let key_broker = match &config.key_broker {
-        Some(settings) => {
-            let simulated = matches!(firmware, Firmware::Simulated(_));
-            let key_broker = KeyBroker::new(settings, simulated).map_err(anyhow::Error::msg)?;
-            tracing::info!(url = %settings.url, guest_url = %settings.guest_url(), "key broker for encrypted disks");
-            Some(Arc::new(key_broker))
-        }
-        None => None,
-    };
     let manager = Arc::new(VmManager::new(ManagerParts {
         store,
         driver: Arc::new(driver) as Arc<dyn HypervisorDriver>,
@@ -141,7 +130,6 @@ pub fn manager(config: &Config) -> anyhow::Result<Arc<VmManager>> {
         default_vcpu_type: config.default_vcpu_type.clone(),
         capabilities,
         metrics: metrics::Metrics::new(),
-        key_broker,
     }));
     probe_and_record(&manager)?;
     manager.reconcile()?;

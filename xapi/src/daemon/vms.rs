@@ -15,9 +15,8 @@ use hsev_attestation::report::GuestPolicy;
 use time::OffsetDateTime;
 
 use super::agent_link;
-use super::artifacts::{self, ImageBytes};
+use super::artifacts;
 use super::auth::Caller;
-use super::disk_keys::{KeyBroker, ENCRYPTED_DISK_NAME};
 use super::error::{Kind, OpError};
 use super::host::HostCapabilities;
 use super::images;
@@ -26,9 +25,10 @@ use crate::hypervisor::{
     Boot, ConfidentialLaunch, Disk, DiskFormat, ExitReason, HypervisorDriver, LaunchSpec,
     RuntimeState, StopMode, StopOutcome,
 };
+use crate::launch::{self, ImageBytes};
 use crate::model::{
-    Attestation, ConfidentialMode, DiskRecord, ImageRecord, VmId, VmRecord, VmRuntime, VmSpec,
-    VmState,
+    Attestation, ConfidentialMode, DiskRecord, ImageRecord, OwnerIdBlock, VmId, VmRecord,
+    VmRuntime, VmSpec, VmState, ENCRYPTED_DISK_NAME,
 };
 use crate::store::{Store, VmFilter};
 
@@ -69,8 +69,6 @@ pub struct VmManager {
     /// One lock per VM: lifecycle operations on a VM never overlap.
     locks: Mutex<HashMap<VmId, Arc<Mutex<()>>>>,
     metrics: Arc<Metrics>,
-    /// The key broker holding the keys of encrypted disks, if configured.
-    key_broker: Option<Arc<KeyBroker>>,
 }
 
 impl std::fmt::Debug for VmManager {
@@ -102,8 +100,6 @@ pub struct ManagerParts {
     pub capabilities: HostCapabilities,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// The key broker, if configured.
-    pub key_broker: Option<Arc<KeyBroker>>,
 }
 
 const DEFAULT_POLICY: u64 = 0x30000;
@@ -139,7 +135,6 @@ impl VmManager {
             measurements: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             metrics: parts.metrics,
-            key_broker: parts.key_broker,
         }
     }
 
@@ -372,12 +367,24 @@ impl VmManager {
                     spec.mode
                 )));
             }
-            if self.key_broker.is_none() {
-                return Err(OpError::precondition(
-                    "this host has no key broker configured ([key_broker] in hsevd's config): \
-                     it cannot create encrypted disks",
+            if spec.key_broker.is_none() {
+                return Err(OpError::invalid(
+                    "encrypted_disk_mib needs key_broker: the tenant's key broker (url, pin, \
+                     repository) that will hold the disk's key",
                 ));
             }
+        }
+        if let Some(binding) = &spec.key_broker {
+            validate_key_broker(binding)?;
+            if spec.mode != ConfidentialMode::SevSnp {
+                return Err(OpError::invalid(format!(
+                    "key_broker needs mode sev-snp (the guest attests to it), not {}",
+                    spec.mode
+                )));
+            }
+        }
+        if let Some(id_block) = &spec.id_block {
+            check_id_block_policy(&spec, id_block)?;
         }
         if !supported {
             return Err(OpError::precondition(format!(
@@ -416,19 +423,15 @@ impl VmManager {
             })?;
         spec.image = image.id.clone();
         let id = VmId(uuid::Uuid::new_v4().to_string());
-        let key_broker = match (&self.key_broker, spec.encrypted_disk_mib) {
-            (Some(key_broker), size) if size > 0 => {
-                spec.key_broker = Some(key_broker.binding(&id));
-                Some(key_broker)
-            }
-            _ => None,
-        };
         progress(
             "measurement",
             "computing the expected launch measurement",
             15,
         );
-        let expected_measurement = self.expected_measurement(&spec, &image)?;
+        let expected_measurement = self.expected_measurement(&id, &spec, &image)?;
+        if let Some(id_block) = &spec.id_block {
+            check_id_block_digest(&spec, id_block, &expected_measurement)?;
+        }
 
         let spec_is_confidential = spec.mode != ConfidentialMode::None;
         let run_dir = self.run_dir(&id);
@@ -443,10 +446,10 @@ impl VmManager {
                 size_mib: disk.size_mib,
             })
             .collect();
-        let encrypted_disk = key_broker.map(|_| DiskRecord {
+        let encrypted_disk = (spec.encrypted_disk_mib > 0).then(|| DiskRecord {
             vm: id.clone(),
             name: ENCRYPTED_DISK_NAME.to_owned(),
-            path: run_dir.join(format!("disk-{ENCRYPTED_DISK_NAME}.luks")),
+            path: run_dir.join(format!("disk-{ENCRYPTED_DISK_NAME}.raw")),
             size_mib: spec.encrypted_disk_mib,
         });
         disks.extend(encrypted_disk.clone());
@@ -487,25 +490,17 @@ impl VmManager {
                 );
                 self.driver.create_disk(&disk.path, disk.size_mib)?;
             }
-            if let (Some(key_broker), Some(disk), Some(binding)) =
-                (key_broker, &encrypted_disk, &record.spec.key_broker)
-            {
+            if let Some(disk) = &encrypted_disk {
                 progress(
-                    "disk-key",
+                    "disks",
                     &format!(
-                        "formatting the encrypted disk ({} MiB, LUKS2) and registering its key \
-                         at the key broker as {}",
-                        disk.size_mib, binding.resource
+                        "creating the encrypted disk ({} MiB) empty: the guest formats it with \
+                         the key its tenant's broker releases to it, which this host never sees",
+                        disk.size_mib
                     ),
                     60,
                 );
-                key_broker.provision(
-                    &id,
-                    binding,
-                    &disk.path,
-                    disk.size_mib,
-                    &record.expected_measurement,
-                )?;
+                create_empty_disk(&disk.path, disk.size_mib)?;
             }
             Ok(())
         })();
@@ -531,15 +526,18 @@ impl VmManager {
         self.get(caller, &id.0)
     }
 
-    fn expected_measurement(&self, spec: &VmSpec, image: &ImageRecord) -> Result<Vec<u8>, OpError> {
+    fn expected_measurement(
+        &self,
+        vm: &VmId,
+        spec: &VmSpec,
+        image: &ImageRecord,
+    ) -> Result<Vec<u8>, OpError> {
+        let files = images::files(image).artifact_paths();
         if spec.key_broker.is_some() {
             // Its command line names the VM: a measurement of its own.
-            let bytes = ImageBytes::read(
-                &images::files(image),
-                &vm_cmdline(image, spec),
-                image.measured_direct_boot,
-            )?;
-            return artifacts::expected_measurement(spec, &bytes);
+            let cmdline = launch::guest_cmdline(&image.cmdline, vm, spec);
+            let bytes = ImageBytes::read(&files, &cmdline, image.measured_direct_boot)?;
+            return Ok(launch::expected_measurement(spec, &bytes)?);
         }
         let key = (
             image.id.clone(),
@@ -556,17 +554,56 @@ impl VmManager {
         if let Some(measurement) = cached {
             return Ok(measurement);
         }
-        let bytes = ImageBytes::read(
-            &images::files(image),
-            &image.cmdline,
-            image.measured_direct_boot,
-        )?;
-        let measurement = artifacts::expected_measurement(spec, &bytes)?;
+        let bytes = ImageBytes::read(&files, &image.cmdline, image.measured_direct_boot)?;
+        let measurement = launch::expected_measurement(spec, &bytes)?;
         self.measurements
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(key, measurement.clone());
         Ok(measurement)
+    }
+
+    /// Sets (or with `None` removes) the owner's ID block of a stopped
+    /// SEV-SNP VM. Refused, with both digests, when the block authorises
+    /// another measurement than this VM's: the firmware would refuse the
+    /// launch (BAD_MEASUREMENT) anyway.
+    pub fn set_id_block(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        id_block: Option<OwnerIdBlock>,
+    ) -> Result<VmRecord, OpError> {
+        self.locked(caller, vm, |record| {
+            if record.spec.mode != ConfidentialMode::SevSnp {
+                return Err(OpError::invalid(format!(
+                    "VM {} is {}: ID blocks are for sev-snp VMs",
+                    record.spec.name, record.spec.mode
+                )));
+            }
+            if !matches!(record.state, VmState::Stopped | VmState::Failed) {
+                return Err(OpError::precondition(format!(
+                    "VM {} is {}: its ID block changes only while it is stopped",
+                    record.spec.name, record.state
+                )));
+            }
+            if let Some(id_block) = &id_block {
+                check_id_block_policy(&record.spec, id_block)?;
+                check_id_block_digest(&record.spec, id_block, &record.expected_measurement)?;
+            }
+            let mut spec = record.spec.clone();
+            spec.id_block = id_block;
+            self.store.set_vm_spec(&record.id, &spec)?;
+            self.event(
+                &record.id,
+                "id-block",
+                if spec.id_block.is_some() {
+                    "set by the owner"
+                } else {
+                    "removed"
+                },
+            );
+            self.get(caller, &record.id.0)
+        })
     }
 
     /// Starts a stopped or failed VM.
@@ -663,8 +700,8 @@ impl VmManager {
                     20,
                 );
                 let bytes = ImageBytes::read(
-                    &files,
-                    &vm_cmdline(&image, spec),
+                    &files.artifact_paths(),
+                    &launch::guest_cmdline(&image.cmdline, &record.id, spec),
                     image.measured_direct_boot,
                 )?;
                 let shared: Arc<dyn SevFirmware> = Arc::clone(firmware) as Arc<dyn SevFirmware>;
@@ -680,7 +717,11 @@ impl VmManager {
             }
             (ConfidentialMode::SevSnp, _) => ConfidentialLaunch::SevSnp {
                 policy: spec.guest_policy,
-                host_data: artifacts::host_data(&record.id),
+                host_data: launch::host_data(&record.id),
+                id_block: spec
+                    .id_block
+                    .as_ref()
+                    .map(|id_block| id_block.signed.clone()),
                 kernel_hashes: image.measured_direct_boot,
             },
             (ConfidentialMode::Sev | ConfidentialMode::SevEs, _) => ConfidentialLaunch::Sev {
@@ -695,7 +736,7 @@ impl VmManager {
                 firmware: (spec.mode != ConfidentialMode::None).then(|| files.firmware.clone()),
                 kernel: kernel.clone(),
                 initrd: initrd.clone(),
-                cmdline: vm_cmdline(&image, spec),
+                cmdline: launch::guest_cmdline(&image.cmdline, &record.id, spec),
             },
             images::ImageBoot::Disk { path, format } => Boot::Firmware {
                 ovmf: files.firmware.clone(),
@@ -891,25 +932,6 @@ impl VmManager {
         self.locked(caller, vm, |record| {
             if record.runtime.is_some() {
                 self.stop_locked(&record, true, Duration::ZERO, progress)?;
-            }
-            if let Some(binding) = &record.spec.key_broker {
-                let key_broker = self.key_broker.as_ref().ok_or_else(|| {
-                    OpError::precondition(format!(
-                        "VM {} has a disk key at the key broker ({}), and this host has no \
-                         [key_broker] configured to revoke it",
-                        record.spec.name, binding.resource
-                    ))
-                })?;
-                progress(
-                    "revoke",
-                    &format!(
-                        "revoking the disk key {} at the key broker",
-                        binding.resource
-                    ),
-                    30,
-                );
-                key_broker.revoke(&record.id, binding)?;
-                self.event(&record.id, "disk-key-revoked", &binding.resource);
             }
             self.store
                 .update_vm_state(&record.id, VmState::Deleting, "deleting")?;
@@ -1114,9 +1136,92 @@ impl VmManager {
 /// where the guest agent fetches the disk key. It is measured (SNP kernel
 /// hashes), so a host that points the guest elsewhere changes the launch
 /// measurement and the key broker refuses.
-fn vm_cmdline(image: &ImageRecord, spec: &VmSpec) -> String {
-    match &spec.key_broker {
-        Some(binding) => format!("{} {}", image.cmdline, binding.cmdline_options()),
-        None => image.cmdline.clone(),
+/// Creates the empty (sparse) disk a guest encrypts itself.
+fn create_empty_disk(path: &std::path::Path, size_mib: u64) -> Result<(), OpError> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|error| OpError::internal(format!("cannot create {}: {error}", path.display())))?;
+    file.set_len(size_mib * 1024 * 1024)
+        .map_err(|error| OpError::internal(format!("cannot size {}: {error}", path.display())))
+}
+
+/// A tenant's key broker: an https URL with its key's pin (or, for a
+/// development broker, plain http without one) and a repository name.
+fn validate_key_broker(binding: &crate::model::KeyBrokerBinding) -> Result<(), OpError> {
+    let url = &binding.guest_url;
+    let https = url.starts_with("https://");
+    if !https && !url.starts_with("http://") {
+        return Err(OpError::invalid(format!(
+            "key_broker.url {url:?}: an http(s):// URL as the guest reaches the broker"
+        )));
     }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(OpError::invalid(format!(
+            "key_broker.url {url:?}: no spaces (it goes on the kernel command line)"
+        )));
+    }
+    match (https, binding.pin.as_str()) {
+        (true, "") => {
+            return Err(OpError::invalid(
+                "key_broker.pin: an https broker needs the pin of its public key \
+                 (`hsev-kbs fingerprint`): the guest refuses any other",
+            ))
+        }
+        (false, pin) if !pin.is_empty() => {
+            return Err(OpError::invalid(
+                "key_broker.pin: a plain-http (development) broker has no key to pin",
+            ))
+        }
+        (true, pin) => {
+            let hex = pin.strip_prefix("sha256:").unwrap_or_default();
+            if hex.len() != 64 || !hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+                return Err(OpError::invalid(format!(
+                    "key_broker.pin {pin:?}: sha256:<64 hex digits>"
+                )));
+            }
+        }
+        _ => {}
+    }
+    hsev_attestation::kbs::protocol::check_name(&binding.repository)
+        .map_err(|error| OpError::invalid(format!("key_broker.repository: {error}")))
+}
+
+/// An ID block must be for the VM's guest policy.
+fn check_id_block_policy(spec: &VmSpec, id_block: &OwnerIdBlock) -> Result<(), OpError> {
+    if spec.mode != ConfidentialMode::SevSnp {
+        return Err(OpError::invalid(format!(
+            "an ID block is for sev-snp VMs, not {}",
+            spec.mode
+        )));
+    }
+    let policy = id_block.signed.block.policy;
+    if policy != spec.guest_policy {
+        return Err(OpError::invalid(format!(
+            "the ID block is for guest policy {policy:#x}, the VM's is {:#x} (the firmware \
+             would refuse the launch: POLICY_FAILURE)",
+            spec.guest_policy
+        )));
+    }
+    Ok(())
+}
+
+/// An ID block must authorise the measurement this VM's launch will have.
+fn check_id_block_digest(
+    spec: &VmSpec,
+    id_block: &OwnerIdBlock,
+    expected_measurement: &[u8],
+) -> Result<(), OpError> {
+    let authorised = id_block.signed.block.launch_digest;
+    if authorised.as_slice() != expected_measurement {
+        return Err(OpError::precondition(format!(
+            "the ID block authorises measurement {}, and VM {} measures {} (the firmware \
+             would refuse the launch: BAD_MEASUREMENT)",
+            hex::encode(authorised),
+            spec.name,
+            hex::encode(expected_measurement)
+        )));
+    }
+    Ok(())
 }

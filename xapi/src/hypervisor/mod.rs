@@ -285,6 +285,9 @@ pub enum ConfidentialLaunch {
         host_data: [u8; 32],
         /// As for SEV (`kernel-hashes=on`).
         kernel_hashes: bool,
+        /// The owner's ID block, which the firmware checks at
+        /// `SNP_LAUNCH_FINISH` (QEMU's `id-block` / `id-auth`).
+        id_block: Option<hsev_attestation::id_block::SignedIdBlock>,
     },
     /// No SEV object: the simulated Secure Processor is reached by the guest
     /// over a virtio-serial port named

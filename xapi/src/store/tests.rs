@@ -71,9 +71,11 @@ fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
             vcpu_type: "EPYC-v4".to_owned(),
             encrypted_disk_mib: 64,
             key_broker: Some(KeyBrokerBinding {
-                guest_url: "http://10.0.2.2:8080".to_owned(),
-                resource: format!("hsev/disk-key/{id}"),
+                guest_url: "https://10.0.2.2:8443".to_owned(),
+                pin: format!("sha256:{}", "ab".repeat(32)),
+                repository: "alice".to_owned(),
             }),
+            id_block: None,
         },
         state: VmState::Stopped,
         state_reason: "created".to_owned(),

@@ -9,7 +9,7 @@ use super::codec::{self, DISK_COLUMNS, VM_COLUMNS};
 use super::error::is_unique_violation;
 use super::hosts::{found, not_found};
 use super::{Entity, Result, Store, StoreError};
-use crate::model::{Attestation, DiskRecord, VmId, VmRecord, VmRuntime, VmState};
+use crate::model::{Attestation, DiskRecord, VmId, VmRecord, VmRuntime, VmSpec, VmState};
 
 /// Which VMs [`Store::list_vms`] returns: those matching every field set.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -344,6 +344,22 @@ impl Store {
             id,
             "UPDATE vm SET runtime = ?2 WHERE id = ?1",
             (&id.0, runtime),
+        )
+    }
+
+    /// Replaces the VM's spec (the parts that may change while it is
+    /// stopped, such as its owner's ID block).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`].
+    pub fn set_vm_spec(&self, id: &VmId, spec: &VmSpec) -> Result<()> {
+        let spec = codec::json(spec, "VM spec")?;
+        self.update_vm(
+            "record the VM spec",
+            id,
+            "UPDATE vm SET spec = ?2 WHERE id = ?1",
+            (&id.0, spec),
         )
     }
 

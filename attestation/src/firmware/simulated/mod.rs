@@ -34,12 +34,12 @@ pub use state::PlatformConfig;
 use state::{FinishedLaunch, LaunchRecord, StateDir};
 
 use super::{
-    AsidCounts, DerivedKeyRequest, FirmwareError, GuestRequest, GuestResponse, IdBlock,
-    LaunchFinish, LaunchHandle, LaunchedGuest, PageUpdate, PlatformStatus, RootKey, SevFirmware,
-    SnpLaunch,
+    AsidCounts, DerivedKeyRequest, FirmwareError, GuestRequest, GuestResponse, LaunchFinish,
+    LaunchHandle, LaunchedGuest, PageUpdate, PlatformStatus, RootKey, SevFirmware, SnpLaunch,
 };
 use crate::certs::encode_certificate_table;
 use crate::hex_bytes::HexBytes;
+use crate::id_block::{IdBlock, IdKeyDigests};
 use crate::measurement::{Gctx, PAGE_SIZE};
 use crate::product::Product;
 use crate::report::{
@@ -377,42 +377,6 @@ impl SimulatedFirmware {
             .ok_or(FirmwareError::UnknownLaunch(launch.0))
     }
 
-    fn check_id_block(
-        &self,
-        block: &IdBlock,
-        digest: &[u8; 48],
-        policy: u64,
-    ) -> Result<[u8; 48], FirmwareError> {
-        let refused = |reason: &str| FirmwareError::IdBlock(reason.to_owned());
-        let key = PKey::public_key_from_der(&block.id_key)
-            .map_err(|_| refused("the ID key is not a public key"))?;
-        let key = key
-            .ec_key()
-            .map_err(|_| refused("the ID key is not an EC key"))?;
-        if key.group().curve_name() != Some(openssl::nid::Nid::SECP384R1) {
-            return Err(refused("the ID key is not on P-384"));
-        }
-        let signature = EcdsaSig::from_der(&block.signature)
-            .map_err(|_| refused("the ID block signature is malformed"))?;
-        let hash = openssl::sha::sha384(&block.signed_bytes());
-        if !signature.verify(&hash, &key).unwrap_or(false) {
-            return Err(refused(
-                "BAD_SIGNATURE: the ID block signature does not verify with the ID key",
-            ));
-        }
-        if &block.launch_digest != digest {
-            return Err(refused(
-                "BAD_MEASUREMENT: the launch digest differs from the ID block's",
-            ));
-        }
-        if block.policy != policy {
-            return Err(refused(
-                "POLICY_FAILURE: the launch policy differs from the ID block's",
-            ));
-        }
-        amd_public_key_digest(&key)
-    }
-
     fn sign_report(
         &self,
         record: &LaunchRecord,
@@ -551,23 +515,6 @@ impl SimulatedFirmware {
     }
 }
 
-/// SHA-384 of a P-384 public key in the AMD firmware layout
-/// (`ID_KEY_DIGEST`): curve 2, Qx and Qy little-endian in 72 bytes each,
-/// zero-padded to 0x404 bytes.
-fn amd_public_key_digest(key: &EcKey<openssl::pkey::Public>) -> Result<[u8; 48], FirmwareError> {
-    let mut context = openssl::bn::BigNumContext::new()?;
-    let (mut x, mut y) = (openssl::bn::BigNum::new()?, openssl::bn::BigNum::new()?);
-    key.public_key()
-        .affine_coordinates(key.group(), &mut x, &mut y, &mut context)?;
-    let mut layout = vec![0u8; 0x404];
-    layout[..4].copy_from_slice(&2u32.to_le_bytes());
-    for (offset, coordinate) in [(4usize, &x), (4 + 72, &y)] {
-        let little_endian: Vec<u8> = coordinate.to_vec_padded(48)?.into_iter().rev().collect();
-        layout[offset..offset + 48].copy_from_slice(&little_endian);
-    }
-    Ok(openssl::sha::sha384(&layout))
-}
-
 fn page_aligned(gpa: u64) -> Result<(), FirmwareError> {
     if gpa.is_multiple_of(PAGE_SIZE as u64) {
         Ok(())
@@ -704,26 +651,37 @@ impl SevFirmware for SimulatedFirmware {
                 .launch_digest()
         };
         let mut record = self.record(launch)?;
-        let (family_id, image_id, guest_svn, id_key_digest) = match &finish.id_block {
-            Some(block) => {
-                let id_key_digest = self.check_id_block(block, &digest, record.policy)?;
-                (
-                    block.family_id,
-                    block.image_id,
-                    block.guest_svn,
-                    id_key_digest,
-                )
+        // The checks of SNP_LAUNCH_FINISH: a launch that does not match its
+        // owner's ID block does not finish, so the guest never runs.
+        let (block, digests) = match &finish.id_block {
+            Some(signed) => {
+                let digests = signed
+                    .check(&digest, record.policy)
+                    .map_err(|refusal| FirmwareError::IdBlock(refusal.to_string()))?;
+                (signed.block, digests)
             }
-            None => ([0; 16], [0; 16], 0, [0; 48]),
+            None => (
+                IdBlock {
+                    launch_digest: digest,
+                    family_id: [0; 16],
+                    image_id: [0; 16],
+                    guest_svn: 0,
+                    policy: record.policy,
+                },
+                IdKeyDigests {
+                    id_key: [0; 48],
+                    author_key: [0; 48],
+                },
+            ),
         };
         record.finished = Some(FinishedLaunch {
             launch_digest: HexBytes(digest),
             host_data: HexBytes(finish.host_data),
-            family_id: HexBytes(family_id),
-            image_id: HexBytes(image_id),
-            guest_svn,
-            id_key_digest: HexBytes(id_key_digest),
-            author_key_digest: HexBytes([0; 48]),
+            family_id: HexBytes(block.family_id),
+            image_id: HexBytes(block.image_id),
+            guest_svn: block.guest_svn,
+            id_key_digest: HexBytes(digests.id_key),
+            author_key_digest: HexBytes(digests.author_key),
             report_id: HexBytes(random()?),
         });
         self.state.write_record(&record)?;

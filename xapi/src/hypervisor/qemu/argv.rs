@@ -299,12 +299,28 @@ fn confidential_object(
     match &spec.confidential {
         ConfidentialLaunch::Sev { policy, .. } => object.push_str(&format!(",policy={policy:#x}")),
         ConfidentialLaunch::SevSnp {
-            policy, host_data, ..
+            policy,
+            host_data,
+            id_block,
+            ..
         } => {
+            let base64 = base64::engine::general_purpose::STANDARD;
             object.push_str(&format!(
                 ",policy={policy:#x},host-data={}",
-                base64::engine::general_purpose::STANDARD.encode(host_data)
+                base64.encode(host_data)
             ));
+            if let Some(id_block) = id_block {
+                object.push_str(&format!(
+                    ",id-block={},id-auth={},author-key-enabled={}",
+                    base64.encode(id_block.block.to_bytes()),
+                    base64.encode(id_block.auth_bytes()),
+                    if id_block.author_key_enabled() {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                ));
+            }
         }
         ConfidentialLaunch::None | ConfidentialLaunch::SimulatedSnp { .. } => {}
     }
@@ -618,6 +634,7 @@ mod tests {
                 policy: 0x30000,
                 host_data,
                 kernel_hashes: true,
+                id_block: None,
             },
         );
         let argv = build(&launch, &snp_host(), &paths()).expect("builds");
@@ -632,6 +649,51 @@ mod tests {
             ["sev-snp-guest,id=sev0,policy=0x30000,host-data=qwAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE=,cbitpos=51,reduced-phys-bits=1,kernel-hashes=on"]
         );
         assert!(!argv.iter().any(|arg| arg.contains("virtserialport")));
+    }
+
+    #[test]
+    fn hypervisor_argv_sev_snp_id_block() {
+        use base64::Engine;
+        use hsev_attestation::id_block::{IdBlock, SignedIdBlock};
+        let group =
+            openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::SECP384R1).expect("P-384");
+        let key = openssl::ec::EcKey::generate(&group).expect("key");
+        let block = IdBlock {
+            launch_digest: [3; 48],
+            family_id: [0; 16],
+            image_id: [0; 16],
+            guest_svn: 1,
+            policy: 0x30000,
+        };
+        let signed = SignedIdBlock::sign(block, &key, Some(&key)).expect("signs");
+        let launch = spec(
+            direct(Some("/img/OVMF.fd")),
+            ConfidentialLaunch::SevSnp {
+                policy: 0x30000,
+                host_data: [0; 32],
+                kernel_hashes: true,
+                id_block: Some(signed.clone()),
+            },
+        );
+        let argv = build(&launch, &snp_host(), &paths()).expect("builds");
+        let object = values(&argv, "-object")[0];
+        let field = |name: &str| {
+            object
+                .split(',')
+                .find_map(|part| part.strip_prefix(&format!("{name}=")))
+                .unwrap_or_else(|| panic!("{name} in {object}"))
+                .to_owned()
+        };
+        let base64 = base64::engine::general_purpose::STANDARD;
+        assert_eq!(
+            base64.decode(field("id-block")).expect("base64"),
+            block.to_bytes()
+        );
+        assert_eq!(
+            base64.decode(field("id-auth")).expect("base64"),
+            signed.auth_bytes()
+        );
+        assert_eq!(field("author-key-enabled"), "on");
     }
 
     #[test]
@@ -667,6 +729,7 @@ mod tests {
             policy: 0x30000,
             host_data: [0; 32],
             kernel_hashes: true,
+            id_block: None,
         };
         // No SNP on this host.
         let error = build(
