@@ -7,8 +7,9 @@
 //! offline certificate cache ([`kds`], [`cache`]), the launch-measurement
 //! calculator ([`measurement`]), the owner-signed ID blocks that pin a
 //! launch ([`id_block`]), the key broker, its protocol and client
-//! ([`kbs`]), and the status lines a guest agent sends its host
-//! ([`agent_status`]).
+//! ([`kbs`]), the status lines a guest agent sends its host
+//! ([`agent_status`]), and the tenant's own attestation of its VM
+//! ([`tenant_attest`]).
 //!
 //! Outside [`kbs`] (the key broker, its client and server) it must never
 //! touch the network; nowhere may it accept a report on doubt:
@@ -26,6 +27,7 @@ pub mod measurement;
 pub mod policy;
 mod product;
 pub mod report;
+pub mod tenant_attest;
 pub mod verifier;
 
 pub use hex_bytes::HexBytes;

@@ -16,8 +16,9 @@
 //! Modules: [`settings`] (kernel command line), [`disk`] (finding the data
 //! disk), [`luks`] (the LUKS2 format, shared with hsevd, which formats the
 //! disks with [`luks::luks_format`]), [`backoff`] (retries), [`boot_log`]
-//! (the log on the unlocked disk), [`status`] (progress lines to the host)
-//! and [`unlock`] (the flow that ties them).
+//! (the log on the unlocked disk), [`status`] (progress lines to the host),
+//! [`unlock`] (the flow that ties them) and [`responder`] (evidence for the
+//! tenant's own verification, `hsev vm attest`).
 
 use std::io::Write;
 use std::path::Path;
@@ -35,6 +36,7 @@ pub mod backoff;
 pub mod boot_log;
 pub mod disk;
 pub mod luks;
+pub mod responder;
 pub mod settings;
 pub mod status;
 pub mod unlock;

@@ -10,8 +10,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hsev_agent::settings::{parse_timeout, UnlockOptions};
 use hsev_agent::status::{StatusPort, VIRTIO_PORTS};
-use hsev_agent::{evidence, open_reporter, say, unlock, Device};
+use hsev_agent::{evidence, open_reporter, responder, say, unlock, Device};
+use hsev_attestation::firmware::channel::find_port;
 use hsev_attestation::firmware::guest::tsm::DEFAULT_TSM_ROOT;
+use hsev_attestation::tenant_attest::PORT_NAME as ATTEST_PORT_NAME;
 
 /// HyperSEV guest agent.
 #[derive(Debug, Parser)]
@@ -74,6 +76,17 @@ enum Command {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_TSM_ROOT)]
         tsm: PathBuf,
     },
+    /// Answer the tenant's attestation requests (`hsev vm attest`) on the
+    /// virtio-serial port org.hypersev.attest.0 until the guest stops;
+    /// exits 0 at once when the guest has no such port.
+    Serve {
+        /// The way to the Secure Processor.
+        #[arg(long, value_enum, default_value_t = Device::Auto)]
+        device: Device,
+        /// The configfs-tsm report folder.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_TSM_ROOT)]
+        tsm: PathBuf,
+    },
 }
 
 fn parse_timeout_flag(value: &str) -> Result<std::time::Duration, String> {
@@ -119,6 +132,18 @@ fn main() -> anyhow::Result<()> {
             };
             let code = run_unlock(&cmdline, flags, device, &tsm);
             std::process::exit(code);
+        }
+        Command::Serve { device, tsm } => {
+            let Ok(port) = find_port(Path::new(VIRTIO_PORTS), ATTEST_PORT_NAME) else {
+                say("no attestation port: not answering attestation requests");
+                return Ok(());
+            };
+            say(&format!(
+                "answering attestation requests on {}",
+                port.display()
+            ));
+            responder::serve(&port, &|| open_reporter(device, &tsm))
+                .with_context(|| format!("the attestation port {} failed", port.display()))?;
         }
     }
     Ok(())

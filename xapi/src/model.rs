@@ -280,6 +280,9 @@ pub struct VmRuntime {
     /// The socket of the guest agent's status port, when the VM has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_channel: Option<PathBuf>,
+    /// The socket of the port the agent answers attestation requests on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attest_channel: Option<PathBuf>,
 }
 
 /// A VM as stored.

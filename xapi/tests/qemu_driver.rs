@@ -144,6 +144,7 @@ fn spec(dir: &Path, name: &str, boot: Boot) -> LaunchSpec {
         port_forwards: Vec::new(),
         confidential: ConfidentialLaunch::None,
         agent_channel: None,
+        attest_channel: None,
     }
 }
 

@@ -196,6 +196,30 @@ fn flat_folder_key(dir: &Path, report: &AttestationReport) -> Option<PathBuf> {
         .find(|path| path.is_file())
 }
 
+/// The endorsement keys and CRL the evidence carries (its cert_chain).
+pub(crate) fn evidence_endorsement(
+    evidence: &SnpEvidence,
+) -> Result<(Vec<EndorsementKey>, Option<RevocationList>), InputError> {
+    let mut keys = Vec::new();
+    let mut crl = None;
+    for certificate in &evidence.certificates {
+        match certificate {
+            EvidenceCertificate::Vcek(der) | EvidenceCertificate::Vlek(der) => keys.push(
+                EndorsementKey::parse(der)
+                    .map_err(|error| InputError(format!("evidence cert_chain: {error}")))?,
+            ),
+            EvidenceCertificate::Crl(der) if crl.is_none() => {
+                crl = Some(
+                    RevocationList::parse(der)
+                        .map_err(|error| InputError(format!("evidence cert_chain: {error}")))?,
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok((keys, crl))
+}
+
 /// The endorsement key and CRL to check `evidence` with, from the flags,
 /// a flat certificate folder, the evidence itself, or the cache.
 fn endorsement(
@@ -207,7 +231,7 @@ fn endorsement(
         EndorsementKey::parse(&read(path)?)
             .map_err(|error| InputError(format!("{}: {error}", path.display())))
     };
-    let mut crl = args
+    let crl = args
         .crl
         .as_deref()
         .map(|path| {
@@ -226,24 +250,9 @@ fn endorsement(
         return Ok((vec![parse(&path)?], crl));
     }
     if args.cert_dir.is_none() {
-        let mut keys = Vec::new();
-        for certificate in &evidence.certificates {
-            match certificate {
-                EvidenceCertificate::Vcek(der) | EvidenceCertificate::Vlek(der) => keys.push(
-                    EndorsementKey::parse(der)
-                        .map_err(|error| InputError(format!("evidence cert_chain: {error}")))?,
-                ),
-                EvidenceCertificate::Crl(der) if crl.is_none() => {
-                    crl =
-                        Some(RevocationList::parse(der).map_err(|error| {
-                            InputError(format!("evidence cert_chain: {error}"))
-                        })?);
-                }
-                _ => {}
-            }
-        }
+        let (keys, evidence_crl) = evidence_endorsement(evidence)?;
         if !keys.is_empty() {
-            return Ok((keys, crl));
+            return Ok((keys, crl.or(evidence_crl)));
         }
     }
     let cache = CertCache::new(
@@ -281,33 +290,15 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, InputError> {
         None => OffsetDateTime::now_utc(),
     };
     let (keys, crl) = endorsement(args, &evidence, product)?;
-    let mut store = TrustStore::amd();
-    for path in &args.sim_root {
-        let anchor =
-            TrustAnchor::from_pem_bundle_of_any_product(RootOrigin::Simulated, &read(path)?)
-                .map_err(|error| InputError(format!("{}: {error}", path.display())))?;
-        store = store.with_anchor(anchor);
-    }
-    // Several cached VLEKs may match the TCB: the one that signed wins.
-    let mut appraisals = keys.iter().map(|key| {
-        appraise(
-            &store,
-            &evidence.report,
-            key,
-            product,
-            crl.as_ref(),
-            &policy,
-            at,
-        )
-    });
-    let first = appraisals
-        .next()
-        .ok_or_else(|| InputError("no certificate to verify with".into()))?;
-    let appraisal = if first.accepted() {
-        first
-    } else {
-        appraisals.find(Appraisal::accepted).unwrap_or(first)
-    };
+    let appraisal = appraise_with(
+        &evidence,
+        &keys,
+        product,
+        crl.as_ref(),
+        &args.sim_root,
+        &policy,
+        at,
+    )?;
     print_appraisal(&args.source.report, &appraisal, args.output)?;
     if !appraisal.accepted() && args.sim_root.is_empty() {
         // Roots found beside the certificates are never trusted for being
@@ -333,7 +324,39 @@ fn verify(args: &VerifyArgs) -> Result<ExitCode, InputError> {
     })
 }
 
-fn print_appraisal(
+/// Appraises `evidence` with each of `keys` (several cached VLEKs may match
+/// the TCB: the one that signed wins), trusting AMD's roots and the
+/// simulated platforms' bundles in `sim_roots`.
+pub(crate) fn appraise_with(
+    evidence: &SnpEvidence,
+    keys: &[EndorsementKey],
+    product: Option<Product>,
+    crl: Option<&RevocationList>,
+    sim_roots: &[PathBuf],
+    policy: &AppraisalPolicy,
+    at: OffsetDateTime,
+) -> Result<Appraisal, InputError> {
+    let mut store = TrustStore::amd();
+    for path in sim_roots {
+        let anchor =
+            TrustAnchor::from_pem_bundle_of_any_product(RootOrigin::Simulated, &read(path)?)
+                .map_err(|error| InputError(format!("{}: {error}", path.display())))?;
+        store = store.with_anchor(anchor);
+    }
+    let mut appraisals = keys
+        .iter()
+        .map(|key| appraise(&store, &evidence.report, key, product, crl, policy, at));
+    let first = appraisals
+        .next()
+        .ok_or_else(|| InputError("no certificate to verify with".into()))?;
+    Ok(if first.accepted() {
+        first
+    } else {
+        appraisals.find(Appraisal::accepted).unwrap_or(first)
+    })
+}
+
+pub(crate) fn print_appraisal(
     path: &Path,
     appraisal: &Appraisal,
     output: OutputFormat,

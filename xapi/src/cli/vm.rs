@@ -10,14 +10,18 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
 use hsev_attestation::id_block::IdBlock;
+use hsev_attestation::policy::AppraisalPolicy;
+use hsev_attestation::report::{EvidenceCertificate, SnpEvidence};
+use hsev_attestation::{tenant_attest, HexBytes};
 use hsev_proto::v1::attestation_status::State as AttestationState;
 use hsev_proto::v1::{
-    AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest, CreateVmRequest,
-    DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, PortForward, RootOrigin,
+    AttestVmRequest, AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest,
+    CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, PortForward, RootOrigin,
     SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
 };
 use serde_json::{json, Value};
 
+use super::attest::{appraise_with, evidence_endorsement, print_appraisal};
 use super::client::{
     self, enum_name, follow_progress, hex_or_none, print_json, print_stdout, render_table,
     Connection, ConnectionArgs, Fields, RemoteError,
@@ -60,6 +64,10 @@ pub enum VmCommand {
     /// Compute a VM's launch measurement here, from your own copy of its
     /// image, beside the host's figure; exit 1 if they differ.
     Measure(MeasureVmArgs),
+    /// Verify your running sev-snp VM yourself: send a fresh nonce, get the
+    /// guest's evidence through the host, judge it here with your policy
+    /// (every check named); exit 0 accepted, 1 refused.
+    Attest(AttestArgs),
     /// Set the owner's SNP ID block of a stopped sev-snp VM (signed here
     /// with your ID key over the measurement computed here), or remove it.
     IdBlock(IdBlockArgs),
@@ -256,6 +264,32 @@ pub struct MeasureVmArgs {
     /// Your copy of the VM's image (its manifest.json or folder).
     #[arg(long, value_name = "FILE")]
     image_manifest: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// `hsev vm attest`.
+#[derive(Debug, Args)]
+pub struct AttestArgs {
+    /// Id or name of the VM.
+    vm: String,
+    /// Your copy of the VM's image: the measurement computed here from it
+    /// is the one the evidence must carry.
+    #[arg(long, value_name = "FILE")]
+    image_manifest: Option<PathBuf>,
+    /// Your appraisal policy (TOML); its report_data and host_data are set
+    /// here to the nonce's binding and the VM's id.
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// Trust this simulated platform's roots (development pools only: a
+    /// simulated Secure Processor gives no confidentiality). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    sim_root: Vec<PathBuf>,
+    /// Save the evidence, the nonce and the effective policy here, so that a
+    /// third party can check them with `hsev attest verify`.
+    #[arg(long, value_name = "DIR")]
+    evidence_out: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -506,6 +540,7 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                 ExitCode::from(1)
             })
         }
+        VmCommand::Attest(args) => attest(connection, args).await,
         VmCommand::IdBlock(args) => {
             let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
             let vm = if args.remove {
@@ -595,6 +630,113 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `hsev vm attest`: a fresh nonce to the guest, its evidence judged here.
+async fn attest(connection: &Connection, args: &AttestArgs) -> Result<ExitCode, RemoteError> {
+    let input = |error: InputError| RemoteError::Input(error.0);
+    let mut vms = connection.vms();
+    let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
+    let mut policy = match &args.policy {
+        Some(path) => {
+            AppraisalPolicy::load(path).map_err(|error| RemoteError::Input(error.to_string()))?
+        }
+        None => AppraisalPolicy::default(),
+    };
+    if let Some(manifest) = &args.image_manifest {
+        let ours = measure_vm(&vm, manifest).map_err(input)?;
+        let measurement: [u8; 48] = ours.measurement.as_slice().try_into().map_err(|_| {
+            RemoteError::Input(format!("VM {} is not an sev-snp VM", ours.spec.name))
+        })?;
+        policy.allowed_measurements = vec![HexBytes(measurement)];
+    }
+    if !args.sim_root.is_empty() && !policy.allow_simulated {
+        eprintln!(
+            "hsev: --sim-root given: accepting simulated evidence (a development pool: NO \
+             confidentiality)"
+        );
+        policy.allow_simulated = true;
+    }
+    let mut nonce = [0u8; tenant_attest::NONCE_LEN];
+    openssl::rand::rand_bytes(&mut nonce)
+        .map_err(|error| RemoteError::Failed(format!("no random nonce: {error}")))?;
+    policy.report_data = Some(HexBytes(tenant_attest::report_data_for(&nonce)));
+    policy.host_data = Some(HexBytes(openssl::sha::sha256(vm.id.as_bytes())));
+    if policy.allowed_measurements.is_empty() && policy.allowed_id_key_digests.is_empty() {
+        eprintln!(
+            "hsev: warning: neither --image-manifest nor a policy pins a measurement or an ID \
+             key: this checks that the guest is genuine, not what it runs"
+        );
+    }
+    let request = AttestVmRequest {
+        vm: vm.id.clone(),
+        nonce: nonce.to_vec(),
+    };
+    let answer = vms.attest_vm(request).await?.into_inner();
+    let evidence = SnpEvidence::from_json(answer.evidence_json.as_bytes()).map_err(|error| {
+        RemoteError::Failed(format!("the guest's evidence does not parse: {error}"))
+    })?;
+    let (keys, crl) = evidence_endorsement(&evidence).map_err(input)?;
+    let appraisal = appraise_with(
+        &evidence,
+        &keys,
+        evidence.report.product(),
+        crl.as_ref(),
+        &args.sim_root,
+        &policy,
+        time::OffsetDateTime::now_utc(),
+    )
+    .map_err(input)?;
+    if let Some(dir) = &args.evidence_out {
+        save_evidence(dir, &answer.evidence_json, &evidence, &nonce, &policy).map_err(input)?;
+    }
+    print_appraisal(
+        std::path::Path::new(&format!("VM {}", args.vm)),
+        &appraisal,
+        args.output,
+    )
+    .map_err(input)?;
+    Ok(if appraisal.accepted() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Writes what a third party needs to check an attestation again: the
+/// evidence as received, its report and signing certificate (the flat
+/// folder `hsev attest verify --cert-dir` takes), the nonce and the policy.
+fn save_evidence(
+    dir: &std::path::Path,
+    json: &str,
+    evidence: &SnpEvidence,
+    nonce: &[u8],
+    policy: &AppraisalPolicy,
+) -> Result<(), InputError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|error| InputError(format!("cannot create {}: {error}", dir.display())))?;
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
+        ("evidence.json", json.as_bytes().to_vec()),
+        ("report.bin", evidence.report.as_bytes().to_vec()),
+        (
+            "nonce.hex",
+            format!("{}\n", hex::encode(nonce)).into_bytes(),
+        ),
+        ("policy.toml", policy.to_toml().into_bytes()),
+    ];
+    for certificate in &evidence.certificates {
+        match certificate {
+            EvidenceCertificate::Vcek(der) => files.push(("vcek.der", der.clone())),
+            EvidenceCertificate::Vlek(der) => files.push(("vlek.der", der.clone())),
+            _ => {}
+        }
+    }
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes)
+            .map_err(|error| InputError(format!("cannot write {}: {error}", path.display())))?;
+    }
+    Ok(())
 }
 
 /// Signs (or reads) `vm`'s ID block and sets it.

@@ -1,19 +1,22 @@
-//! The guest agent's status port: the daemon connects to the socket QEMU
-//! listens on for the virtio-serial port
+//! The guest agent's ports. The status port: the daemon connects to the
+//! socket QEMU listens on for the virtio-serial port
 //! [`hsev_attestation::agent_status::PORT_NAME`], reads the agent's status
-//! lines and records them as the VM's attestation state and events.
+//! lines and records them as the VM's attestation state and events. The
+//! attestation port ([`hsev_attestation::tenant_attest::PORT_NAME`]): one
+//! request and its answer per connection, relayed for the VM's tenant.
 //!
 //! The lines are the guest's word: they tell the owner where the attested
 //! boot stands (and the key broker's refusal reason), they prove nothing
 //! and never change what the key broker releases.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hsev_attestation::agent_status::{AgentPhase, AgentStatus, MAX_LINE};
+use hsev_attestation::tenant_attest;
 
 use crate::model::{Attestation, VmId};
 use crate::store::Store;
@@ -61,6 +64,43 @@ fn connect(socket: &std::path::Path) -> Option<UnixStream> {
             Err(_) => return None,
         }
     }
+}
+
+/// How long the guest may take to answer an attestation request: a report
+/// through the simulated Secure Processor under TCG takes a second or two.
+const ATTEST_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Asks the guest agent listening behind `socket` for evidence bound to
+/// `nonce`, on a connection of its own, and reads its one-line answer.
+pub fn ask_attestation(
+    socket: &Path,
+    nonce: &[u8; tenant_attest::NONCE_LEN],
+) -> Result<tenant_attest::AttestAnswer, String> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|error| format!("cannot connect to {}: {error}", socket.display()))?;
+    stream
+        .set_read_timeout(Some(ATTEST_PATIENCE))
+        .and_then(|()| stream.set_write_timeout(Some(ATTEST_PATIENCE)))
+        .map_err(|error| error.to_string())?;
+    let mut request = serde_json::to_vec(&tenant_attest::AttestRequest::new(nonce))
+        .map_err(|error| error.to_string())?;
+    request.push(b'\n');
+    stream
+        .write_all(&request)
+        .map_err(|error| format!("cannot send the request: {error}"))?;
+    let mut line = Vec::new();
+    BufReader::new(stream)
+        .take(tenant_attest::MAX_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .map_err(|error| format!("no answer within {}s: {error}", ATTEST_PATIENCE.as_secs()))?;
+    if line.last() != Some(&b'\n') {
+        return Err(if line.is_empty() {
+            "the port closed without an answer".to_owned()
+        } else {
+            format!("an answer longer than {} bytes", tenant_attest::MAX_LINE)
+        });
+    }
+    serde_json::from_slice(&line).map_err(|error| format!("an unreadable answer: {error}"))
 }
 
 /// Records one status line.

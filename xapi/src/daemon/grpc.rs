@@ -396,6 +396,30 @@ impl VmService for Api {
         )))
     }
 
+    async fn attest_vm(
+        &self,
+        request: Request<v1::AttestVmRequest>,
+    ) -> Result<Response<v1::AttestVmResponse>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let nonce: [u8; hsev_attestation::tenant_attest::NONCE_LEN] =
+            request.nonce.as_slice().try_into().map_err(|_| {
+                Status::invalid_argument(format!(
+                    "nonce: {} bytes, not {}",
+                    hsev_attestation::tenant_attest::NONCE_LEN,
+                    request.nonce.len()
+                ))
+            })?;
+        let evidence = self
+            .blocking("AttestVm", move |manager| {
+                manager.attest(&caller, &request.vm, &nonce)
+            })
+            .await?;
+        Ok(Response::new(v1::AttestVmResponse {
+            evidence_json: evidence.to_string(),
+        }))
+    }
+
     async fn set_vm_id_block(
         &self,
         request: Request<v1::SetVmIdBlockRequest>,

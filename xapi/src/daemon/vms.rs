@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use hsev_attestation::firmware::simulated::SimulatedFirmware;
 use hsev_attestation::firmware::{channel, LaunchedGuest, SevFirmware};
 use hsev_attestation::report::GuestPolicy;
+use hsev_attestation::tenant_attest;
 use time::OffsetDateTime;
 
 use super::agent_link;
@@ -763,6 +764,9 @@ impl VmManager {
                 .key_broker
                 .as_ref()
                 .map(|_| self.run_dir(&record.id).join("agent.sock")),
+            // Every SNP guest answers its tenant's attestation requests.
+            attest_channel: (spec.mode == ConfidentialMode::SevSnp)
+                .then(|| self.run_dir(&record.id).join("attest.sock")),
         };
         progress("qemu", "starting the VMM", 60);
         if spec.key_broker.is_some() {
@@ -960,6 +964,48 @@ impl VmManager {
             deleted.runtime = None;
             Ok(deleted)
         })
+    }
+
+    /// Relays the tenant's attestation request to `vm`'s guest agent and its
+    /// answer back: the host neither makes nor judges the evidence, and the
+    /// guest binds the nonce so that this relay cannot choose what it signs
+    /// ([`hsev_attestation::tenant_attest`]).
+    pub fn attest(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        nonce: &[u8; tenant_attest::NONCE_LEN],
+    ) -> Result<serde_json::Value, OpError> {
+        let record = self.get(caller, vm)?;
+        let socket = match (&record.runtime, record.state) {
+            (Some(runtime), VmState::Running) => runtime.attest_channel.clone(),
+            _ => {
+                return Err(OpError::precondition(format!(
+                    "VM {} is {}: only a running sev-snp guest attests",
+                    record.spec.name, record.state
+                )))
+            }
+        }
+        .ok_or_else(|| {
+            OpError::precondition(format!(
+                "VM {} has no attestation port (only sev-snp guests have one)",
+                record.spec.name
+            ))
+        })?;
+        let answer = agent_link::ask_attestation(&socket, nonce).map_err(|error| {
+            OpError::unavailable(format!(
+                "the guest agent of VM {} did not answer: {error}",
+                record.spec.name
+            ))
+        })?;
+        self.event(&record.id, "attested", "evidence relayed to its tenant");
+        match answer {
+            tenant_attest::AttestAnswer::Evidence(evidence) => Ok(evidence),
+            tenant_attest::AttestAnswer::Error(reason) => Err(OpError::precondition(format!(
+                "the guest agent of VM {} has no evidence: {reason}",
+                record.spec.name
+            ))),
+        }
     }
 
     /// Waits for a VM to reach `state`.

@@ -191,6 +191,10 @@ pub struct LaunchSpec {
     /// ([`hsev_attestation::agent_status::PORT_NAME`], virtio-serial); `None`:
     /// no such port.
     pub agent_channel: Option<PathBuf>,
+    /// A Unix socket QEMU listens on for the port the guest agent answers
+    /// its tenant's attestation requests on
+    /// ([`hsev_attestation::tenant_attest::PORT_NAME`]); `None`: none.
+    pub attest_channel: Option<PathBuf>,
 }
 
 /// What boots.

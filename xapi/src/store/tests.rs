@@ -102,6 +102,7 @@ fn runtime() -> VmRuntime {
             guest_port: 22,
         }],
         agent_channel: Some(PathBuf::from("/run/hsev/vm-1/agent.sock")),
+        attest_channel: Some(PathBuf::from("/run/hsev/vm-1/attest.sock")),
     }
 }
 

@@ -25,6 +25,7 @@ use super::super::{
 };
 use hsev_attestation::agent_status::PORT_NAME as AGENT_PORT_NAME;
 use hsev_attestation::firmware::channel::PORT_NAME;
+use hsev_attestation::tenant_attest::PORT_NAME as ATTEST_PORT_NAME;
 
 /// The files QEMU uses in a VM's run dir.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,19 +186,37 @@ pub fn build(
             ]);
         }
     }
-    // The guest agent's status port.
-    if let Some(socket) = &spec.agent_channel {
+    // The guest agent's ports: its status lines, and its answers to the
+    // tenant's attestation requests.
+    let agent_ports = [
+        (
+            "agent",
+            "agent_channel",
+            AGENT_PORT_NAME,
+            &spec.agent_channel,
+        ),
+        (
+            "attest",
+            "attest_channel",
+            ATTEST_PORT_NAME,
+            &spec.attest_channel,
+        ),
+    ];
+    if agent_ports.iter().any(|(.., socket)| socket.is_some()) {
         args.push(["-device", "virtio-serial-pci,id=agent-bus"]);
+    }
+    for (id, field, name, socket) in agent_ports {
+        let Some(socket) = socket else { continue };
         args.push([
             "-chardev",
             &format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                path_value("agent_channel", socket)?
+                "socket,id={id},path={},server=on,wait=off",
+                path_value(field, socket)?
             ),
         ]);
         args.push([
             "-device",
-            &format!("virtserialport,bus=agent-bus.0,chardev=agent,name={AGENT_PORT_NAME}"),
+            &format!("virtserialport,bus=agent-bus.0,chardev={id},name={name}"),
         ]);
     }
     Ok(args.0)
@@ -417,6 +436,7 @@ mod tests {
             port_forwards: Vec::new(),
             confidential,
             agent_channel: None,
+            attest_channel: None,
         }
     }
 
@@ -554,6 +574,23 @@ mod tests {
             .contains(&"virtserialport,bus=agent-bus.0,chardev=agent,name=org.hypersev.agent.0"));
         assert!(values(&argv, "-chardev")
             .contains(&"socket,id=agent,path=/run/hsev/vm/web-1/agent.sock,server=on,wait=off"));
+        assert!(!devices.iter().any(|device| device.contains("attest")));
+
+        // The attestation port joins it on the same bus.
+        launch.attest_channel = Some(PathBuf::from("/run/hsev/vm/web-1/attest.sock"));
+        let argv = build(&launch, &tcg(), &paths()).expect("builds");
+        let devices = values(&argv, "-device");
+        assert_eq!(
+            devices
+                .iter()
+                .filter(|device| device.starts_with("virtio-serial-pci"))
+                .count(),
+            1
+        );
+        assert!(devices
+            .contains(&"virtserialport,bus=agent-bus.0,chardev=attest,name=org.hypersev.attest.0"));
+        assert!(values(&argv, "-chardev")
+            .contains(&"socket,id=attest,path=/run/hsev/vm/web-1/attest.sock,server=on,wait=off"));
 
         launch.disks[0].serial = Some("bad,serial".into());
         assert!(matches!(

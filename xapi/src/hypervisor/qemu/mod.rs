@@ -244,6 +244,7 @@ impl QemuDriver {
             sim_launch_id: None,
             port_forwards: spec.port_forwards.clone(),
             agent_channel: spec.agent_channel.clone(),
+            attest_channel: spec.attest_channel.clone(),
         };
         match self.await_running(&runtime, &paths, begun) {
             Ok((qmp_ready, running)) => {
