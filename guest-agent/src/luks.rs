@@ -1,6 +1,8 @@
-//! The LUKS2 format of HyperSEV's encrypted data disks, in one place for
-//! both sides: the host formats a disk image with [`luks_format`] (hsevd),
-//! the guest opens it with [`luks_open`] (`hsev-agent unlock`).
+//! The LUKS2 format of HyperSEV's encrypted data disks. The host creates
+//! the disk empty and never sees its key; on the guest's first boot the
+//! agent formats it with [`luks_format`] using the key the tenant's broker
+//! released, on every boot it opens it with [`luks_open`]; what a disk
+//! holds before that is [`disk_content`]'s to say.
 //!
 //! This module owns the two cryptsetup command lines and how the key
 //! reaches cryptsetup: through a pipe to its standard input, and nothing
@@ -8,8 +10,8 @@
 //! on a command line or in the environment, never logs one and never keeps
 //! a copy: the caller owns the key and zeroizes it.
 //!
-//! The key is the raw disk key the key broker holds, random bytes
-//! ([`KEY_BYTES`] of them from hsevd). A random key needs no slow KDF, so
+//! The key is the raw disk key the key broker holds, random bytes the
+//! broker generated. A random key needs no slow KDF, so
 //! the keyslot uses PBKDF2-SHA256 at the LUKS2 minimum of 1000 iterations
 //! rather than Argon2: a guest has little memory and, under TCG, no fast
 //! AES or SHA.
@@ -17,9 +19,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-
-/// The size of the disk keys hsevd makes (the LUKS2 passphrase).
-pub const KEY_BYTES: usize = 32;
 
 /// What [`luks_format`] passes to cryptsetup before the image path: LUKS2,
 /// no questions, PBKDF2-SHA256 at 1000 iterations, AES-XTS with a 512-bit
@@ -85,6 +84,43 @@ pub enum LuksError {
         /// What it said, trimmed.
         stderr: String,
     },
+}
+
+/// What a data disk holds before the agent opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskContent {
+    /// A LUKS2 header: a disk formatted on an earlier boot.
+    Luks,
+    /// Zeros only where a header would be: the disk the host created.
+    Empty,
+    /// Something else: never formatted over, it may hold data.
+    Unknown,
+}
+
+/// How far an empty disk must be zeros: both LUKS2 header copies and the
+/// start of the keyslot area.
+const EMPTY_PROBE_BYTES: usize = 1 << 20;
+
+/// What `device` holds at its start.
+pub fn disk_content(device: &Path) -> std::io::Result<DiskContent> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(EMPTY_PROBE_BYTES);
+    std::fs::File::open(device)?
+        .take(EMPTY_PROBE_BYTES as u64)
+        .read_to_end(&mut head)?;
+    Ok(classify(&head))
+}
+
+/// [`disk_content`] of a disk that starts with `head`.
+fn classify(head: &[u8]) -> DiskContent {
+    // LUKS2's primary header magic at 0 ("LUKS\xba\xbe", version 2).
+    if head.len() >= 8 && head[..6] == *b"LUKS\xba\xbe" && head[6..8] == [0, 2] {
+        DiskContent::Luks
+    } else if !head.is_empty() && head.iter().all(|&byte| byte == 0) {
+        DiskContent::Empty
+    } else {
+        DiskContent::Unknown
+    }
 }
 
 /// The cryptsetup binary: the first on `PATH`, else `/usr/sbin` or `/sbin`.
@@ -187,6 +223,24 @@ fn run_with_key(
 mod tests {
     use super::*;
 
+    /// The size of the test keys (the broker's disk keys are 32 bytes).
+    const KEY_BYTES: usize = 32;
+
+    #[test]
+    fn a_disk_is_luks_empty_or_left_alone() {
+        let mut luks = vec![0u8; 4096];
+        luks[..8].copy_from_slice(b"LUKS\xba\xbe\x00\x02");
+        assert_eq!(classify(&luks), DiskContent::Luks);
+        assert_eq!(classify(&vec![0; EMPTY_PROBE_BYTES]), DiskContent::Empty);
+        let mut data = vec![0u8; EMPTY_PROBE_BYTES];
+        data[EMPTY_PROBE_BYTES - 1] = 1;
+        assert_eq!(classify(&data), DiskContent::Unknown, "one byte of data");
+        let mut luks1 = luks.clone();
+        luks1[7] = 1;
+        assert_eq!(classify(&luks1), DiskContent::Unknown, "LUKS1 is not ours");
+        assert_eq!(classify(&[]), DiskContent::Unknown, "an empty device");
+    }
+
     #[test]
     fn the_format_command_is_the_documented_one_and_holds_no_key() {
         let command = format_command(Path::new("/sbin/cryptsetup"), Path::new("/disks/a.luks"));
@@ -243,15 +297,13 @@ mod tests {
     /// a file formatted with one key opens with it and with no other.
     #[test]
     fn a_formatted_image_opens_with_its_key_only() {
-        let Ok(cryptsetup) = cryptsetup() else {
-            println!("skipped: cryptsetup is not installed (`make deps`)");
-            return;
-        };
+        let cryptsetup = cryptsetup().expect("cryptsetup (`make deps` installs cryptsetup-bin)");
         let dir = tempfile::tempdir().expect("tempdir");
         let image = dir.path().join("disk.luks");
         std::fs::File::create(&image)
             .and_then(|file| file.set_len(32 << 20))
             .expect("image");
+        assert_eq!(disk_content(&image).expect("readable"), DiskContent::Empty);
         let key = [0x42u8; KEY_BYTES];
         match luks_format(&image, &key) {
             Ok(()) => {}
@@ -263,6 +315,7 @@ mod tests {
         }
         let header = std::fs::read(&image).expect("image");
         assert!(header.starts_with(b"LUKS\xba\xbe"), "a LUKS header");
+        assert_eq!(disk_content(&image).expect("readable"), DiskContent::Luks);
         assert!(
             !header.windows(KEY_BYTES).any(|window| window == key),
             "the key is not in the image"

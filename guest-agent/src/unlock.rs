@@ -26,7 +26,7 @@ use crate::boot_log::{append_boot, BootLogError};
 use crate::disk::{
     find_disk_by_serial, has_ext_filesystem, DiskError, DATA_DISK_SERIAL, MAPPED_NAME,
 };
-use crate::luks::{luks_open, LuksError};
+use crate::luks::{disk_content, luks_format, luks_open, DiskContent, LuksError};
 use crate::settings::UnlockSettings;
 use crate::status::StatusPort;
 use crate::{evidence, open_chosen_reporter, say, AgentError, Device};
@@ -144,6 +144,12 @@ pub enum UnlockError {
     /// cryptsetup failed.
     #[error(transparent)]
     Luks(#[from] LuksError),
+    /// The data disk holds something other than LUKS2 or zeros.
+    #[error(
+        "the data disk {0} is neither LUKS2 nor empty: it is not formatted over (it may hold \
+         data)"
+    )]
+    UnknownDisk(String),
     /// A command (mke2fs, mount) failed.
     #[error("{what} failed: {reason}")]
     Command {
@@ -380,6 +386,21 @@ fn unlock(
         hex::encode(released.measurement)
     ));
 
+    match disk_content(&disk).map_err(|source| UnlockError::Command {
+        what: format!("reading {}", disk.display()),
+        reason: source.to_string(),
+    })? {
+        DiskContent::Luks => {}
+        DiskContent::Empty => {
+            say(&format!(
+                "first boot: {} is empty; formatting it as LUKS2 with the released key (the \
+                 host never had it)",
+                disk.display()
+            ));
+            luks_format(&disk, &released.key)?;
+        }
+        DiskContent::Unknown => return Err(UnlockError::UnknownDisk(disk.display().to_string())),
+    }
     let mapped = luks_open(&disk, MAPPED_NAME, &released.key)?;
     let measurement = released.measurement;
     drop(released); // the key is zeroized here
