@@ -73,3 +73,37 @@ fn libvirt(_config: &LibvirtConfig) -> Result<Arc<dyn HypervisorDriver>, DriverE
             .to_owned(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hypervisor_select_builds_and_probes_the_chosen_driver() {
+        let choice = DriverChoice {
+            kind: DriverKind::Fake,
+            qemu: QemuConfig::default(),
+            libvirt: LibvirtConfig::default(),
+        };
+        let (fake, capabilities) = driver(&choice).expect("the fake driver");
+        assert_eq!(fake.name(), "fake");
+        assert_eq!(capabilities.driver, "fake");
+        for kind in [DriverKind::Qemu, DriverKind::Libvirt, DriverKind::Fake] {
+            let parsed: DriverKind =
+                serde_json::from_str(&format!("\"{}\"", kind.as_str())).expect("parses");
+            assert_eq!(parsed, kind);
+        }
+        assert_eq!(DriverKind::default(), DriverKind::Qemu);
+        // A libvirt that cannot be reached is named, not a panic.
+        let unreachable = DriverChoice {
+            kind: DriverKind::Libvirt,
+            libvirt: LibvirtConfig {
+                uri: "qemu:///system?socket=/nonexistent/sock".into(),
+                ..LibvirtConfig::default()
+            },
+            ..choice
+        };
+        let error = driver(&unreachable).map(|_| ()).expect_err("no daemon");
+        assert!(error.to_string().contains("libvirt"), "{error}");
+    }
+}

@@ -123,6 +123,9 @@ impl EventLog {
 pub fn start_loop() -> Result<(), DriverError> {
     static LOOP: OnceLock<Result<(), String>> = OnceLock::new();
     LOOP.get_or_init(|| {
+        // Errors come back to the caller, named: libvirt need not also
+        // print them to stderr.
+        virt::error::clear_error_callback();
         virt::event::event_register_default_impl().map_err(|error| error.to_string())?;
         std::thread::Builder::new()
             .name("libvirt-events".to_owned())
