@@ -122,6 +122,8 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
             Attestation::Pending
         },
         runtime: running.then(|| VmRuntime {
+            driver: "qemu".into(),
+            domain: None,
             pid: 10_000 + u32::try_from(n).unwrap(),
             start_ticks: 123_456,
             qmp_socket: PathBuf::from(format!("/run/hsev/{id}/qmp.sock")),
