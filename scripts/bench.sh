@@ -27,7 +27,7 @@ awk -v ours="$round_trips" -v sign="$sign_rate" -v verify="$openssl_rate" 'BEGIN
 echo "== launch measurement vs sev-snp-measure"
 bash scripts/bench-measure.sh
 
-echo "== hsevd: VM start latency, vm list with 1000 VMs, resident memory"
+echo "== hsevd: VM start latency through the qemu and the libvirt driver (beside a bare QEMU), vm list with 1000 VMs, resident memory"
 cargo build --quiet --release --bins
 cargo bench --quiet -p hsev-e2e --bench hsevd 2>/dev/null | grep -v '^$'
 

@@ -77,6 +77,15 @@ apt_packages=(
   # libraries ldd finds) in the initramfs.
   "cryptsetup-bin /sbin/cryptsetup"
   "e2fsprogs /sbin/mke2fs"
+  # The libvirt driver (bookworm-backports' libvirt 11): the daemons the
+  # tests start themselves (no systemd), virsh and virt-xml-validate, the
+  # headers the `virt` crate builds against, and xmllint, which
+  # virt-xml-validate runs.
+  "libvirt-daemon-system /usr/sbin/libvirtd"
+  "libvirt-daemon-driver-qemu /usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so"
+  "libvirt-clients /usr/bin/virsh"
+  "libvirt-dev /usr/include/libvirt/libvirt.h"
+  "libxml2-utils /usr/bin/xmllint"
 )
 
 # The guest image's firmware checks the kernel it gets over fw_cfg against

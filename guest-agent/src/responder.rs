@@ -75,7 +75,7 @@ pub fn serve(
             let _ = reader.read_until(b'\n', &mut rest);
             continue;
         }
-        let answer = answer(&line, || reporter());
+        let answer = answer(&line, reporter);
         let mut bytes = serde_json::to_vec(&answer).unwrap_or_default();
         bytes.push(b'\n');
         writer.write_all(&bytes)?;

@@ -1,8 +1,10 @@
 //! hsevd's figures, each beside a reference measured in the same run:
 //!
-//! - start latency, from the start API call to the QEMU process running
-//!   (guest boot excluded), p50 and p99 over 50 starts, as hsevd measures
-//!   it, beside a bare QEMU of the same VM spawned until QMP answers;
+//! - start latency, from the start API call to the VM running (guest boot
+//!   excluded), p50 and p99 over 50 starts, as hsevd measures it, through
+//!   the QEMU driver and through the libvirt driver (on a libvirtd of the
+//!   bench's own), beside a bare QEMU of the same VM spawned until QMP
+//!   answers;
 //! - `hsev vm list` with 1000 VMs in the store, beside `hsev vm list`
 //!   with one (the fixed cost of the CLI and the connection);
 //! - hsevd's resident memory with 100 VMs in the store, beside with none.
@@ -10,7 +12,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{Daemon, ADMIN};
+use hsev_e2e::daemon::{Daemon, Driver, ADMIN};
 
 fn percentile(samples: &mut [f64], fraction: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
@@ -122,18 +124,13 @@ fn bare_qemu_ms(dir: &std::path::Path) -> f64 {
     elapsed.as_secs_f64() * 1000.0
 }
 
-fn main() {
-    let starts: usize = std::env::var("BENCH_STARTS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(50);
-    let daemon = Daemon::start("");
+/// hsevd's logged start latencies of `starts` starts and force stops of
+/// one VM on `driver`; with `bare`, a bare QEMU's after each.
+fn start_latencies(driver: Driver, starts: usize, mut bare: Option<&mut Vec<f64>>) -> Vec<f64> {
+    let daemon = Daemon::start_on(driver, "");
     daemon.import_image();
-
-    // Start latency.
     create(&daemon, "bench", false);
     let work = tempfile::tempdir().expect("tempdir");
-    let mut bare = Vec::new();
     for _ in 0..starts {
         let output = daemon.hsev(ADMIN, ["vm", "start", "bench"]);
         assert!(
@@ -147,19 +144,46 @@ fn main() {
             "{}",
             String::from_utf8_lossy(&output.stderr)
         );
-        bare.push(bare_qemu_ms(work.path()));
+        if let Some(bare) = bare.as_deref_mut() {
+            bare.push(bare_qemu_ms(work.path()));
+        }
     }
-    let mut ours = logged_start_ms(&daemon.log());
+    let ours = logged_start_ms(&daemon.log());
     assert_eq!(ours.len(), starts, "one logged start per start");
-    let (p50, p99) = (percentile(&mut ours, 0.5), percentile(&mut ours, 0.99));
+    ours
+}
+
+fn main() {
+    let starts: usize = std::env::var("BENCH_STARTS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(50);
+
+    // Start latency, through each driver, beside a bare QEMU.
+    let mut bare = Vec::new();
+    let mut qemu = start_latencies(Driver::Qemu, starts, Some(&mut bare));
+    let mut libvirt = start_latencies(Driver::Libvirt, starts, None);
+    let (p50, p99) = (percentile(&mut qemu, 0.5), percentile(&mut qemu, 0.99));
+    let (libvirt_p50, libvirt_p99) = (
+        percentile(&mut libvirt, 0.5),
+        percentile(&mut libvirt, 0.99),
+    );
     let bare_p50 = percentile(&mut bare, 0.5);
     println!(
-        "vm start (API call to QEMU running, {starts} starts): p50 {p50:.0} ms, p99 {p99:.0} ms (target p50 < 150 ms); \
+        "vm start, qemu driver (API call to QEMU running, {starts} starts): p50 {p50:.0} ms, p99 {p99:.0} ms (target p50 < 150 ms); \
          bare QEMU spawn to QMP running p50 {bare_p50:.0} ms: hsevd adds {:.0} ms ({:.2}x)",
         p50 - bare_p50,
         p50 / bare_p50
     );
+    println!(
+        "vm start, libvirt driver (API call to the domain running, {starts} starts): p50 {libvirt_p50:.0} ms, p99 {libvirt_p99:.0} ms; \
+         {:.2}x the qemu driver's p50, {:.2}x a bare QEMU's",
+        libvirt_p50 / p50,
+        libvirt_p50 / bare_p50
+    );
 
+    let daemon = Daemon::start("");
+    daemon.import_image();
     // Memory with 100 VMs, and listing 1000.
     let idle_rss = rss_kib(daemon.pid());
     let list_ms = |daemon: &Daemon| -> f64 {

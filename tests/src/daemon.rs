@@ -1,14 +1,43 @@
 //! A real `hsevd` for end-to-end tests: its own state folder, a simulated
 //! Secure Processor, three callers (the admin `ops`, tenants `alice` and
-//! `bob`), the guest image `make image` built. Dropping it kills the daemon
-//! and every QEMU it started.
+//! `bob`), the guest image `make image` built, and the hypervisor driver
+//! a test asks for ([`Driver`]: QEMU, libvirt with a libvirtd of its own,
+//! or the fake). Dropping it kills the daemon and every VMM it started.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::kbs::Kbs;
+use crate::libvirt::Libvirtd;
 use crate::{binary, workspace_root};
+
+/// The hypervisor driver a daemon runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// QEMU over QMP (hsevd's default).
+    Qemu,
+    /// libvirt, on a libvirtd the daemon's test starts for it.
+    Libvirt,
+    /// In-memory VMs, no guest.
+    Fake,
+}
+
+impl Driver {
+    /// The name hsevd uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Qemu => "qemu",
+            Driver::Libvirt => "libvirt",
+            Driver::Fake => "fake",
+        }
+    }
+
+    /// Whether real guests boot (a console with a kernel on it).
+    pub fn runs_guests(self) -> bool {
+        self != Driver::Fake
+    }
+}
 
 /// The callers and their tokens.
 pub const ADMIN: &str = "ops-token";
@@ -23,6 +52,9 @@ pub struct Daemon {
     dir: tempfile::TempDir,
     child: Option<Child>,
     config: PathBuf,
+    driver: Driver,
+    /// Declared last: dropped after the daemon and its VMs are gone.
+    libvirtd: Option<Libvirtd>,
 }
 
 /// SHA-256 of `text`, hex, through the `sha256sum` tool.
@@ -63,32 +95,57 @@ impl Daemon {
     /// Starts a daemon with `extra` TOML lines added to its configuration
     /// and the simulated Secure Processor.
     pub fn start(extra: &str) -> Daemon {
-        Self::start_with(extra, true)
+        Self::start_on(Driver::Qemu, extra)
+    }
+
+    /// [`Daemon::start`] on `driver`.
+    pub fn start_on(driver: Driver, extra: &str) -> Daemon {
+        Self::start_with_on(driver, extra, true)
     }
 
     /// Starts a daemon; `simulated` gives it the simulated Secure Processor
     /// (without it, this host has no SEV at all).
     pub fn start_with(extra: &str, simulated: bool) -> Daemon {
+        Self::start_with_on(Driver::Qemu, extra, simulated)
+    }
+
+    /// [`Daemon::start_with`] on `driver`.
+    pub fn start_with_on(driver: Driver, extra: &str, simulated: bool) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let sim_dir = simulated.then(|| dir.path().join("sim"));
-        Self::start_in(dir, extra, sim_dir.as_deref())
+        Self::start_in(driver, dir, extra, sim_dir.as_deref())
     }
 
     /// Starts a daemon that registers encrypted disks' keys at `kbs` and
     /// launches through the simulated Secure Processor `kbs` knows.
     pub fn with_key_broker(extra: &str, kbs: &Kbs) -> Daemon {
+        Self::with_key_broker_on(Driver::Qemu, extra, kbs)
+    }
+
+    /// [`Daemon::with_key_broker`] on `driver`.
+    pub fn with_key_broker_on(driver: Driver, extra: &str, kbs: &Kbs) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let extra = format!(
             "{extra}\n[key_broker]\nurl = \"{}\"\nadmin_token_file = \"{}\"\n",
             kbs.url(),
             kbs.admin_token_file().display()
         );
-        Self::start_in(dir, &extra, Some(&kbs.sim_dir()))
+        Self::start_in(driver, dir, &extra, Some(&kbs.sim_dir()))
     }
 
-    fn start_in(dir: tempfile::TempDir, extra: &str, sim_dir: Option<&Path>) -> Daemon {
+    fn start_in(
+        driver: Driver,
+        dir: tempfile::TempDir,
+        extra: &str,
+        sim_dir: Option<&Path>,
+    ) -> Daemon {
         let state = dir.path().join("state");
         let config = dir.path().join("hsevd.toml");
+        let libvirtd = (driver == Driver::Libvirt).then(Libvirtd::start);
+        let driver_config = match &libvirtd {
+            Some(libvirtd) => libvirtd.hsevd_config(),
+            None => format!("driver = \"{}\"\n", driver.name()),
+        };
         let tokens: String = [
             ("ops", "admin", ADMIN),
             ("alice", "tenant", ALICE),
@@ -106,8 +163,13 @@ impl Daemon {
             Some(sim_dir) => format!("[firmware]\nsimulated_dir = \"{}\"\n", sim_dir.display()),
             None => String::new(),
         };
+        // Top-level keys first: `extra` may open tables of its own.
+        let (driver_keys, driver_tables) = match driver_config.split_once("\n[") {
+            Some((keys, tables)) => (keys.to_owned(), format!("[{tables}")),
+            None => (driver_config, String::new()),
+        };
         let text = format!(
-            "state_dir = \"{state}\"\n{extra}\n{firmware}{tokens}",
+            "state_dir = \"{state}\"\n{driver_keys}\n{extra}\n{driver_tables}\n{firmware}{tokens}",
             state = state.display()
         );
         std::fs::write(&config, text).expect("config written");
@@ -115,9 +177,34 @@ impl Daemon {
             dir,
             child: None,
             config,
+            driver,
+            libvirtd,
         };
         daemon.spawn();
         daemon
+    }
+
+    /// The driver it runs.
+    pub fn driver(&self) -> Driver {
+        self.driver
+    }
+
+    /// The libvirt daemon under it, for the libvirt driver.
+    pub fn libvirtd(&self) -> Option<&Libvirtd> {
+        self.libvirtd.as_ref()
+    }
+
+    /// The VMM processes (QEMU) of the VM `vm_id`: every driver's QEMU
+    /// names the VM id on its command line (its run dir, or libvirt's
+    /// `-uuid`).
+    pub fn vmm_pids(&self, vm_id: &str) -> Vec<u32> {
+        processes_mentioning(Path::new(vm_id))
+            .into_iter()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.starts_with("qemu"))
+            })
+            .collect()
     }
 
     fn spawn(&mut self) {
@@ -279,7 +366,15 @@ pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill_9();
-        for pid in processes_mentioning(&self.state_dir()) {
+        let mut pids = processes_mentioning(&self.state_dir());
+        for entry in std::fs::read_dir(self.state_dir().join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            pids.extend(self.vmm_pids(&entry.file_name().to_string_lossy()));
+        }
+        for pid in pids {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
     }

@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod firmware_blob;
 pub mod kbs;
+pub mod libvirt;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

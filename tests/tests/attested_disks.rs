@@ -4,13 +4,15 @@
 //!
 //! Each test plays one story: the key is released to the expected launch
 //! and to nothing else; a host that tampers with what the guest boots gets a
-//! refusal; a key broker that dies mid-way loses nothing.
+//! refusal; a key broker that dies mid-way loses nothing. The unlock and the
+//! tamper refusal are part of the driver conformance suite: they run on the
+//! QEMU and the libvirt driver (the `qemu` and `libvirt` modules at the end).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{Daemon, ADMIN, ALICE};
+use hsev_e2e::daemon::{Daemon, Driver, ADMIN, ALICE};
 use hsev_e2e::kbs::{Kbs, KbsMode};
 
 /// How long a guest may take from start to its agent's verdict (OVMF and
@@ -24,8 +26,13 @@ fn text(bytes: &[u8]) -> String {
 /// A key broker in `mode` and an hsevd that registers keys there, with the
 /// image imported.
 fn pool(mode: KbsMode, extra: &str) -> (Kbs, Daemon) {
+    pool_on(Driver::Qemu, mode, extra)
+}
+
+/// [`pool`] with its hsevd on `driver`.
+fn pool_on(driver: Driver, mode: KbsMode, extra: &str) -> (Kbs, Daemon) {
     let kbs = Kbs::start(mode);
-    let daemon = Daemon::with_key_broker(extra, &kbs);
+    let daemon = Daemon::with_key_broker_on(driver, extra, &kbs);
     daemon.import_image();
     (kbs, daemon)
 }
@@ -141,9 +148,8 @@ fn cpio_with_one_file() -> Vec<u8> {
     output.stdout
 }
 
-#[test]
-fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot() {
-    let (kbs, daemon) = pool(KbsMode::Development, "");
+fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot(driver: Driver) {
+    let (kbs, daemon) = pool_on(driver, KbsMode::Development, "");
     let vm = create_encrypted(&daemon, "vault", &["--start"]);
     assert_eq!(vm["attestation"]["state"], "pending", "{vm}");
     let resource = vm["spec"]["key_resource"].as_str().expect("resource");
@@ -222,9 +228,8 @@ fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot() {
     kbs.verify_audit();
 }
 
-#[test]
-fn a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key() {
-    let (kbs, daemon) = pool(KbsMode::Development, "");
+fn a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key(driver: Driver) {
+    let (kbs, daemon) = pool_on(driver, KbsMode::Development, "");
     create_encrypted(&daemon, "vault", &[]);
     let kernel = image_file(&daemon, "vmlinuz");
     let initrd = image_file(&daemon, "initrd.img");
@@ -368,3 +373,22 @@ fn without_its_key_broker_hsevd_neither_creates_nor_deletes_encrypted_disks() {
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
     assert!(!kbs.resources().contains("disk-key"), "{}", kbs.resources());
 }
+
+/// The conformance part, once per driver that runs guests.
+macro_rules! on_driver {
+    ($module:ident, $driver:expr) => {
+        mod $module {
+            #[test]
+            fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot() {
+                super::the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot($driver)
+            }
+            #[test]
+            fn a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key() {
+                super::a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key($driver)
+            }
+        }
+    };
+}
+
+on_driver!(qemu, hsev_e2e::daemon::Driver::Qemu);
+on_driver!(libvirt, hsev_e2e::daemon::Driver::Libvirt);

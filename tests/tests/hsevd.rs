@@ -1,9 +1,15 @@
 //! hsevd end to end: the real daemon, the real `hsev` CLI, real QEMU guests
 //! (TCG) under the simulated Secure Processor, the image `make image` built.
+//!
+//! The lifecycle tests are one conformance suite run on every driver (the
+//! `qemu`, `libvirt` and `fake` modules at the end): create, start, stop,
+//! reboot, delete, adoption after `kill -9` of hsevd, a VMM crash noticed,
+//! a firmware + disk image; the fake driver, which runs no guest, where a
+//! test needs none, and its refusal to adopt where it cannot.
 
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{processes_mentioning, Daemon, ADMIN, ALICE, BOB};
+use hsev_e2e::daemon::{processes_mentioning, Daemon, Driver, ADMIN, ALICE, BOB};
 use hsev_e2e::free_port;
 
 fn text(bytes: &[u8]) -> String {
@@ -35,16 +41,24 @@ fn wait_for_console(daemon: &Daemon, token: &str, vm: &str, marker: &str, timeou
     }
 }
 
-fn qemu_pid(daemon: &Daemon, vm_id: &str) -> u32 {
-    let pids = processes_mentioning(&daemon.state_dir().join("vms").join(vm_id));
-    *pids
+fn vmm_pid(daemon: &Daemon, vm_id: &str) -> u32 {
+    *daemon
+        .vmm_pids(vm_id)
         .first()
-        .unwrap_or_else(|| panic!("no QEMU process for {vm_id}"))
+        .unwrap_or_else(|| panic!("no VMM process for {vm_id}"))
 }
 
-#[test]
-fn a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle() {
-    let daemon = Daemon::start("");
+/// What the console shows once the VM booted.
+fn booted_marker(daemon: &Daemon) -> &'static str {
+    if daemon.driver().runs_guests() {
+        "HSEV-GUEST-READY"
+    } else {
+        "boot 1"
+    }
+}
+
+fn a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle(driver: Driver) {
+    let daemon = Daemon::start_on(driver, "");
     daemon.import_image();
     let vm = create(&daemon, ALICE, "web", &["--mode", "sev-snp", "--start"]);
     assert_eq!(vm["state"], "running", "{vm}");
@@ -57,12 +71,14 @@ fn a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle() {
         &daemon,
         ALICE,
         "web",
-        "HSEV-GUEST-READY",
+        booted_marker(&daemon),
         Duration::from_secs(120),
     );
+    let id = vm["id"].as_str().expect("id").to_owned();
 
     let stopped = daemon.json(ALICE, ["vm", "stop", "web", "--force"]);
     assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(daemon.vmm_pids(&id).is_empty(), "the VMM is gone");
     let started = daemon.json(ALICE, ["vm", "start", "web"]);
     assert_eq!(started["state"], "running");
     let rebooted = daemon.json(ALICE, ["vm", "reboot", "web"]);
@@ -71,14 +87,24 @@ fn a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle() {
         rebooted["launch_digest"], expected,
         "a new launch of the same artifacts measures the same"
     );
+    // A plain VM's reboot resets it in place.
+    create(&daemon, ALICE, "plain", &["--mode", "none", "--start"]);
+    let reset = daemon.json(ALICE, ["vm", "reboot", "plain"]);
+    assert_eq!(reset["state"], "running", "{reset}");
 
-    let deleted = daemon.hsev(ALICE, ["vm", "delete", "web", "--yes", "--wipe"]);
-    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    for name in ["web", "plain"] {
+        let deleted = daemon.hsev(ALICE, ["vm", "delete", name, "--yes", "--wipe"]);
+        assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    }
     assert_eq!(daemon.json(ALICE, ["vm", "list"]), serde_json::json!([]));
+    assert!(daemon.vmm_pids(&id).is_empty(), "the VMM is gone");
     assert!(
         processes_mentioning(&daemon.state_dir().join("vms")).is_empty(),
-        "QEMU is gone"
+        "no process uses the VMs' files"
     );
+    if let Some(libvirtd) = daemon.libvirtd() {
+        assert!(libvirtd.running_domains().is_empty(), "no domain left");
+    }
     assert!(
         std::fs::read_dir(daemon.state_dir().join("vms"))
             .expect("vms")
@@ -88,9 +114,8 @@ fn a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle() {
     );
 }
 
-#[test]
-fn running_vms_survive_kill_9_of_hsevd_and_are_adopted() {
-    let mut daemon = Daemon::start("");
+fn running_vms_survive_kill_9_of_hsevd_and_are_adopted(driver: Driver) {
+    let mut daemon = Daemon::start_on(driver, "");
     daemon.import_image();
     let vm = create(
         &daemon,
@@ -99,23 +124,43 @@ fn running_vms_survive_kill_9_of_hsevd_and_are_adopted() {
         &["--mode", "sev-snp", "--start"],
     );
     let id = vm["id"].as_str().expect("id").to_owned();
-    let pid = qemu_pid(&daemon, &id);
+    if !driver.runs_guests() {
+        // Fake VMs live in hsevd's process: the next hsevd says it cannot
+        // adopt them, and why.
+        daemon.kill_9();
+        daemon.restart();
+        let lost = daemon.json(ALICE, ["vm", "show", "survivor"]);
+        assert_eq!(lost["state"], "failed", "{lost}");
+        let reason = lost["state_reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("cannot adopt") && reason.contains("unsupported"),
+            "{lost}"
+        );
+        return;
+    }
+    let pid = vmm_pid(&daemon, &id);
     daemon.kill_9();
     assert!(
         std::path::Path::new(&format!("/proc/{pid}")).exists(),
-        "QEMU outlives hsevd"
+        "the VMM outlives hsevd"
     );
     daemon.restart();
     let adopted = daemon.json(ALICE, ["vm", "show", "survivor"]);
     assert_eq!(adopted["state"], "running", "{adopted}");
-    assert_eq!(qemu_pid(&daemon, &id), pid, "the same process");
+    assert_eq!(vmm_pid(&daemon, &id), pid, "the same process");
     assert!(
         daemon.log().contains("adopted a running VM"),
         "{}",
         daemon.log()
     );
+    // Adopted, it is managed as before: it stops.
+    let stopped = daemon.json(ALICE, ["vm", "stop", "survivor", "--force"]);
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    let started = daemon.json(ALICE, ["vm", "start", "survivor"]);
+    assert_eq!(started["state"], "running", "{started}");
+    let pid = vmm_pid(&daemon, &id);
 
-    // A VM whose QEMU died while hsevd was down is marked so, with why.
+    // A VM whose VMM died while hsevd was down is marked so, with why.
     daemon.kill_9();
     let _ = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -133,12 +178,11 @@ fn running_vms_survive_kill_9_of_hsevd_and_are_adopted() {
     );
 }
 
-#[test]
-fn a_qemu_crash_is_noticed_and_reported() {
-    let daemon = Daemon::start("");
+fn a_vmm_crash_is_noticed_and_reported(driver: Driver) {
+    let daemon = Daemon::start_on(driver, "");
     daemon.import_image();
     let vm = create(&daemon, BOB, "fragile", &["--mode", "none", "--start"]);
-    let pid = qemu_pid(&daemon, vm["id"].as_str().expect("id"));
+    let pid = vmm_pid(&daemon, vm["id"].as_str().expect("id"));
     let _ = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status();
@@ -158,9 +202,32 @@ fn a_qemu_crash_is_noticed_and_reported() {
     }
 }
 
-#[test]
-fn tenants_see_and_touch_only_their_own_vms() {
-    let daemon = Daemon::start("");
+/// `hsev host show` and `host list` name the driver, and the host's
+/// capabilities carry it (for placement to filter on).
+fn the_host_names_its_driver(driver: Driver) {
+    let daemon = Daemon::start_on(driver, "");
+    let hosts = daemon.json(ADMIN, ["host", "list"]);
+    let capabilities = &hosts[0]["capabilities"];
+    assert_eq!(capabilities["driver"], driver.name(), "{hosts}");
+    let version = capabilities["driver_version"].as_str().unwrap_or_default();
+    let expected = match driver {
+        Driver::Qemu => "QEMU emulator version",
+        Driver::Libvirt => "libvirt ",
+        Driver::Fake => "fake driver",
+    };
+    assert!(version.contains(expected), "{version}");
+    let name = hosts[0]["name"].as_str().expect("name");
+    let shown = daemon.hsev(ADMIN, ["host", "show", name]);
+    assert!(shown.status.success(), "{}", text(&shown.stderr));
+    let shown = text(&shown.stdout);
+    assert!(
+        shown.contains(&format!("driver:         {} (", driver.name())),
+        "{shown}"
+    );
+}
+
+fn tenants_see_and_touch_only_their_own_vms(driver: Driver) {
+    let daemon = Daemon::start_on(driver, "");
     daemon.import_image();
     create(&daemon, ALICE, "private", &["--mode", "none"]);
     for args in [
@@ -192,9 +259,8 @@ fn tenants_see_and_touch_only_their_own_vms() {
     );
 }
 
-#[test]
-fn invalid_specs_are_refused_and_leave_nothing_behind() {
-    let daemon = Daemon::start("");
+fn invalid_specs_are_refused_and_leave_nothing_behind(driver: Driver) {
+    let daemon = Daemon::start_on(driver, "");
     daemon.import_image();
     let cases: [(&[&str], &str); 9] = [
         (
@@ -428,9 +494,8 @@ fn sha256_file(path: &std::path::Path) -> String {
         .to_owned()
 }
 
-#[test]
-fn an_ovmf_and_disk_image_boots_and_measures_its_firmware() {
-    let daemon = Daemon::start("");
+fn an_ovmf_and_disk_image_boots_and_measures_its_firmware(driver: Driver) {
+    let daemon = Daemon::start_on(driver, "");
     let source = tempfile::tempdir().expect("tempdir");
     let firmware = source.path().join("OVMF.fd");
     std::fs::copy("/usr/share/ovmf/OVMF.fd", &firmware).expect("Debian's OVMF (make deps)");
@@ -508,3 +573,50 @@ fn an_ovmf_and_disk_image_boots_and_measures_its_firmware() {
         text(&refused.stderr)
     );
 }
+
+/// Every driver-dependent test, once per driver that can play it.
+macro_rules! on_driver {
+    ($module:ident, $driver:expr, [$($test:ident),* $(,)?]) => {
+        mod $module {
+            $( #[test] fn $test() { super::$test($driver) } )*
+        }
+    };
+}
+
+on_driver!(
+    qemu,
+    hsev_e2e::daemon::Driver::Qemu,
+    [
+        a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle,
+        running_vms_survive_kill_9_of_hsevd_and_are_adopted,
+        a_vmm_crash_is_noticed_and_reported,
+        the_host_names_its_driver,
+        tenants_see_and_touch_only_their_own_vms,
+        invalid_specs_are_refused_and_leave_nothing_behind,
+        an_ovmf_and_disk_image_boots_and_measures_its_firmware,
+    ]
+);
+on_driver!(
+    libvirt,
+    hsev_e2e::daemon::Driver::Libvirt,
+    [
+        a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle,
+        running_vms_survive_kill_9_of_hsevd_and_are_adopted,
+        a_vmm_crash_is_noticed_and_reported,
+        the_host_names_its_driver,
+        an_ovmf_and_disk_image_boots_and_measures_its_firmware,
+    ]
+);
+// No guest, no VMM to crash: the driver-level suite crashes fake VMs.
+on_driver!(
+    fake,
+    hsev_e2e::daemon::Driver::Fake,
+    [
+        a_sev_snp_vm_boots_with_equal_measurements_and_goes_through_its_lifecycle,
+        running_vms_survive_kill_9_of_hsevd_and_are_adopted,
+        the_host_names_its_driver,
+        tenants_see_and_touch_only_their_own_vms,
+        invalid_specs_are_refused_and_leave_nothing_behind,
+        an_ovmf_and_disk_image_boots_and_measures_its_firmware,
+    ]
+);

@@ -123,6 +123,8 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
             Attestation::Pending
         },
         runtime: running.then(|| VmRuntime {
+            driver: "qemu".into(),
+            domain: None,
             pid: 10_000 + u32::try_from(n).unwrap(),
             start_ticks: 123_456,
             qmp_socket: PathBuf::from(format!("/run/hsev/{id}/qmp.sock")),
@@ -134,6 +136,7 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
                 guest_port: 22,
             }],
             agent_channel: None,
+            attest_channel: None,
         }),
         created_at: now,
         updated_at: now,

@@ -262,12 +262,23 @@ pub enum Attestation {
 /// What a running VM's process is, so a restarted daemon can find it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRuntime {
-    /// The VMM process id.
+    /// The hypervisor driver that started it (`qemu`, `libvirt`, `fake`):
+    /// another driver never adopts it.
+    #[serde(default = "qemu_driver")]
+    pub driver: String,
+    /// The engine's own handle on the VM, where it keeps one: the libvirt
+    /// domain's UUID, the fake driver's VM number; `None` for QEMU, which
+    /// is known by its process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// The VMM process id (0 where the engine owns the process and does
+    /// not say: libvirt, fake).
     pub pid: u32,
     /// Its start time in clock ticks since boot (`/proc/PID/stat` field 22),
     /// so a recycled pid is never mistaken for it.
     pub start_ticks: u64,
-    /// Its QMP socket.
+    /// Its QMP socket (the QEMU driver; empty where the engine keeps the
+    /// VMM's control channel to itself).
     pub qmp_socket: PathBuf,
     /// Where its serial console is logged.
     pub console_log: PathBuf,
@@ -283,6 +294,22 @@ pub struct VmRuntime {
     /// The socket of the port the agent answers attestation requests on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attest_channel: Option<PathBuf>,
+}
+
+fn qemu_driver() -> String {
+    // Runtimes recorded before drivers were named were all QEMU's.
+    "qemu".to_owned()
+}
+
+impl VmRuntime {
+    /// How the VMM is known, for events and logs: `pid 1234`, `libvirt
+    /// domain <uuid>`.
+    pub fn vmm(&self) -> String {
+        match &self.domain {
+            Some(domain) => format!("{} domain {domain}", self.driver),
+            None => format!("pid {}", self.pid),
+        }
+    }
 }
 
 /// A VM as stored.

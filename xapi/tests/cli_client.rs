@@ -160,6 +160,13 @@ impl VmService for CannedHsevd {
         unimplemented()
     }
 
+    async fn attest_vm(
+        &self,
+        _: Request<hsev_proto::v1::AttestVmRequest>,
+    ) -> Result<Response<hsev_proto::v1::AttestVmResponse>, Status> {
+        unimplemented()
+    }
+
     async fn set_vm_id_block(
         &self,
         _: Request<SetVmIdBlockRequest>,

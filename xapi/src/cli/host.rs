@@ -262,6 +262,7 @@ pub fn host_table(hosts: &[Host]) -> String {
             vec![
                 host.name.clone(),
                 or_dash(&host.status).to_owned(),
+                or_dash(&capabilities.driver).to_owned(),
                 or_dash(&capabilities.accelerator).to_owned(),
                 sev,
                 asids,
@@ -275,6 +276,7 @@ pub fn host_table(hosts: &[Host]) -> String {
         &[
             "NAME",
             "STATUS",
+            "DRIVER",
             "ACCEL",
             "SEV",
             "ASIDS FREE",
@@ -342,8 +344,8 @@ mod tests {
     fn the_table_sums_up_each_host() {
         assert_eq!(
             host_table(&[sample()]),
-            "NAME    STATUS  ACCEL  SEV                  ASIDS FREE  VCPUS  MEMORY MIB  VMS\n\
-             host-a  up      tcg    sev-snp genoa (sim)  12/16       6/16   8192/65536  3\n"
+            "NAME    STATUS  DRIVER  ACCEL  SEV                  ASIDS FREE  VCPUS  MEMORY MIB  VMS\n\
+             host-a  up      qemu    tcg    sev-snp genoa (sim)  12/16       6/16   8192/65536  3\n"
         );
         assert_eq!(
             host_json(&sample())["capabilities"]["sev"]["asids_free"],

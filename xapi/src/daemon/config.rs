@@ -7,6 +7,7 @@
 //! listen = "127.0.0.1:7443"             # TCP with TLS; omit for the socket only
 //! metrics_listen = "127.0.0.1:9464"     # Prometheus text format; omit to disable
 //! host_name = "node-1"                  # default: the machine's hostname
+//! driver = "qemu"                       # qemu | libvirt | fake (tests: no guest)
 //! accelerator = "auto"                  # auto | kvm | tcg
 //! allow_debug_policy = false            # refuse guest policies with DEBUG set
 //! default_vcpu_type = "EPYC-v4"
@@ -15,6 +16,10 @@
 //! [tls]                                 # default: a self-signed pair in <state_dir>/tls
 //! cert = "/etc/hsevd/cert.pem"
 //! key = "/etc/hsevd/key.pem"
+//!
+//! [libvirt]                             # driver = "libvirt" only
+//! uri = "qemu:///system"                # a local QEMU URI, `?socket=PATH` allowed
+//! domain_prefix = "hsev-"               # domains are <prefix><vm id>
 //!
 //! [firmware]
 //! simulated_dir = "/var/lib/hsevd/sim"  # use the simulated Secure Processor (no /dev/sev)
@@ -35,6 +40,9 @@ use std::path::{Path, PathBuf};
 
 use hsev_attestation::HexBytes;
 use serde::Deserialize;
+
+use crate::hypervisor::libvirt::LibvirtConfig;
+use crate::hypervisor::select::DriverKind;
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +152,12 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// This host's name in the pool.
     pub host_name: Option<String>,
+    /// The hypervisor driver.
+    #[serde(default)]
+    pub driver: DriverKind,
+    /// The libvirt driver's settings.
+    #[serde(default)]
+    pub libvirt: LibvirtConfig,
     /// Accelerator choice.
     #[serde(default)]
     pub accelerator: AcceleratorChoice,
@@ -229,6 +243,13 @@ impl Config {
                 return Err(invalid("host_name", "must not be empty".into()));
             }
         }
+        self.libvirt.validate().map_err(|error| match error {
+            crate::hypervisor::DriverError::InvalidSpec { field, reason } => ConfigError::Invalid {
+                key: field.to_owned(),
+                problem: reason,
+            },
+            other => invalid("libvirt", other.to_string()),
+        })?;
         Ok(())
     }
 
@@ -255,6 +276,7 @@ mod tests {
         let config = parse("state_dir = \"/var/lib/hsevd\"").expect("valid");
         assert!(!config.allow_debug_policy);
         assert_eq!(config.accelerator, AcceleratorChoice::Auto);
+        assert_eq!(config.driver, DriverKind::Qemu);
         assert_eq!(config.socket_path(), Path::new("/var/lib/hsevd/hsevd.sock"));
         assert!(config.tokens.is_empty());
     }
@@ -265,6 +287,9 @@ mod tests {
             ("state_dir = \"/x\"\nlisten_addr = \"1\"", "listen_addr"),
             ("state_dir = \"relative\"", "state_dir"),
             ("state_dir = \"/x\"\naccelerator = \"hvf\"", "accelerator"),
+            ("state_dir = \"/x\"\ndriver = \"xen\"", "driver"),
+            ("state_dir = \"/x\"\n[libvirt]\nuri = \"qemu+ssh://h/system\"", "libvirt.uri"),
+            ("state_dir = \"/x\"\n[libvirt]\nurl = \"qemu:///system\"", "url"),
             ("state_dir = \"/x\"\ndefault_vcpu_type = \"Pentium\"", "default_vcpu_type"),
             ("state_dir = \"/x\"\n[[tokens]]\nname = \"a b\"\nrole = \"admin\"\nsha256 = \"00\"", "sha256"),
             (

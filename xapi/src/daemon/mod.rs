@@ -34,8 +34,10 @@ use tokio_stream::wrappers::UnixListenerStream;
 use self::config::{AcceleratorChoice, Config};
 use self::error::OpError;
 use self::vms::{Firmware, ManagerParts, VmManager};
-use crate::hypervisor::qemu::{QemuConfig, QemuDriver};
-use crate::hypervisor::{AcceleratorSetting, HypervisorDriver};
+use crate::hypervisor::libvirt::LibvirtConfig;
+use crate::hypervisor::qemu::QemuConfig;
+use crate::hypervisor::select::{self, DriverChoice};
+use crate::hypervisor::AcceleratorSetting;
 use crate::model::HostRecord;
 use crate::store::Store;
 
@@ -97,13 +99,21 @@ pub fn manager(config: &Config) -> anyhow::Result<Arc<VmManager>> {
         AcceleratorChoice::Kvm => AcceleratorSetting::Kvm,
         AcceleratorChoice::Tcg => AcceleratorSetting::Tcg,
     };
-    let driver = QemuDriver::new(QemuConfig {
-        accelerator,
-        ..QemuConfig::default()
-    })
-    .context("the QEMU driver")?;
-    let driver_capabilities = driver.probe().context("probing the host")?;
+    let choice = DriverChoice {
+        kind: config.driver,
+        qemu: QemuConfig {
+            accelerator,
+            ..QemuConfig::default()
+        },
+        libvirt: LibvirtConfig {
+            accelerator,
+            ..config.libvirt.clone()
+        },
+    };
+    let (driver, driver_capabilities) = select::driver(&choice)
+        .with_context(|| format!("the {} hypervisor driver", config.driver.as_str()))?;
     tracing::info!(
+        driver = driver.name(),
         accelerator = %driver_capabilities.accelerator,
         reason = %driver_capabilities.accelerator_reason,
         version = %driver_capabilities.version,
@@ -122,7 +132,7 @@ pub fn manager(config: &Config) -> anyhow::Result<Arc<VmManager>> {
     );
     let manager = Arc::new(VmManager::new(ManagerParts {
         store,
-        driver: Arc::new(driver) as Arc<dyn HypervisorDriver>,
+        driver,
         firmware,
         host_name: host_name(config),
         vms_dir: state_dir.join("vms"),

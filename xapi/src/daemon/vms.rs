@@ -650,8 +650,8 @@ impl VmManager {
                 self.store.set_vm_runtime(&record.id, Some(&runtime))?;
                 self.store
                     .update_vm_state(&record.id, VmState::Running, "running")?;
-                self.event(&record.id, "started", &format!("pid {}", runtime.pid));
-                tracing::info!(vm = %record.id, pid = runtime.pid, elapsed_ms = started_at.elapsed().as_millis() as u64, "started");
+                self.event(&record.id, "started", &runtime.vmm());
+                tracing::info!(vm = %record.id, vmm = %runtime.vmm(), elapsed_ms = started_at.elapsed().as_millis() as u64, "started");
                 progress("done", "running", 100);
                 self.get(caller, &record.id.0)
             }
@@ -1063,8 +1063,8 @@ impl VmManager {
                             self.store
                                 .update_vm_state(&record.id, VmState::Running, "adopted")?;
                         }
-                        self.event(&record.id, "adopted", &format!("pid {}", runtime.pid));
-                        tracing::info!(vm = %record.id, pid = runtime.pid, "adopted a running VM");
+                        self.event(&record.id, "adopted", &runtime.vmm());
+                        tracing::info!(vm = %record.id, vmm = %runtime.vmm(), "adopted a running VM");
                     }
                     Ok(RuntimeState::Exited(reason)) => {
                         self.mark_dead(&record, &format!("while hsevd was down: {reason}"))

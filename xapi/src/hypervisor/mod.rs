@@ -2,23 +2,32 @@
 //! VMM processes of its VMs.
 //!
 //! One object-safe trait, [`HypervisorDriver`], one implementation per
-//! engine, chosen at start-up by probing ([`HypervisorDriver::probe`]), never
-//! by `if` chains elsewhere. The only engine so far is [`QemuDriver`]: QEMU
-//! driven over QMP.
+//! engine, chosen at start-up by [`select::driver`] from the configuration
+//! (the one place that knows every engine), never by `if` chains elsewhere:
+//! - [`QemuDriver`]: QEMU processes of hsevd's own, driven over QMP (the
+//!   default);
+//! - [`libvirt`]: domains of a libvirt daemon (`virt` crate, behind the
+//!   `libvirt` cargo feature), for hosts whose operators run libvirt;
+//! - [`FakeDriver`]: VMs that exist only in memory, for tests and pool
+//!   scale runs that need no guest.
 //!
 //! What this layer owns:
-//! - the VMM command line, built as a pure function of a [`LaunchSpec`] and
-//!   what the host probe found (unit-tested without a process);
-//! - the VMM process: spawned detached (its own session, stdin null, output
-//!   to a log in the VM's run dir) so that it outlives the daemon, and
-//!   recognised afterwards by pid *and* start time, so a recycled pid is
-//!   never mistaken for a VM;
+//! - the VMM's configuration (QEMU's command line, libvirt's domain XML),
+//!   built as a pure function of a [`LaunchSpec`] and what the host probe
+//!   found (unit-tested without a process);
+//! - the VMM process: detached from the daemon so that it outlives it, and
+//!   recognised afterwards (pid *and* start time for QEMU, the domain's
+//!   UUID and metadata for libvirt), so a recycled pid or a stranger's
+//!   domain is never mistaken for a VM;
 //! - disk files (qcow2 creation, wiping before removal).
 //!
 //! What it must never do: decide placement or policy, touch the store, hold
-//! key material (nothing secret ever appears on a VMM command line: SEV
-//! `host-data` is a public binding), or run async code. Every method blocks;
-//! the daemon calls them from `spawn_blocking`.
+//! key material (nothing secret ever appears on a VMM command line or in a
+//! domain XML: SEV `host-data` is a public binding), or run async code.
+//! Every method blocks; the daemon calls them from `spawn_blocking`.
+//!
+//! Something an engine cannot do is a [`DriverError::Unsupported`] naming
+//! what is missing, never a panic and never a silent degradation.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -28,9 +37,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{PortForward, VmId, VmRuntime};
 
+pub mod fake;
+pub mod libvirt;
 pub mod probe;
 pub mod qemu;
+pub mod select;
 
+pub use fake::FakeDriver;
 pub use qemu::{QemuConfig, QemuDriver, StartTimings};
 
 /// A hypervisor engine as the daemon sees it.
@@ -39,7 +52,7 @@ pub use qemu::{QemuConfig, QemuDriver, StartTimings};
 /// keep no per-VM state that a restarted daemon would miss: everything
 /// needed to find a VM again is in its [`VmRuntime`].
 pub trait HypervisorDriver: Send + Sync + fmt::Debug {
-    /// The engine's name (`qemu`).
+    /// The engine's name (`qemu`, `libvirt`, `fake`).
     fn name(&self) -> &'static str;
 
     /// What this host and engine can run. Runs at daemon start; the answer
@@ -128,6 +141,13 @@ pub struct SevSupport {
     pub cbitpos: Option<u32>,
     /// Physical address bits lost to encryption (CPUID 0x8000001F EBX\[11:6\]).
     pub reduced_phys_bits: Option<u32>,
+    /// How many SEV guests can run at once (libvirt's `maxGuests`), when
+    /// the engine says.
+    #[serde(default)]
+    pub max_guests: Option<u32>,
+    /// How many SEV-ES (and SNP) guests can run at once (`maxESGuests`).
+    #[serde(default)]
+    pub max_es_guests: Option<u32>,
     /// Why (not): which check decided.
     pub reason: String,
 }
@@ -139,7 +159,8 @@ pub struct DriverCapabilities {
     pub driver: String,
     /// The VMM binary.
     pub binary: PathBuf,
-    /// Its version line (`QEMU emulator version 10.0.2 (...)`).
+    /// Its version line (`QEMU emulator version 10.0.2 (...)`; through
+    /// libvirt: `libvirt 11.3.0, QEMU 10.0.2`).
     pub version: String,
     /// The accelerator VMs get.
     pub accelerator: Accelerator,
@@ -431,7 +452,7 @@ pub enum DriverError {
         error: std::io::Error,
     },
     /// The VMM ended before it answered.
-    #[error("QEMU exited during start ({status}): {log_tail}")]
+    #[error("the VMM exited during start ({status}): {log_tail}")]
     StartFailed {
         /// Its exit status.
         status: String,
@@ -464,6 +485,14 @@ pub enum DriverError {
         pid: u32,
         /// Which identity check failed.
         reason: String,
+    },
+    /// The libvirt daemon refused or failed a call.
+    #[error("libvirt: {what}: {message}")]
+    Libvirt {
+        /// What was asked.
+        what: String,
+        /// libvirt's own message.
+        message: String,
     },
     /// A helper tool (`qemu-img`) failed.
     #[error("{tool}: {detail}")]

@@ -292,6 +292,8 @@ pub fn sev_support(accelerator: Accelerator, facts: &SevFacts) -> SevSupport {
             sev_snp: false,
             cbitpos: cbit,
             reduced_phys_bits: reduced,
+            max_guests: None,
+            max_es_guests: None,
             reason: format!("no SEV: {}", missing.join("; ")),
         };
     }
@@ -313,6 +315,8 @@ pub fn sev_support(accelerator: Accelerator, facts: &SevFacts) -> SevSupport {
         sev_snp,
         cbitpos: cbit,
         reduced_phys_bits: reduced,
+        max_guests: None,
+        max_es_guests: None,
         reason: reason.join("; "),
     }
 }

@@ -91,6 +91,8 @@ fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
 
 fn runtime() -> VmRuntime {
     VmRuntime {
+        driver: "qemu".into(),
+        domain: None,
         pid: 4242,
         start_ticks: 987_654_321,
         qmp_socket: PathBuf::from("/run/hsev/vm-1/qmp.sock"),

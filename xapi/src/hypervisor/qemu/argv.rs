@@ -222,7 +222,8 @@ pub fn build(
     Ok(args.0)
 }
 
-fn validate(spec: &LaunchSpec) -> Result<(), DriverError> {
+/// Checks what every engine needs of a spec; names the bad field.
+pub(crate) fn validate(spec: &LaunchSpec) -> Result<(), DriverError> {
     let invalid = |field, reason: &str| DriverError::InvalidSpec {
         field,
         reason: reason.to_owned(),
@@ -368,23 +369,29 @@ fn push_disk(
     args.push(["-drive", &drive]);
     let mut device = format!("virtio-blk-pci,drive={id}");
     if let Some(serial) = &disk.serial {
-        if serial.is_empty()
-            || serial.len() > 20
-            || !serial
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(DriverError::InvalidSpec {
-                field,
-                reason: format!("disk serial {serial:?}: 1-20 of A-Z, a-z, 0-9, '-', '_'"),
-            });
-        }
+        check_serial(field, serial)?;
         device.push_str(&format!(",serial={serial}"));
     }
     if let Some(index) = bootindex {
         device.push_str(&format!(",bootindex={index}"));
     }
     args.push(["-device", &device]);
+    Ok(())
+}
+
+/// A disk serial the guest can read back: 1-20 of A-Z, a-z, 0-9, '-', '_'.
+pub(crate) fn check_serial(field: &'static str, serial: &str) -> Result<(), DriverError> {
+    if serial.is_empty()
+        || serial.len() > 20
+        || !serial
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(DriverError::InvalidSpec {
+            field,
+            reason: format!("disk serial {serial:?}: 1-20 of A-Z, a-z, 0-9, '-', '_'"),
+        });
+    }
     Ok(())
 }
 
@@ -469,6 +476,7 @@ mod tests {
                 cbitpos: Some(51),
                 reduced_phys_bits: Some(1),
                 reason: "kvm_amd sev_snp=Y".into(),
+                ..SevSupport::default()
             },
         }
     }

@@ -231,6 +231,8 @@ impl QemuDriver {
         let spawned = begun.elapsed();
 
         let runtime = VmRuntime {
+            driver: "qemu".to_owned(),
+            domain: None,
             pid,
             start_ticks: identity.start_ticks,
             qmp_socket: paths.qmp_socket.clone(),
@@ -568,6 +570,15 @@ impl HypervisorDriver for QemuDriver {
     }
 
     fn adopt(&self, runtime: &VmRuntime) -> Result<RuntimeState, DriverError> {
+        if runtime.driver != "qemu" {
+            return Err(DriverError::NotOurs {
+                pid: runtime.pid,
+                reason: format!(
+                    "the VM was started by the {} driver, this is the QEMU driver",
+                    runtime.driver
+                ),
+            });
+        }
         if let Some(reason) = self.exit_reason(runtime)? {
             return Ok(RuntimeState::Exited(reason));
         }
@@ -649,7 +660,9 @@ pub fn classify_status(status: &str) -> RuntimeState {
 /// until all are picked (so no two forwards get the same port) and then
 /// closed for QEMU to bind; another process could take one in between, in
 /// which case QEMU fails to start and says so.
-fn resolve_port_forwards(forwards: &[PortForward]) -> Result<Vec<PortForward>, DriverError> {
+pub(crate) fn resolve_port_forwards(
+    forwards: &[PortForward],
+) -> Result<Vec<PortForward>, DriverError> {
     let mut held = Vec::new();
     let mut resolved = Vec::with_capacity(forwards.len());
     for forward in forwards {
@@ -669,7 +682,7 @@ fn resolve_port_forwards(forwards: &[PortForward]) -> Result<Vec<PortForward>, D
     Ok(resolved)
 }
 
-fn remove_stale_socket(path: &Path) -> Result<(), DriverError> {
+pub(crate) fn remove_stale_socket(path: &Path) -> Result<(), DriverError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
