@@ -39,6 +39,10 @@ impl Driver {
     }
 }
 
+/// How long a guest may take to reach a console line (OVMF and the kernel
+/// under TCG, on a loaded 2-core machine).
+pub const GUEST_PATIENCE: Duration = Duration::from_secs(180);
+
 /// The callers and their tokens.
 pub const ADMIN: &str = "ops-token";
 /// Tenant alice's token.
@@ -53,6 +57,8 @@ pub struct Daemon {
     child: Option<Child>,
     config: PathBuf,
     driver: Driver,
+    /// The simulated Secure Processor's folder, when it has one.
+    sim_dir: Option<PathBuf>,
     /// Declared last: dropped after the daemon and its VMs are gone.
     libvirtd: Option<Libvirtd>,
 }
@@ -178,10 +184,50 @@ impl Daemon {
             child: None,
             config,
             driver,
+            sim_dir: sim_dir.map(Path::to_path_buf),
             libvirtd,
         };
         daemon.spawn();
         daemon
+    }
+
+    /// The simulated platform's roots (its ASK and ARK, PEM), as the
+    /// operator of a development pool hands them to its tenants.
+    pub fn sim_roots(&self) -> PathBuf {
+        let sim = self
+            .sim_dir
+            .as_ref()
+            .expect("a daemon with the simulated Secure Processor");
+        let bundle = self.dir.path().join("sim-roots.pem");
+        let pem: Vec<u8> = ["ask.pem", "ark.pem"]
+            .iter()
+            .flat_map(|name| std::fs::read(sim.join(name)).expect("the simulated roots"))
+            .collect();
+        std::fs::write(&bundle, pem).expect("bundle written");
+        bundle
+    }
+
+    /// What `vm`'s console showed so far, as `token` sees it.
+    pub fn console(&self, token: &str, vm: &str) -> String {
+        String::from_utf8_lossy(&self.hsev(token, ["vm", "console", vm]).stdout).into_owned()
+    }
+
+    /// Waits until `vm`'s console shows `marker` `count` times; answers the
+    /// console.
+    pub fn wait_console(&self, token: &str, vm: &str, marker: &str, count: usize) -> String {
+        let deadline = Instant::now() + GUEST_PATIENCE;
+        loop {
+            let console = self.console(token, vm);
+            if console.matches(marker).count() >= count {
+                return console;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm}: no {marker:?} (x{count}) on the console in {GUEST_PATIENCE:?}:\n{console}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The driver it runs.

@@ -385,7 +385,7 @@ impl VmManager {
             }
         }
         if let Some(id_block) = &spec.id_block {
-            check_id_block_policy(&spec, id_block)?;
+            check_id_block_signatures_and_policy(&spec, id_block)?;
         }
         if !supported {
             return Err(OpError::precondition(format!(
@@ -588,7 +588,7 @@ impl VmManager {
                 )));
             }
             if let Some(id_block) = &id_block {
-                check_id_block_policy(&record.spec, id_block)?;
+                check_id_block_signatures_and_policy(&record.spec, id_block)?;
                 check_id_block_digest(&record.spec, id_block, &record.expected_measurement)?;
             }
             let mut spec = record.spec.clone();
@@ -1234,15 +1234,25 @@ fn validate_key_broker(binding: &crate::model::KeyBrokerBinding) -> Result<(), O
         .map_err(|error| OpError::invalid(format!("key_broker.repository: {error}")))
 }
 
-/// An ID block must be for the VM's guest policy.
-fn check_id_block_policy(spec: &VmSpec, id_block: &OwnerIdBlock) -> Result<(), OpError> {
+/// An ID block must be signed as it says and be for the VM's guest policy.
+fn check_id_block_signatures_and_policy(
+    spec: &VmSpec,
+    id_block: &OwnerIdBlock,
+) -> Result<(), OpError> {
     if spec.mode != ConfidentialMode::SevSnp {
         return Err(OpError::invalid(format!(
             "an ID block is for sev-snp VMs, not {}",
             spec.mode
         )));
     }
-    let policy = id_block.signed.block.policy;
+    // The owner's signatures, checked now for a clear answer (the firmware
+    // checks them again at launch, whatever the host does).
+    let block = &id_block.signed.block;
+    id_block
+        .signed
+        .check(&block.launch_digest, block.policy)
+        .map_err(|refusal| OpError::invalid(format!("the ID block: {refusal}")))?;
+    let policy = block.policy;
     if policy != spec.guest_policy {
         return Err(OpError::invalid(format!(
             "the ID block is for guest policy {policy:#x}, the VM's is {:#x} (the firmware \
