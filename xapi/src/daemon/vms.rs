@@ -1178,10 +1178,6 @@ impl VmManager {
     }
 }
 
-/// The kernel command line `spec` boots `image` with: the image's, plus
-/// where the guest agent fetches the disk key. It is measured (SNP kernel
-/// hashes), so a host that points the guest elsewhere changes the launch
-/// measurement and the key broker refuses.
 /// Creates the empty (sparse) disk a guest encrypts itself.
 fn create_empty_disk(path: &std::path::Path, size_mib: u64) -> Result<(), OpError> {
     let file = std::fs::OpenOptions::new()
