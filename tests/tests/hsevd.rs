@@ -350,7 +350,7 @@ fn invalid_specs_are_refused_and_leave_nothing_behind(driver: Driver) {
                 "--encrypted-disk",
                 "16",
             ],
-            "no key broker configured",
+            "needs key_broker",
         ),
         (
             &[
