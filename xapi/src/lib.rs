@@ -8,4 +8,5 @@ pub mod daemon;
 pub mod hypervisor;
 pub mod launch;
 pub mod model;
+pub mod placement;
 pub mod store;
