@@ -326,9 +326,11 @@ fn a_refusal_lists_every_host_and_why() {
 fn placement_cost_grows_with_the_hosts_only() {
     let hosts: Vec<(HostView, HostLoad)> = (0..1000)
         .map(|index| {
-            let mut load = HostLoad::default();
-            load.vcpus = index % 20;
-            load.groups.insert(format!("group-{}", index % 50));
+            let load = HostLoad {
+                vcpus: index % 20,
+                groups: BTreeSet::from([format!("group-{}", index % 50)]),
+                ..HostLoad::default()
+            };
             (host(&format!("host-{index:04}")), load)
         })
         .collect();
