@@ -5,8 +5,11 @@
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod coordinator;
+pub mod host_agent;
 pub mod hypervisor;
 pub mod launch;
 pub mod model;
 pub mod placement;
+pub mod pool;
 pub mod store;

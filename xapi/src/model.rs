@@ -154,6 +154,32 @@ pub struct VmSpec {
     /// The owner's ID block, checked by the firmware before the guest runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id_block: Option<OwnerIdBlock>,
+    /// Where it may be placed.
+    #[serde(default)]
+    pub placement: PlacementRules,
+}
+
+/// What a VM asks of the host it is placed on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PlacementRules {
+    /// Only this host (still checked by every placement filter).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Labels the host must carry.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Never on a host holding a VM of this group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+    /// With the VMs of this group, on their host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// A host running this hypervisor driver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<String>,
+    /// The lowest TCB the host's platform may report, per component.
+    pub minimum_tcb: hsev_attestation::policy::MinimumTcb,
 }
 
 /// How a guest reaches its disk key: its tenant's key broker as the guest
@@ -342,13 +368,14 @@ pub struct VmRecord {
 }
 
 /// An extra disk of a VM, as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskRecord {
     /// The VM.
     pub vm: VmId,
     /// Disk name.
     pub name: String,
-    /// qcow2 file.
+    /// Its file, relative to the VMs' folder of the host it is on
+    /// (`<vm id>/disk-<name>.qcow2`).
     pub path: PathBuf,
     /// Size in MiB.
     pub size_mib: u64,

@@ -8,8 +8,9 @@ use crate::daemon::error::OpError;
 use crate::daemon::host::HostCapabilities;
 use crate::model::{
     Attestation, ConfidentialMode, DiskSpec, HostRecord, ImageRecord, KeyBrokerBinding,
-    OwnerIdBlock, PortForward, VmRecord, VmSpec, VmState,
+    OwnerIdBlock, PlacementRules, PortForward, VmRecord, VmSpec, VmState,
 };
+use hsev_attestation::policy::MinimumTcb;
 use hsev_attestation::id_block::SignedIdBlock;
 
 fn rfc3339(time: OffsetDateTime) -> String {
@@ -106,7 +107,58 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
             repository: broker.repository,
         }),
         id_block: id_block_from_proto(&spec.id_block, &spec.id_auth)?,
+        placement: placement_from_proto(spec.placement.unwrap_or_default())?,
     })
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+fn component(value: Option<u32>, field: &str) -> Result<Option<u8>, OpError> {
+    value
+        .map(|value| {
+            u8::try_from(value).map_err(|_| {
+                OpError::invalid(format!("placement.minimum_tcb.{field}: {value} is above 255"))
+            })
+        })
+        .transpose()
+}
+
+fn placement_from_proto(placement: v1::Placement) -> Result<PlacementRules, OpError> {
+    let tcb = placement.minimum_tcb.unwrap_or_default();
+    Ok(PlacementRules {
+        host: non_empty(placement.host),
+        labels: placement.labels,
+        anti_affinity: non_empty(placement.anti_affinity),
+        affinity: non_empty(placement.affinity),
+        driver: non_empty(placement.driver),
+        minimum_tcb: MinimumTcb {
+            fmc: component(tcb.fmc, "fmc")?,
+            bootloader: component(tcb.bootloader, "bootloader")?,
+            tee: component(tcb.tee, "tee")?,
+            snp: component(tcb.snp, "snp")?,
+            microcode: component(tcb.microcode, "microcode")?,
+        },
+    })
+}
+
+fn placement_to_proto(placement: &PlacementRules) -> v1::Placement {
+    let tcb = &placement.minimum_tcb;
+    v1::Placement {
+        host: placement.host.clone().unwrap_or_default(),
+        labels: placement.labels.clone(),
+        anti_affinity: placement.anti_affinity.clone().unwrap_or_default(),
+        affinity: placement.affinity.clone().unwrap_or_default(),
+        driver: placement.driver.clone().unwrap_or_default(),
+        minimum_tcb: Some(v1::MinimumTcb {
+            fmc: tcb.fmc.map(u32::from),
+            bootloader: tcb.bootloader.map(u32::from),
+            tee: tcb.tee.map(u32::from),
+            snp: tcb.snp.map(u32::from),
+            microcode: tcb.microcode.map(u32::from),
+        }),
+    }
 }
 
 /// An owner's ID block from its two structures; none when both are empty.
@@ -189,6 +241,7 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
                 .as_ref()
                 .map(|id_block| id_block.signed.auth_bytes().to_vec())
                 .unwrap_or_default(),
+            placement: Some(placement_to_proto(&spec.placement)),
         }),
         state: state_to_proto(vm.state).into(),
         state_reason: vm.state_reason.clone(),
@@ -204,6 +257,7 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
             .as_ref()
             .map(|runtime| forwards(&runtime.port_forwards))
             .unwrap_or_default(),
+        placement: String::new(),
     }
 }
 

@@ -16,7 +16,8 @@ use hsev_attestation::{tenant_attest, HexBytes};
 use hsev_proto::v1::attestation_status::State as AttestationState;
 use hsev_proto::v1::{
     AttestVmRequest, AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest,
-    CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, PortForward, RootOrigin,
+    CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, MinimumTcb, Placement,
+    PortForward, RootOrigin,
     SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
 };
 use serde_json::{json, Value};
@@ -164,6 +165,12 @@ pub struct CreateArgs {
     key_broker: KeyBrokerArgs,
     #[command(flatten)]
     id_block: IdBlockSource,
+    #[command(flatten)]
+    placement: PlacementArgs,
+    /// Print why the VM went to its host and why every other host was not
+    /// chosen.
+    #[arg(long)]
+    explain: bool,
     /// Forward a host loopback port to a guest port, HOSTPORT:GUESTPORT
     /// (host port 0 picks a free one). Repeatable.
     #[arg(long = "forward", value_name = "HOSTPORT:GUESTPORT", value_parser = parse_forward)]
@@ -177,6 +184,73 @@ pub struct CreateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
+}
+
+/// Where a VM may be placed.
+#[derive(Debug, Clone, Args)]
+pub struct PlacementArgs {
+    /// Place it on this host only (still checked by every filter).
+    #[arg(long = "host", value_name = "NAME")]
+    host: Option<String>,
+    /// A label the host must carry (hsevd.toml `labels`). Repeatable.
+    #[arg(long = "label", value_name = "LABEL")]
+    labels: Vec<String>,
+    /// Never on a host holding a VM of this group.
+    #[arg(long, value_name = "GROUP")]
+    anti_affinity: Option<String>,
+    /// On the host of this group's VMs, when there are some.
+    #[arg(long, value_name = "GROUP")]
+    affinity: Option<String>,
+    /// A host running this hypervisor driver (qemu, libvirt).
+    #[arg(long = "driver", value_name = "DRIVER")]
+    driver: Option<String>,
+    /// The lowest TCB the host may report, e.g. `snp=22,bl=10` (any of
+    /// fmc, bl, tee, snp, ucode).
+    #[arg(long, value_name = "TCB", value_parser = parse_minimum_tcb)]
+    min_tcb: Option<MinimumTcb>,
+}
+
+impl PlacementArgs {
+    fn to_proto(&self) -> Placement {
+        Placement {
+            host: self.host.clone().unwrap_or_default(),
+            labels: self.labels.clone(),
+            anti_affinity: self.anti_affinity.clone().unwrap_or_default(),
+            affinity: self.affinity.clone().unwrap_or_default(),
+            driver: self.driver.clone().unwrap_or_default(),
+            minimum_tcb: self.min_tcb,
+        }
+    }
+}
+
+/// `fmc=..,bl=..,tee=..,snp=..,ucode=..`, any subset.
+fn parse_minimum_tcb(text: &str) -> Result<MinimumTcb, String> {
+    let mut tcb = MinimumTcb::default();
+    for part in text.split(',') {
+        let (name, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not NAME=VALUE"))?;
+        let value: u32 = value
+            .trim()
+            .parse()
+            .ok()
+            .filter(|value| *value <= 255)
+            .ok_or_else(|| format!("{name}: {value:?} is not a number 0-255"))?;
+        let slot = match name.trim() {
+            "fmc" => &mut tcb.fmc,
+            "bl" | "bootloader" => &mut tcb.bootloader,
+            "tee" => &mut tcb.tee,
+            "snp" => &mut tcb.snp,
+            "ucode" | "microcode" => &mut tcb.microcode,
+            other => {
+                return Err(format!(
+                    "unknown TCB component {other:?} (fmc, bl, tee, snp, ucode)"
+                ))
+            }
+        };
+        *slot = Some(value);
+    }
+    Ok(tcb)
 }
 
 /// The tenant's key broker, as the guest reaches it.
@@ -494,11 +568,17 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                     key_broker,
                     id_block: Vec::new(),
                     id_auth: Vec::new(),
+                    placement: Some(args.placement.to_proto()),
                 }),
                 // With an ID block, started once it is set.
                 start: args.start && !args.id_block.given(),
             };
             let vm = follow_progress(vms.create_vm(request).await?).await?;
+            if args.explain {
+                if let Some(vm) = &vm {
+                    eprintln!("{}", vm.placement);
+                }
+            }
             if !args.id_block.given() {
                 return finish(vm, args.output);
             }
@@ -969,6 +1049,7 @@ pub fn vm_json(vm: &Vm) -> Value {
             "verdict": attestation.verdict.as_ref().map(verdict_json),
         })),
         "port_forwards": forwards_json(&vm.port_forwards),
+        "placement": vm.placement,
         "created_at": vm.created_at,
         "updated_at": vm.updated_at,
     })
@@ -1087,6 +1168,9 @@ pub fn render_vm(vm: &Vm) -> String {
             ),
         );
     }
+    if !vm.placement.is_empty() {
+        fields.add("placement", vm.placement.replace('\n', "\n                      "));
+    }
     fields.add("created", &vm.created_at);
     fields.add("updated", &vm.updated_at);
     out.push_str(&fields.render());
@@ -1172,6 +1256,7 @@ mod tests {
                 key_broker: None,
                 id_block: Vec::new(),
                 id_auth: Vec::new(),
+                placement: None,
             }),
             state: VmState::Running.into(),
             state_reason: String::new(),
@@ -1207,6 +1292,7 @@ mod tests {
                 host_port: 40123,
                 guest_port: 22,
             }],
+            placement: String::new(),
         }
     }
 

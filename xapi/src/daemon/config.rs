@@ -24,6 +24,16 @@
 //! [firmware]
 //! simulated_dir = "/var/lib/hsevd/sim"  # use the simulated Secure Processor (no /dev/sev)
 //!
+//! labels = ["zone=a"]                   # (top level) what placement matches on this host
+//!
+//! [placement]                           # the coordinator's
+//! cpu_overcommit = 4.0                  # vCPUs per host CPU
+//! memory_overcommit = 1.0               # confidential guests' memory is pinned
+//! weigher = "spread"                    # spread | pack
+//! allow_simulated = false               # place on simulated Secure Processors (dev pools)
+//! [placement.minimum_tcb]               # the pool's floor, per component
+//! snp = 8
+//!
 //! [[tokens]]
 //! name = "ops"
 //! role = "admin"
@@ -139,7 +149,7 @@ pub struct FirmwareConfig {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the store, VM run folders, disks and images live.
@@ -175,6 +185,12 @@ pub struct Config {
     /// Firmware.
     #[serde(default)]
     pub firmware: FirmwareConfig,
+    /// This host's labels, which placement matches (`zone=a`, `gpu`).
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// The pool's placement settings (the coordinator's).
+    #[serde(default)]
+    pub placement: crate::placement::PoolPolicy,
     /// Bearer tokens.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
@@ -242,6 +258,21 @@ impl Config {
             if name.is_empty() {
                 return Err(invalid("host_name", "must not be empty".into()));
             }
+        }
+        for (key, value) in [
+            ("placement.cpu_overcommit", self.placement.cpu_overcommit),
+            ("placement.memory_overcommit", self.placement.memory_overcommit),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return Err(invalid(key, format!("{value} must be a positive number")));
+            }
+        }
+        if let Some(label) = self
+            .labels
+            .iter()
+            .find(|label| label.is_empty() || label.contains(char::is_whitespace))
+        {
+            return Err(invalid("labels", format!("{label:?}: no empty or spaced labels")));
         }
         self.libvirt.validate().map_err(|error| match error {
             crate::hypervisor::DriverError::InvalidSpec { field, reason } => ConfigError::Invalid {

@@ -19,11 +19,11 @@ use super::auth::{Caller, Tokens};
 use super::error::{Kind, OpError};
 use super::images;
 use super::metrics::{Metrics, RequestLabels};
-use super::vms::VmManager;
+use crate::coordinator::Coordinator;
 use crate::api::vm::{
     host_to_proto, image_to_proto, spec_from_proto, state_from_proto, vm_to_proto,
 };
-use crate::model::{VmRecord, VmState};
+use crate::model::VmRecord;
 
 /// A stream of progress messages.
 pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<v1::Progress, Status>> + Send>>;
@@ -31,8 +31,8 @@ pub type ProgressStream = Pin<Box<dyn Stream<Item = Result<v1::Progress, Status>
 /// The services' shared state.
 #[derive(Debug, Clone)]
 pub struct Api {
-    /// The lifecycle.
-    pub manager: Arc<VmManager>,
+    /// The pool coordinator.
+    pub coordinator: Arc<Coordinator>,
     /// Bearer tokens.
     pub tokens: Arc<Tokens>,
     /// Where imported images go.
@@ -76,16 +76,16 @@ impl Api {
     }
 
     fn vm(&self, record: &VmRecord) -> v1::Vm {
-        vm_to_proto(record, self.manager.simulated_firmware())
+        view(&self.coordinator, record)
     }
 
     /// Runs a blocking call off the runtime.
     async fn blocking<T: Send + 'static>(
         &self,
         method: &'static str,
-        call: impl FnOnce(&VmManager) -> Result<T, OpError> + Send + 'static,
+        call: impl FnOnce(&Coordinator) -> Result<T, OpError> + Send + 'static,
     ) -> Result<T, Status> {
-        let manager = Arc::clone(&self.manager);
+        let manager = Arc::clone(&self.coordinator);
         let outcome = tokio::task::spawn_blocking(move || call(&manager))
             .await
             .map_err(|error| Status::internal(format!("the operation panicked: {error}")))?
@@ -105,12 +105,12 @@ impl Api {
         &self,
         method: &'static str,
         span: tracing::Span,
-        call: impl FnOnce(&VmManager, &(dyn Fn(&str, &str, u32) + Sync)) -> Result<v1::Progress, OpError>
+        call: impl FnOnce(&Coordinator, &(dyn Fn(&str, &str, u32) + Sync)) -> Result<v1::Progress, OpError>
             + Send
             + 'static,
     ) -> ProgressStream {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let manager = Arc::clone(&self.manager);
+        let manager = Arc::clone(&self.coordinator);
         let metrics = Arc::clone(&self.metrics);
         tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
@@ -144,15 +144,25 @@ impl Api {
     }
 }
 
+/// The API view of a VM, with its host's state and its placement.
+fn view(coordinator: &Coordinator, vm: &VmRecord) -> v1::Vm {
+    let mut shown = vm_to_proto(vm, coordinator.simulated_firmware(&vm.host));
+    shown.placement = coordinator.placement_explanation(&vm.id).unwrap_or_default();
+    shown
+}
+
 /// The last message of a VM operation: the VM as it now is.
-fn finished(manager: &VmManager, vm: &VmRecord) -> v1::Progress {
+fn finished(coordinator: &Coordinator, vm: &VmRecord) -> v1::Progress {
     v1::Progress {
         step: "done".to_owned(),
         detail: String::new(),
         percent: 100,
-        vm: Some(vm_to_proto(vm, manager.simulated_firmware())),
+        vm: Some(view(coordinator, vm)),
     }
 }
+
+/// The most console bytes one read carries.
+const CONSOLE_CHUNK: usize = 16 * 1024;
 
 fn seconds_or(value: u32, default: u64) -> Duration {
     Duration::from_secs(if value == 0 {
@@ -317,63 +327,44 @@ impl VmService for Api {
     ) -> Result<Response<Self::StreamConsoleStream>, Status> {
         let caller = self.caller(&request)?;
         let request = request.into_inner();
+        // The first read says whether the VM is there at all.
         let vm = request.vm.clone();
-        let lookup_caller = caller.clone();
-        let path = self
-            .blocking("StreamConsole", move |manager| {
-                manager.console_log(&lookup_caller, &vm)
+        let first_caller = caller.clone();
+        let (first, _) = self
+            .blocking("StreamConsole", move |coordinator| {
+                coordinator.read_console(&first_caller, &vm, 0, 0)
             })
             .await?;
         let (sender, receiver) = mpsc::channel(16);
-        let manager = Arc::clone(&self.manager);
+        let coordinator = Arc::clone(&self.coordinator);
         tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncSeekExt};
-            let Ok(mut file) = tokio::fs::File::open(&path).await else {
-                let _ = sender
-                    .send(Err(Status::failed_precondition(
-                        "the VM has no console output yet",
-                    )))
-                    .await;
-                return;
+            let mut offset = if request.tail_bytes > 0 && request.tail_bytes < first.length {
+                first.length - request.tail_bytes
+            } else {
+                0
             };
-            let length = file
-                .metadata()
-                .await
-                .map(|metadata| metadata.len())
-                .unwrap_or(0);
-            if request.tail_bytes > 0 && request.tail_bytes < length {
-                let _ = file
-                    .seek(std::io::SeekFrom::Start(length - request.tail_bytes))
-                    .await;
-            }
-            let mut buffer = vec![0u8; 16 * 1024];
             loop {
-                match file.read(&mut buffer).await {
-                    Ok(0) if request.follow => {
-                        let running = manager
-                            .get(&caller, &request.vm)
-                            .map(|record| {
-                                record.state == VmState::Running
-                                    || record.state == VmState::Starting
-                            })
-                            .unwrap_or(false);
-                        if !running || sender.is_closed() {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                let reader = Arc::clone(&coordinator);
+                let (caller, vm) = (caller.clone(), request.vm.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    reader.read_console(&caller, &vm, offset, CONSOLE_CHUNK)
+                })
+                .await;
+                let Ok(Ok((chunk, live))) = read else { return };
+                if chunk.data.is_empty() {
+                    if !request.follow || !live || sender.is_closed() {
+                        return;
                     }
-                    Ok(0) | Err(_) => return,
-                    Ok(read) => {
-                        if sender
-                            .send(Ok(v1::ConsoleChunk {
-                                data: buffer[..read].to_vec(),
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                offset += chunk.data.len() as u64;
+                if sender
+                    .send(Ok(v1::ConsoleChunk { data: chunk.data }))
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
             }
         });
@@ -498,7 +489,7 @@ impl ImageService for Api {
 }
 
 /// The API view of every host with its allocations.
-fn hosts(manager: &VmManager) -> Result<Vec<v1::Host>, OpError> {
+fn hosts(manager: &Coordinator) -> Result<Vec<v1::Host>, OpError> {
     let allocations = manager.store().host_allocations()?;
     Ok(manager
         .store()
@@ -548,14 +539,11 @@ impl HostService for Api {
     ) -> Result<Response<v1::Host>, Status> {
         self.admin(&request)?;
         let name = request.into_inner().host;
-        if name != self.manager.host_name() {
-            return Err(Status::not_found(format!("host {name} not found")));
-        }
+        let probed = name.clone();
         let hosts = self
-            .blocking("ProbeHost", |manager| {
-                manager.reprobe()?;
-                super::probe_and_record(manager)?;
-                hosts(manager)
+            .blocking("ProbeHost", move |coordinator| {
+                coordinator.probe_host(&probed)?;
+                hosts(coordinator)
             })
             .await?;
         hosts

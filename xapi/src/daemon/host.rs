@@ -31,6 +31,15 @@ pub struct SevCapabilities {
     pub asids_free: u32,
     /// Chip id, hex.
     pub chip_id: String,
+    /// ASIDs of the SEV pool (plain SEV guests).
+    #[serde(default)]
+    pub sev_asids: u32,
+    /// ASIDs of the SEV-ES / SNP pool.
+    #[serde(default)]
+    pub es_snp_asids: u32,
+    /// The reported TCB, by component, for placement's TCB floors.
+    #[serde(default)]
+    pub tcb: Option<hsev_attestation::report::TcbVersion>,
 }
 
 /// What a host can run.
@@ -52,6 +61,9 @@ pub struct HostCapabilities {
     pub sev: SevCapabilities,
     /// Whether guest policies with DEBUG are accepted.
     pub debug_policy_allowed: bool,
+    /// The host's labels, for placement (`zone=a`, ...).
+    #[serde(default)]
+    pub labels: Vec<String>,
 }
 
 /// The SEV part from a firmware status.
@@ -73,6 +85,9 @@ pub fn sev_capabilities(status: &PlatformStatus) -> SevCapabilities {
         reported_tcb: status.reported_tcb.to_string(),
         asids_total: status.asids.sev_es_snp_pool + status.asids.sev_pool,
         asids_free: status.asids.free,
+        sev_asids: status.asids.sev_pool,
+        es_snp_asids: status.asids.sev_es_snp_pool,
+        tcb: Some(status.reported_tcb),
         chip_id: status
             .chip_id
             .as_deref()
@@ -100,5 +115,6 @@ pub fn capabilities(
         driver_version: driver.version.clone(),
         sev,
         debug_policy_allowed,
+        labels: Vec::new(),
     }
 }

@@ -58,30 +58,35 @@ impl ImageFiles {
     }
 }
 
-fn has_role(image: &ImageRecord, role: &str) -> bool {
-    image.sha256.iter().any(|(name, _)| name == role)
+fn has_role(sha256: &[(String, String)], role: &str) -> bool {
+    sha256.iter().any(|(name, _)| name == role)
 }
 
 /// Where an imported image's artifacts are.
 pub fn files(image: &ImageRecord) -> ImageFiles {
-    let boot = if has_role(image, "disk") {
-        let format = if has_role(image, "disk-raw") {
+    files_in(&image.dir, &image.sha256)
+}
+
+/// Where the artifacts of an image stored in `dir` are, from its roles.
+pub fn files_in(dir: &Path, sha256: &[(String, String)]) -> ImageFiles {
+    let boot = if has_role(sha256, "disk") {
+        let format = if has_role(sha256, "disk-raw") {
             DiskFormat::Raw
         } else {
             DiskFormat::Qcow2
         };
         ImageBoot::Disk {
-            path: image.dir.join("disk.img"),
+            path: dir.join("disk.img"),
             format,
         }
     } else {
         ImageBoot::Direct {
-            kernel: image.dir.join("vmlinuz"),
-            initrd: has_role(image, "initrd").then(|| image.dir.join("initrd.img")),
+            kernel: dir.join("vmlinuz"),
+            initrd: has_role(sha256, "initrd").then(|| dir.join("initrd.img")),
         }
     };
     ImageFiles {
-        firmware: image.dir.join("firmware.fd"),
+        firmware: dir.join("firmware.fd"),
         boot,
     }
 }

@@ -1,12 +1,12 @@
-//! `hsevd`: the host agent and, on one host, the pool coordinator. It
-//! drives the hypervisor and the SEV firmware, keeps the pool's state, and
-//! serves the `hsev.v1` API over a Unix socket and TCP with TLS.
+//! `hsevd`: the host agent ([`crate::host_agent`]) and, on one host, the
+//! pool coordinator ([`crate::coordinator`]), with what binds them to the
+//! outside: the configuration, the `hsev.v1` API over a Unix socket and TCP
+//! with TLS, authentication, metrics.
 //!
 //! VMs are separate processes: stopping or killing `hsevd` leaves them
-//! running, and the next `hsevd` adopts them ([`vms::VmManager::reconcile`]).
+//! running, and the next `hsevd` adopts them
+//! ([`crate::pool::HostClient::recover`]).
 
-mod agent_link;
-mod artifacts;
 pub mod auth;
 pub mod config;
 pub mod error;
@@ -15,7 +15,6 @@ pub mod host;
 pub mod images;
 pub mod metrics;
 pub mod tls;
-pub mod vms;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,35 +23,21 @@ use std::time::Duration;
 use anyhow::Context;
 use hsev_attestation::firmware::sev_device::SevDevice;
 use hsev_attestation::firmware::simulated::{SimInit, SimulatedFirmware};
-use hsev_attestation::firmware::SevFirmware;
 use hsev_proto::v1::host_service_server::HostServiceServer;
 use hsev_proto::v1::image_service_server::ImageServiceServer;
 use hsev_proto::v1::vm_service_server::VmServiceServer;
-use time::OffsetDateTime;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use self::config::{AcceleratorChoice, Config};
-use self::error::OpError;
-use self::vms::{Firmware, ManagerParts, VmManager};
+use crate::coordinator::{Coordinator, CoordinatorParts};
+use crate::host_agent::{Firmware, HostAgent, HostAgentParts};
 use crate::hypervisor::libvirt::LibvirtConfig;
 use crate::hypervisor::qemu::QemuConfig;
 use crate::hypervisor::select::{self, DriverChoice};
 use crate::hypervisor::AcceleratorSetting;
-use crate::model::HostRecord;
+use crate::placement::PoolPolicy;
+use crate::pool::PoolSink;
 use crate::store::Store;
-
-/// Probes the host again and records what it found.
-pub fn probe_and_record(manager: &VmManager) -> Result<(), OpError> {
-    let capabilities = manager.capabilities();
-    manager.store().upsert_host(&HostRecord {
-        name: manager.host_name().to_owned(),
-        status: "up".to_owned(),
-        capabilities_json: serde_json::to_string(&capabilities)
-            .map_err(|error| OpError::internal(error.to_string()))?,
-        probed_at: OffsetDateTime::now_utc(),
-    })?;
-    Ok(())
-}
 
 fn host_name(config: &Config) -> String {
     config.host_name.clone().unwrap_or_else(|| {
@@ -79,9 +64,18 @@ fn firmware(config: &Config) -> anyhow::Result<Firmware> {
     Ok(Firmware::None)
 }
 
-/// Builds the lifecycle manager: store, driver probe, firmware,
-/// capabilities, adoption of running VMs.
-pub fn manager(config: &Config) -> anyhow::Result<Arc<VmManager>> {
+/// This host's roles, built: its host agent and the pool's coordinator.
+#[derive(Debug)]
+pub struct Roles {
+    /// This host's agent.
+    pub host_agent: Arc<HostAgent>,
+    /// The coordinator.
+    pub coordinator: Arc<Coordinator>,
+}
+
+/// Builds this host's agent (driver probe, firmware) and the coordinator
+/// (store), attaches the one to the other and reconciles what runs.
+pub fn roles(config: &Config) -> anyhow::Result<Roles> {
     let state_dir = &config.state_dir;
     for dir in [
         state_dir.clone(),
@@ -120,57 +114,71 @@ pub fn manager(config: &Config) -> anyhow::Result<Arc<VmManager>> {
         "hypervisor probed"
     );
     let firmware = firmware(config)?;
-    let firmware_ref: Option<&dyn SevFirmware> = match &firmware {
-        Firmware::None => None,
-        Firmware::Real(device) => Some(device.as_ref()),
-        Firmware::Simulated(simulated) => Some(simulated.as_ref()),
-    };
-    let capabilities = host::capabilities(
-        &driver_capabilities,
-        firmware_ref,
-        config.allow_debug_policy,
-    );
-    let manager = Arc::new(VmManager::new(ManagerParts {
-        store,
+    let host_agent = Arc::new(HostAgent::new(HostAgentParts {
+        name: host_name(config),
         driver,
         firmware,
-        host_name: host_name(config),
         vms_dir: state_dir.join("vms"),
+        images_dir: state_dir.join("images"),
         allow_debug_policy: config.allow_debug_policy,
-        default_vcpu_type: config.default_vcpu_type.clone(),
-        capabilities,
-        metrics: metrics::Metrics::new(),
+        driver_capabilities,
+        labels: config.labels.clone(),
     }));
-    probe_and_record(&manager)?;
-    manager.reconcile()?;
-    manager.update_gauges();
-    Ok(manager)
+    let simulated = host_agent.simulated_firmware();
+    let coordinator = Arc::new(
+        Coordinator::new(CoordinatorParts {
+            store,
+            policy: PoolPolicy {
+                // A single host with a simulated Secure Processor is a
+                // development pool by its own configuration.
+                allow_simulated: config.placement.allow_simulated || simulated,
+                ..config.placement.clone()
+            },
+            default_vcpu_type: config.default_vcpu_type.clone(),
+            metrics: metrics::Metrics::new(),
+        })
+        .map_err(|error| anyhow::anyhow!("{error}"))?,
+    );
+    host_agent.report_to(Arc::clone(&coordinator) as Arc<dyn PoolSink>);
+    coordinator
+        .attach_host(Arc::clone(&host_agent) as Arc<dyn crate::pool::HostClient>)
+        .map_err(|error| anyhow::anyhow!("attaching this host: {error}"))?;
+    Ok(Roles {
+        host_agent,
+        coordinator,
+    })
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. VMs keep running after it.
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let manager = {
+    let roles = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || manager(&config)).await??
+        tokio::task::spawn_blocking(move || roles(&config)).await??
     };
     if config.tokens.is_empty() {
         tracing::warn!("no [[tokens]] in the configuration: every API request will be refused as unauthenticated");
     }
-    let metrics = Arc::clone(manager.metrics());
+    let metrics = Arc::clone(roles.coordinator.metrics());
     let api = grpc::Api {
-        manager: Arc::clone(&manager),
+        coordinator: Arc::clone(&roles.coordinator),
         tokens: Arc::new(auth::Tokens::new(&config.tokens)),
         images_dir: config.state_dir.join("images"),
         metrics: Arc::clone(&metrics),
     };
 
-    let monitor = Arc::clone(&manager);
+    let monitor = Arc::clone(&roles.host_agent);
+    let gauges = Arc::clone(&roles.coordinator);
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(Duration::from_millis(500));
         loop {
             interval.tick().await;
-            let manager = Arc::clone(&monitor);
-            let _ = tokio::task::spawn_blocking(move || manager.monitor_tick()).await;
+            let host_agent = Arc::clone(&monitor);
+            let coordinator = Arc::clone(&gauges);
+            let _ = tokio::task::spawn_blocking(move || {
+                host_agent.monitor_tick();
+                coordinator.update_gauges();
+            })
+            .await;
         }
     });
 

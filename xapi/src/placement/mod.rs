@@ -8,7 +8,7 @@
 //! reserve anything or talk to a host: the coordinator calls it under its
 //! allocation lock and records the decision with the reservation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use hsev_attestation::policy::MinimumTcb;
@@ -74,6 +74,8 @@ pub struct HostView {
     pub es_snp_asids: u32,
     /// The platform's reported TCB, when it has SEV.
     pub tcb: Option<TcbVersion>,
+    /// The host accepts guest policies that allow debugging.
+    pub debug_policy_allowed: bool,
 }
 
 /// What is already placed on a host.
@@ -87,8 +89,8 @@ pub struct HostLoad {
     pub sev_asids: u32,
     /// SEV-ES / SNP ASIDs its VMs hold.
     pub es_snp_asids: u32,
-    /// The (anti-)affinity groups of its VMs.
-    pub groups: BTreeSet<String>,
+    /// The (anti-)affinity groups of its VMs, with how many of each.
+    pub groups: BTreeMap<String, u32>,
     /// How many VMs.
     pub vms: u32,
 }
@@ -98,6 +100,8 @@ pub struct HostLoad {
 pub struct Request {
     /// Memory protection.
     pub mode: Option<ConfidentialMode>,
+    /// The guest policy allows debugging (the host could read the guest).
+    pub debug_policy: bool,
     /// vCPUs.
     pub vcpus: u32,
     /// Memory, MiB.
@@ -228,7 +232,7 @@ pub fn place(request: &Request, candidates: &[Candidate<'_>], policy: &PoolPolic
     let affinity_holders = request.affinity.as_ref().map(|group| {
         candidates
             .iter()
-            .filter(|candidate| candidate.load.groups.contains(group))
+            .filter(|candidate| candidate.load.groups.contains_key(group))
             .count()
     });
     let mut rejected = Vec::new();
@@ -301,9 +305,17 @@ fn filter(
         return Err(("labels", format!("the host lacks {}", missing.join(", "))));
     }
     check_mode(request, host, load, policy)?;
+    if request.debug_policy && !host.debug_policy_allowed {
+        return Err((
+            "debug_policy",
+            "the VM's guest policy allows debugging (the host could read the guest), which \
+             this host forbids"
+                .to_owned(),
+        ));
+    }
     check_tcb(request, host, policy)?;
     if let Some(group) = &request.anti_affinity {
-        if load.groups.contains(group) {
+        if load.groups.contains_key(group) {
             return Err((
                 "anti_affinity",
                 format!("the host already holds a VM of group {group}"),
@@ -311,7 +323,7 @@ fn filter(
         }
     }
     if let Some(group) = &request.affinity {
-        if affinity_holders > 0 && !load.groups.contains(group) {
+        if affinity_holders > 0 && !load.groups.contains_key(group) {
             return Err((
                 "affinity",
                 format!("VMs of group {group} are on other hosts"),

@@ -21,6 +21,7 @@ fn host(name: &str) -> HostView {
             snp: 23,
             microcode: 25,
         }),
+        debug_policy_allowed: false,
     }
 }
 
@@ -257,7 +258,7 @@ fn labels_drivers_and_affinity_groups() {
     hosts[0].0.labels.insert("zone=1".into());
     hosts[1].0.labels.insert("zone=2".into());
     hosts[1].0.driver = "libvirt".into();
-    hosts[2].1.groups.insert("db".into());
+    hosts[2].1.groups.insert("db".into(), 1);
     let zoned = Request {
         labels: BTreeSet::from(["zone=2".to_owned()]),
         ..snp(1, 512)
@@ -296,6 +297,19 @@ fn labels_drivers_and_affinity_groups() {
 }
 
 #[test]
+fn a_debug_policy_needs_a_host_that_allows_it() {
+    let mut hosts = idle(&["strict", "lab"]);
+    hosts[1].0.debug_policy_allowed = true;
+    let request = Request {
+        debug_policy: true,
+        ..snp(1, 512)
+    };
+    let decision = decide(&request, &hosts, &PoolPolicy::default());
+    assert_eq!(decision.chosen.as_deref(), Some("lab"));
+    assert!(rejection(&decision, "strict").detail.contains("allows debugging"));
+}
+
+#[test]
 fn a_refusal_lists_every_host_and_why() {
     let mut hosts = idle(&["a", "b", "c"]);
     hosts[0].0.state = HostState::Down;
@@ -328,7 +342,7 @@ fn placement_cost_grows_with_the_hosts_only() {
         .map(|index| {
             let load = HostLoad {
                 vcpus: index % 20,
-                groups: BTreeSet::from([format!("group-{}", index % 50)]),
+                groups: BTreeMap::from([(format!("group-{}", index % 50), 1)]),
                 ..HostLoad::default()
             };
             (host(&format!("host-{index:04}")), load)

@@ -76,6 +76,7 @@ fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
                 repository: "alice".to_owned(),
             }),
             id_block: None,
+            placement: Default::default(),
         },
         state: VmState::Stopped,
         state_reason: "created".to_owned(),

@@ -1,7 +1,8 @@
-//! The guest agent's ports. The status port: the daemon connects to the
+//! The guest agent's ports. The status port: the host agent connects to the
 //! socket QEMU listens on for the virtio-serial port
 //! [`hsev_attestation::agent_status::PORT_NAME`], reads the agent's status
-//! lines and records them as the VM's attestation state and events. The
+//! lines and reports them to the coordinator as the VM's attestation state
+//! and events. The
 //! attestation port ([`hsev_attestation::tenant_attest::PORT_NAME`]): one
 //! request and its answer per connection, relayed for the VM's tenant.
 //!
@@ -19,14 +20,14 @@ use hsev_attestation::agent_status::{AgentPhase, AgentStatus, MAX_LINE};
 use hsev_attestation::tenant_attest;
 
 use crate::model::{Attestation, VmId};
-use crate::store::Store;
+use crate::pool::PoolSink;
 
 /// How long to wait for QEMU's socket to appear.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Follows `vm`'s agent port at `socket` on a thread of its own, until the
 /// VMM closes it.
-pub fn follow(store: Arc<Store>, vm: VmId, socket: PathBuf) {
+pub fn follow(sink: Arc<dyn PoolSink>, vm: VmId, socket: PathBuf) {
     std::thread::spawn(move || {
         let Some(stream) = connect(&socket) else {
             tracing::warn!(vm = %vm, socket = %socket.display(), "no guest agent port to follow");
@@ -50,7 +51,7 @@ pub fn follow(store: Arc<Store>, vm: VmId, socket: PathBuf) {
                     return;
                 }
             }
-            record(&store, &vm, &String::from_utf8_lossy(&line));
+            record(sink.as_ref(), &vm, &String::from_utf8_lossy(&line));
         }
     });
 }
@@ -104,7 +105,7 @@ pub fn ask_attestation(
 }
 
 /// Records one status line.
-fn record(store: &Store, vm: &VmId, line: &str) {
+fn record(sink: &dyn PoolSink, vm: &VmId, line: &str) {
     let status = match AgentStatus::from_line(line) {
         Ok(status) => status,
         Err(error) => {
@@ -112,11 +113,8 @@ fn record(store: &Store, vm: &VmId, line: &str) {
             return;
         }
     };
-    let attestation = attestation_for(&status);
-    if let Some(attestation) = &attestation {
-        if let Err(error) = store.set_attestation(vm, attestation) {
-            tracing::warn!(vm = %vm, %error, "cannot record the attestation state");
-        }
+    if let Some(attestation) = attestation_for(&status) {
+        sink.attestation(vm, &attestation);
     }
     let phase = serde_json::to_value(status.phase)
         .ok()
@@ -127,9 +125,7 @@ fn record(store: &Store, vm: &VmId, line: &str) {
     } else {
         format!("{phase}: {}", status.detail)
     };
-    if let Err(error) = store.append_event(Some(vm), "agent", &detail) {
-        tracing::warn!(vm = %vm, %error, "cannot record the agent's status");
-    }
+    sink.event(vm, "agent", &detail);
     tracing::info!(vm = %vm, phase = %phase, detail = %status.detail, "guest agent");
 }
 

@@ -10,7 +10,7 @@ use hsev_attestation::firmware::launcher::{launch_snp_guest, GuestArtifacts};
 use hsev_attestation::firmware::{LaunchFinish, LaunchedGuest, SevFirmware};
 use hsev_attestation::measurement::{self, OvmfImage, SectionType, SevHashes};
 
-use super::error::OpError;
+use crate::daemon::error::OpError;
 use crate::hypervisor::KernelHashesPage;
 use crate::launch::{host_data, vcpu_sig, ImageBytes};
 use crate::model::{VmId, VmSpec};
