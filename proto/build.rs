@@ -1,7 +1,8 @@
 //! Generates the Rust code (messages, gRPC clients and servers) of
-//! `hsev/v1/*.proto` with protoc (installed by `make deps`; `PROTOC`
-//! overrides its path), and the file descriptor set that server
-//! reflection serves.
+//! `hsev/v1/*.proto` (the public API) and `hsev/internal/v1/pool.proto`
+//! (the pool's own protocol) with protoc (installed by `make deps`;
+//! `PROTOC` overrides its path), and the file descriptor set of the public
+//! API that server reflection serves.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -17,5 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(descriptor)
         .compile_protos(&protos, &["."])?;
+    let internal = "hsev/internal/v1/pool.proto";
+    println!("cargo:rerun-if-changed={internal}");
+    tonic_prost_build::configure().compile_protos(&[internal], &["."])?;
     Ok(())
 }

@@ -8,6 +8,8 @@
 //! pool's mTLS channel. This module owns those shapes and nothing else: it
 //! decides nothing and keeps no state.
 
+pub mod pki;
+
 use hsev_attestation::tenant_attest::{AttestAnswer, NONCE_LEN};
 use serde::{Deserialize, Serialize};
 
