@@ -250,7 +250,7 @@ mod tests {
             .entries_by_nid(openssl::nid::Nid::COMMONNAME)
             .next()
             .expect("a common name");
-        name.data().to_string()
+        name.data().to_string().expect("utf-8")
     }
 
     #[test]
