@@ -32,6 +32,8 @@ fn main() {
                 status: "up".to_owned(),
                 capabilities_json: r#"{"snp":true,"vcpus":256,"memory_mib":1048576}"#.to_owned(),
                 probed_at: now,
+                address: String::new(),
+                cert_fingerprint: String::new(),
             })
             .unwrap();
     }

@@ -4,8 +4,8 @@
 
 pub mod api;
 pub mod cli;
-pub mod daemon;
 pub mod coordinator;
+pub mod daemon;
 pub mod host_agent;
 pub mod hypervisor;
 pub mod launch;

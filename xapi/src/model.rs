@@ -407,12 +407,18 @@ pub struct ImageRecord {
 pub struct HostRecord {
     /// Unique name.
     pub name: String,
-    /// `up` or `down`.
+    /// `up`, `disabled` or `maintenance` (whether it is heard from is the
+    /// coordinator's to know, not the store's).
     pub status: String,
     /// The probed capabilities, as JSON (see `daemon::probe`).
     pub capabilities_json: String,
     /// When last probed.
     pub probed_at: OffsetDateTime,
+    /// Where the coordinator reaches its agent (`host:port`); empty for the
+    /// coordinator's own host, reached in-process.
+    pub address: String,
+    /// The fingerprint of the certificate the pool's CA issued it.
+    pub cert_fingerprint: String,
 }
 
 /// Something that happened to a VM, kept for `hsev vm show` and audits.

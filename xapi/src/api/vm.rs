@@ -10,8 +10,8 @@ use crate::model::{
     Attestation, ConfidentialMode, DiskSpec, HostRecord, ImageRecord, KeyBrokerBinding,
     OwnerIdBlock, PlacementRules, PortForward, VmRecord, VmSpec, VmState,
 };
-use hsev_attestation::policy::MinimumTcb;
 use hsev_attestation::id_block::SignedIdBlock;
+use hsev_attestation::policy::MinimumTcb;
 
 fn rfc3339(time: OffsetDateTime) -> String {
     time.format(&Rfc3339).unwrap_or_default()
@@ -119,7 +119,9 @@ fn component(value: Option<u32>, field: &str) -> Result<Option<u8>, OpError> {
     value
         .map(|value| {
             u8::try_from(value).map_err(|_| {
-                OpError::invalid(format!("placement.minimum_tcb.{field}: {value} is above 255"))
+                OpError::invalid(format!(
+                    "placement.minimum_tcb.{field}: {value} is above 255"
+                ))
             })
         })
         .transpose()

@@ -17,8 +17,8 @@ use hsev_proto::v1::attestation_status::State as AttestationState;
 use hsev_proto::v1::{
     AttestVmRequest, AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest,
     CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, MinimumTcb, Placement,
-    PortForward, RootOrigin,
-    SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
+    PortForward, RootOrigin, SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState,
+    WaitVmRequest,
 };
 use serde_json::{json, Value};
 
@@ -1169,7 +1169,10 @@ pub fn render_vm(vm: &Vm) -> String {
         );
     }
     if !vm.placement.is_empty() {
-        fields.add("placement", vm.placement.replace('\n', "\n                      "));
+        fields.add(
+            "placement",
+            vm.placement.replace('\n', "\n                      "),
+        );
     }
     fields.add("created", &vm.created_at);
     fields.add("updated", &vm.updated_at);

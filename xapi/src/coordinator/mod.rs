@@ -68,7 +68,9 @@ impl std::fmt::Debug for Coordinator {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A VM's share of its host, as placement counts it.
@@ -166,7 +168,10 @@ impl Coordinator {
     fn recount_allocations(&self) -> Result<(), OpError> {
         let mut allocations: HashMap<String, HostLoad> = HashMap::new();
         for vm in self.store.list_vms(VmFilter::all())? {
-            add_load(allocations.entry(vm.host.clone()).or_default(), &load_of(&vm.spec));
+            add_load(
+                allocations.entry(vm.host.clone()).or_default(),
+                &load_of(&vm.spec),
+            );
         }
         *lock(&self.allocations) = allocations;
         Ok(())
@@ -177,7 +182,12 @@ impl Coordinator {
     pub fn attach_host(&self, client: Arc<dyn HostClient>) -> Result<(), OpError> {
         let name = client.name().to_owned();
         let capabilities = client.probe()?;
-        self.record_host(&name, "up", &capabilities)?;
+        let status = self
+            .store
+            .get_host(&name)
+            .map(|known| known.status)
+            .unwrap_or_else(|_| "up".to_owned());
+        self.record_host(&name, &status, &capabilities)?;
         self.hosts
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -194,12 +204,19 @@ impl Coordinator {
         status: &str,
         capabilities: &HostCapabilities,
     ) -> Result<(), OpError> {
+        // Its address and certificate stay as the join recorded them.
+        let (address, cert_fingerprint) = match self.store.get_host(name) {
+            Ok(known) => (known.address, known.cert_fingerprint),
+            Err(_) => (String::new(), String::new()),
+        };
         self.store.upsert_host(&HostRecord {
             name: name.to_owned(),
             status: status.to_owned(),
             capabilities_json: serde_json::to_string(capabilities)
                 .map_err(|error| OpError::internal(error.to_string()))?,
             probed_at: time::OffsetDateTime::now_utc(),
+            address,
+            cert_fingerprint,
         })?;
         Ok(())
     }
@@ -235,10 +252,7 @@ impl Coordinator {
                     &record.id,
                     &format!("its VMM is no longer running on {host} after a restart"),
                 ),
-                (
-                    None,
-                    VmState::Creating | VmState::Starting | VmState::Deleting,
-                ) => {
+                (None, VmState::Creating | VmState::Starting | VmState::Deleting) => {
                     self.store.update_vm_state(
                         &record.id,
                         VmState::Failed,
@@ -309,7 +323,9 @@ impl Coordinator {
         self.store
             .get_host(host)
             .ok()
-            .and_then(|record| serde_json::from_str::<HostCapabilities>(&record.capabilities_json).ok())
+            .and_then(|record| {
+                serde_json::from_str::<HostCapabilities>(&record.capabilities_json).ok()
+            })
             .is_some_and(|capabilities| capabilities.sev.simulated)
     }
 }

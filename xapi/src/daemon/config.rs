@@ -261,7 +261,10 @@ impl Config {
         }
         for (key, value) in [
             ("placement.cpu_overcommit", self.placement.cpu_overcommit),
-            ("placement.memory_overcommit", self.placement.memory_overcommit),
+            (
+                "placement.memory_overcommit",
+                self.placement.memory_overcommit,
+            ),
         ] {
             if !(value.is_finite() && value > 0.0) {
                 return Err(invalid(key, format!("{value} must be a positive number")));
@@ -272,7 +275,10 @@ impl Config {
             .iter()
             .find(|label| label.is_empty() || label.contains(char::is_whitespace))
         {
-            return Err(invalid("labels", format!("{label:?}: no empty or spaced labels")));
+            return Err(invalid(
+                "labels",
+                format!("{label:?}: no empty or spaced labels"),
+            ));
         }
         self.libvirt.validate().map_err(|error| match error {
             crate::hypervisor::DriverError::InvalidSpec { field, reason } => ConfigError::Invalid {

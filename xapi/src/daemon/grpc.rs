@@ -19,10 +19,10 @@ use super::auth::{Caller, Tokens};
 use super::error::{Kind, OpError};
 use super::images;
 use super::metrics::{Metrics, RequestLabels};
-use crate::coordinator::Coordinator;
 use crate::api::vm::{
     host_to_proto, image_to_proto, spec_from_proto, state_from_proto, vm_to_proto,
 };
+use crate::coordinator::Coordinator;
 use crate::model::VmRecord;
 
 /// A stream of progress messages.
@@ -147,7 +147,9 @@ impl Api {
 /// The API view of a VM, with its host's state and its placement.
 fn view(coordinator: &Coordinator, vm: &VmRecord) -> v1::Vm {
     let mut shown = vm_to_proto(vm, coordinator.simulated_firmware(&vm.host));
-    shown.placement = coordinator.placement_explanation(&vm.id).unwrap_or_default();
+    shown.placement = coordinator
+        .placement_explanation(&vm.id)
+        .unwrap_or_default();
     shown
 }
 

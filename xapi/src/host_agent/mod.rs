@@ -362,10 +362,7 @@ impl HostAgent {
             disks,
             port_forwards: spec.port_forwards.clone(),
             confidential,
-            agent_channel: spec
-                .key_broker
-                .as_ref()
-                .map(|_| run_dir.join("agent.sock")),
+            agent_channel: spec.key_broker.as_ref().map(|_| run_dir.join("agent.sock")),
             // Every SNP guest answers its tenant's attestation requests.
             attest_channel: (spec.mode == ConfidentialMode::SevSnp)
                 .then(|| run_dir.join("attest.sock")),
@@ -474,7 +471,9 @@ impl HostClient for HostAgent {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (spec, simulated) = self.prepare_launch(request, progress)?;
-        let launch_digest = simulated.as_ref().map(|guest| guest.launch_digest().to_vec());
+        let launch_digest = simulated
+            .as_ref()
+            .map(|guest| guest.launch_digest().to_vec());
         progress("qemu", "starting the VMM", 60);
         let mut runtime = self.driver.start(&spec)?;
         runtime.sim_launch_id = simulated.as_ref().map(LaunchedGuest::id);
@@ -526,7 +525,8 @@ impl HostClient for HostAgent {
         progress("remove", "removing files", 80);
         let run_dir = self.run_dir(vm);
         if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir).map_err(|error| io_error("remove", &run_dir, &error))?;
+            std::fs::remove_dir_all(&run_dir)
+                .map_err(|error| io_error("remove", &run_dir, &error))?;
         }
         Ok(())
     }
@@ -543,7 +543,9 @@ impl HostClient for HostAgent {
             ))
         })?;
         channels::ask_attestation(socket, nonce).map_err(|error| {
-            OpError::unavailable(format!("the guest agent of VM {vm} did not answer: {error}"))
+            OpError::unavailable(format!(
+                "the guest agent of VM {vm} did not answer: {error}"
+            ))
         })
     }
 
@@ -590,7 +592,10 @@ impl HostClient for HostAgent {
                 Ok(runtime) => runtime,
                 Err(error) => {
                     let _ = std::fs::remove_file(&record);
-                    found.push((vm, Recovered::Gone(format!("its runtime record is unreadable: {error}"))));
+                    found.push((
+                        vm,
+                        Recovered::Gone(format!("its runtime record is unreadable: {error}")),
+                    ));
                     continue;
                 }
             };

@@ -306,7 +306,9 @@ fn a_debug_policy_needs_a_host_that_allows_it() {
     };
     let decision = decide(&request, &hosts, &PoolPolicy::default());
     assert_eq!(decision.chosen.as_deref(), Some("lab"));
-    assert!(rejection(&decision, "strict").detail.contains("allows debugging"));
+    assert!(rejection(&decision, "strict")
+        .detail
+        .contains("allows debugging"));
 }
 
 #[test]

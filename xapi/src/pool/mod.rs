@@ -97,12 +97,15 @@ pub trait HostClient: Send + Sync + std::fmt::Debug {
     fn probe(&self) -> Result<HostCapabilities, OpError>;
 
     /// Creates `vm`'s run folder and its empty disks.
-    fn prepare(&self, vm: &VmId, disks: &[DiskRecord], progress: Progress<'_>)
-        -> Result<(), OpError>;
+    fn prepare(
+        &self,
+        vm: &VmId,
+        disks: &[DiskRecord],
+        progress: Progress<'_>,
+    ) -> Result<(), OpError>;
 
     /// Launches a VM.
-    fn launch(&self, request: &LaunchRequest, progress: Progress<'_>)
-        -> Result<Launched, OpError>;
+    fn launch(&self, request: &LaunchRequest, progress: Progress<'_>) -> Result<Launched, OpError>;
 
     /// Stops a VM; answers why it ended.
     fn stop(&self, vm: &VmId, runtime: &VmRuntime, mode: StopMode) -> Result<String, OpError>;

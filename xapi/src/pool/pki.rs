@@ -67,8 +67,16 @@ impl Identity {
     /// Writes `<dir>/<name>.pem` (0644) and `<dir>/<name>.key` (0600).
     pub fn save(&self, dir: &Path, name: &str) -> Result<(), PkiError> {
         create_dir(dir)?;
-        write(&dir.join(format!("{name}.key")), self.key_pem.as_bytes(), 0o600)?;
-        write(&dir.join(format!("{name}.pem")), self.cert_pem.as_bytes(), 0o644)
+        write(
+            &dir.join(format!("{name}.key")),
+            self.key_pem.as_bytes(),
+            0o600,
+        )?;
+        write(
+            &dir.join(format!("{name}.pem")),
+            self.cert_pem.as_bytes(),
+            0o644,
+        )
     }
 }
 
@@ -99,7 +107,9 @@ fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PkiError> {
         .mode(mode)
         .open(&partial)
         .map_err(io)?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io)?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(io)?;
     std::fs::rename(&partial, path).map_err(io)
 }
 
@@ -119,7 +129,9 @@ pub fn fingerprint_der(der: &[u8]) -> String {
 /// The names a certificate is valid for: the host's name and its address.
 fn subject_alt_names(name: &str, address: Option<IpAddr>) -> Vec<SanType> {
     let mut names = vec![SanType::DnsName(
-        name.to_owned().try_into().unwrap_or_else(|_| "invalid".try_into().expect("ASCII")),
+        name.to_owned()
+            .try_into()
+            .unwrap_or_else(|_| "invalid".try_into().expect("ASCII")),
     )];
     if let Some(address) = address {
         names.push(SanType::IpAddress(address));
@@ -203,7 +215,8 @@ impl PoolCa {
     /// The coordinator's own identity, for `address`.
     pub fn issue_coordinator(&self, address: Option<IpAddr>) -> Result<Identity, PkiError> {
         let key = KeyPair::generate()?;
-        let cert = Self::leaf_params(COORDINATOR_NAME, address)?.signed_by(&key, &self.issuer()?)?;
+        let cert =
+            Self::leaf_params(COORDINATOR_NAME, address)?.signed_by(&key, &self.issuer()?)?;
         Ok(Identity {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -268,7 +281,11 @@ mod tests {
         let cert = ca
             .issue_host(&csr, "h1", Some("10.0.0.11".parse().expect("ip")))
             .expect("issued");
-        assert_eq!(common_name(&cert), "h1", "the pool's name, not the request's");
+        assert_eq!(
+            common_name(&cert),
+            "h1",
+            "the pool's name, not the request's"
+        );
         assert!(!cert.contains(&key), "the key never leaves the host");
         let openssl_cert = openssl::x509::X509::from_pem(cert.as_bytes()).expect("x509");
         let ca_cert = openssl::x509::X509::from_pem(ca.cert_pem().as_bytes()).expect("x509");
@@ -283,6 +300,8 @@ mod tests {
         let mut forged = csr.clone();
         forged.replace_range(forged.len() / 2..forged.len() / 2 + 4, "AAAA");
         assert!(ca.issue_host(&forged, "h2", None).is_err());
-        assert!(fingerprint(ca.cert_pem()).expect("fp").starts_with("sha256:"));
+        assert!(fingerprint(ca.cert_pem())
+            .expect("fp")
+            .starts_with("sha256:"));
     }
 }

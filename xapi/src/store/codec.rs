@@ -26,7 +26,8 @@ pub(super) const VM_COLUMNS: &str = "id, owner, host, state, state_reason, spec,
      created_at, updated_at";
 
 /// The columns [`host_from_row`] reads, in its order.
-pub(super) const HOST_COLUMNS: &str = "name, status, capabilities, probed_at";
+pub(super) const HOST_COLUMNS: &str =
+    "name, status, capabilities, probed_at, address, cert_fingerprint";
 
 /// The columns [`image_from_row`] reads, in its order.
 pub(super) const IMAGE_COLUMNS: &str =
@@ -204,6 +205,8 @@ pub(super) fn host_from_row(row: &Row<'_>) -> rusqlite::Result<HostRecord> {
         status: row.get(1)?,
         capabilities_json: row.get(2)?,
         probed_at: time_at(row, 3)?,
+        address: row.get(4)?,
+        cert_fingerprint: row.get(5)?,
     })
 }
 

@@ -20,6 +20,10 @@ pub enum Entity {
     Vm,
     /// A VM's disk.
     Disk,
+    /// A join token.
+    JoinToken,
+    /// A migration in flight.
+    Migration,
 }
 
 impl fmt::Display for Entity {
@@ -30,6 +34,8 @@ impl fmt::Display for Entity {
             Entity::Image => "image",
             Entity::Vm => "VM",
             Entity::Disk => "disk",
+            Entity::JoinToken => "join token",
+            Entity::Migration => "migration",
         })
     }
 }

@@ -91,7 +91,8 @@ impl Store {
         self.pool().map(|pool| pool.name)
     }
 
-    /// Adds a host, or replaces its status, capabilities and probe time.
+    /// Adds a host, or replaces its status, capabilities, probe time,
+    /// address and certificate.
     ///
     /// # Errors
     ///
@@ -108,12 +109,14 @@ impl Store {
         let probed_at = codec::nanos(host.probed_at, "host probe time")?;
         self.connection()
             .prepare_cached(
-                "INSERT INTO host (name, status, capabilities, probed_at)
-                 VALUES (:name, :status, :capabilities, :probed_at)
+                "INSERT INTO host (name, status, capabilities, probed_at, address, cert_fingerprint)
+                 VALUES (:name, :status, :capabilities, :probed_at, :address, :fingerprint)
                  ON CONFLICT (name) DO UPDATE SET
                      status = excluded.status,
                      capabilities = excluded.capabilities,
-                     probed_at = excluded.probed_at",
+                     probed_at = excluded.probed_at,
+                     address = excluded.address,
+                     cert_fingerprint = excluded.cert_fingerprint",
             )
             .and_then(|mut statement| {
                 statement.execute(named_params! {
@@ -121,6 +124,8 @@ impl Store {
                     ":status": host.status,
                     ":capabilities": host.capabilities_json,
                     ":probed_at": probed_at,
+                    ":address": host.address,
+                    ":fingerprint": host.cert_fingerprint,
                 })
             })
             .map_err(StoreError::sql(op))?;

@@ -24,7 +24,8 @@
 //! process may open the same file: SQLite's locks and the busy timeout
 //! serialise them.
 //!
-//! The schema ([`SCHEMA_VERSION`], `schema_v1.sql`) is migrated by SQLite's
+//! The schema ([`SCHEMA_VERSION`], `schema_v1.sql`, `schema_v2.sql`) is
+//! migrated by SQLite's
 //! `user_version`: each entry of the migration list takes the database one
 //! version up, inside one transaction with the version bump.
 
@@ -33,6 +34,7 @@ mod error;
 mod events;
 mod hosts;
 mod images;
+mod pool;
 mod vms;
 
 #[cfg(test)]
@@ -48,13 +50,14 @@ use rusqlite::{Connection, TransactionBehavior};
 
 pub use error::{Entity, StoreError};
 pub use hosts::{Allocation, HostAllocation, PoolInfo};
+pub use pool::{MigrationRecord, TokenRefusal};
 pub use vms::VmFilter;
 
 /// The store's result type.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The migrations: entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql"), include_str!("schema_v2.sql")];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

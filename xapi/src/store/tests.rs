@@ -29,6 +29,8 @@ fn host(name: &str) -> HostRecord {
         status: "up".to_owned(),
         capabilities_json: r#"{"snp":true,"vcpus":64,"memory_mib":262144}"#.to_owned(),
         probed_at: at(0),
+        address: String::new(),
+        cert_fingerprint: String::new(),
     }
 }
 
@@ -183,11 +185,11 @@ fn store_migration_is_idempotent_and_refuses_newer_schemas() {
     first.upsert_host(&host("h1")).unwrap();
     // A second store on the same file while the first is open, then a third.
     let second = Store::open(&path).unwrap();
-    assert_eq!(second.schema_version().unwrap(), 1);
+    assert_eq!(second.schema_version().unwrap(), i64::from(SCHEMA_VERSION));
     assert_eq!(second.list_hosts().unwrap(), vec![host("h1")]);
     drop((first, second));
     let third = Store::open(&path).unwrap();
-    assert_eq!(third.schema_version().unwrap(), 1);
+    assert_eq!(third.schema_version().unwrap(), i64::from(SCHEMA_VERSION));
     assert_eq!(third.pool_name().unwrap(), "p");
     drop(third);
 
@@ -197,7 +199,7 @@ fn store_migration_is_idempotent_and_refuses_newer_schemas() {
     match Store::open(&path) {
         Err(StoreError::UnknownSchema {
             found: 99,
-            known: 1,
+            known: SCHEMA_VERSION,
         }) => {}
         other => panic!("expected UnknownSchema, got {other:?}"),
     }
