@@ -9,6 +9,7 @@
 //! decides nothing and keeps no state.
 
 pub mod pki;
+pub mod tls;
 
 use hsev_attestation::tenant_attest::{AttestAnswer, NONCE_LEN};
 use serde::{Deserialize, Serialize};
