@@ -190,6 +190,29 @@ impl HostAgent {
         self.vms_dir.join(&disk.path)
     }
 
+    /// Where `disk` is (or goes) on this host.
+    pub fn disk_file(&self, disk: &DiskRecord) -> PathBuf {
+        self.disk_path(disk)
+    }
+
+    /// The file of `vm`'s disk named `name` on this host, if it has it.
+    /// Names that could leave the VM's folder find nothing.
+    pub fn disk_file_of(&self, vm: &VmId, name: &str) -> Option<PathBuf> {
+        let plain = |text: &str| {
+            !text.is_empty()
+                && text
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+        };
+        if !plain(&vm.0) || !plain(name) {
+            return None;
+        }
+        ["qcow2", "raw"]
+            .iter()
+            .map(|extension| self.run_dir(vm).join(format!("disk-{name}.{extension}")))
+            .find(|path| path.is_file())
+    }
+
     /// Records `vm`'s VMM in its folder, so a restarted agent adopts it.
     fn remember(&self, vm: &VmId, runtime: &VmRuntime) -> Result<(), OpError> {
         let path = self.run_dir(vm).join(RUNTIME_FILE);

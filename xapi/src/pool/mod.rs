@@ -8,8 +8,11 @@
 //! pool's mTLS channel. This module owns those shapes and nothing else: it
 //! decides nothing and keeps no state.
 
+pub mod host_service;
 pub mod pki;
+pub mod remote_host;
 pub mod tls;
+pub mod wire;
 
 use hsev_attestation::tenant_attest::{AttestAnswer, NONCE_LEN};
 use serde::{Deserialize, Serialize};
