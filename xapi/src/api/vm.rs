@@ -50,6 +50,12 @@ pub fn state_from_proto(state: i32) -> Result<Option<VmState>, OpError> {
         Ok(v1::VmState::Stopping) => Some(VmState::Stopping),
         Ok(v1::VmState::Failed) => Some(VmState::Failed),
         Ok(v1::VmState::Deleting) => Some(VmState::Deleting),
+        Ok(v1::VmState::Unknown) => {
+            return Err(OpError::invalid(
+                "unknown is reported for VMs whose host is down, never stored: filter on \
+                 another state",
+            ))
+        }
         Err(_) => return Err(OpError::invalid(format!("unknown VM state {state}"))),
     })
 }
@@ -276,12 +282,29 @@ pub fn image_to_proto(image: &ImageRecord) -> v1::Image {
     }
 }
 
-/// The API view of a host and its allocations.
-pub fn host_to_proto(host: &HostRecord, vcpus: u32, memory_mib: u64, vms: u32) -> v1::Host {
+/// The API view of a host and its allocations; `down` says why it is not
+/// heard from, when it is not.
+pub fn host_to_proto(
+    host: &HostRecord,
+    vcpus: u32,
+    memory_mib: u64,
+    vms: u32,
+    down: Option<String>,
+) -> v1::Host {
     let capabilities: Option<HostCapabilities> = serde_json::from_str(&host.capabilities_json).ok();
     v1::Host {
         name: host.name.clone(),
-        status: host.status.clone(),
+        status: if down.is_some() {
+            "down".to_owned()
+        } else {
+            host.status.clone()
+        },
+        status_reason: down.unwrap_or_default(),
+        address: host.address.clone(),
+        labels: capabilities
+            .as_ref()
+            .map(|capabilities| capabilities.labels.clone())
+            .unwrap_or_default(),
         capabilities: capabilities.map(|capabilities| v1::HostCapabilities {
             cpus: capabilities.cpus,
             memory_mib: capabilities.memory_mib,

@@ -8,12 +8,19 @@
 //! It must never touch a hypervisor, a VM's files or the SEV firmware: only
 //! host agents do. What it knows of a running VM is what its host reported.
 
+mod hosts;
+mod migration;
 mod validate;
 mod vms;
 
+pub use hosts::{IssuedToken, JoinTokenContents, Joined, PoolAuthority};
+pub use migration::{Evacuation, StorageKind};
+pub use vms::PLACED_EVENT;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::time::Instant;
 
 use crate::daemon::error::OpError;
 use crate::daemon::host::HostCapabilities;
@@ -36,6 +43,8 @@ pub struct CoordinatorParts {
     pub store: Arc<Store>,
     /// Placement settings.
     pub policy: PoolPolicy,
+    /// Where VMs' disks live.
+    pub storage: StorageKind,
     /// vCPU model when a spec names none.
     pub default_vcpu_type: String,
     /// Metrics.
@@ -46,6 +55,7 @@ pub struct CoordinatorParts {
 pub struct Coordinator {
     store: Arc<Store>,
     policy: PoolPolicy,
+    storage: StorageKind,
     default_vcpu_type: String,
     metrics: Arc<Metrics>,
     hosts: RwLock<BTreeMap<String, Arc<dyn HostClient>>>,
@@ -57,6 +67,10 @@ pub struct Coordinator {
     measurements: Mutex<HashMap<MeasurementKey, Vec<u8>>>,
     /// One lock per VM: lifecycle operations on a VM never overlap.
     locks: Mutex<HashMap<VmId, Arc<Mutex<()>>>>,
+    /// What lets hosts join, when this coordinator has a pool listener.
+    authority: OnceLock<PoolAuthority>,
+    /// When each remote host was last heard from.
+    liveness: Mutex<HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -130,12 +144,15 @@ impl Coordinator {
         let coordinator = Coordinator {
             store: parts.store,
             policy: parts.policy,
+            storage: parts.storage,
             default_vcpu_type: parts.default_vcpu_type,
             metrics: parts.metrics,
             hosts: RwLock::new(BTreeMap::new()),
             allocations: Mutex::new(HashMap::new()),
             measurements: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            authority: OnceLock::new(),
+            liveness: Mutex::new(HashMap::new()),
         };
         coordinator.recount_allocations()?;
         Ok(coordinator)
@@ -304,18 +321,30 @@ impl Coordinator {
         }
     }
 
-    /// Every host as placement sees it, with its load.
-    fn placement_view(&self) -> Result<Vec<(HostView, HostLoad)>, OpError> {
-        let allocations = lock(&self.allocations);
+    /// Every host as placement sees it, with its load from `allocations`.
+    fn placement_view_of(
+        &self,
+        allocations: &HashMap<String, HostLoad>,
+    ) -> Result<Vec<(HostView, HostLoad)>, OpError> {
         Ok(self
             .store
             .list_hosts()?
             .into_iter()
             .map(|record| {
                 let load = allocations.get(&record.name).cloned().unwrap_or_default();
-                (host_view(&record), load)
+                let mut view = host_view(&record);
+                if self.down_reason(&record.name).is_some() {
+                    view.state = HostState::Down;
+                }
+                (view, load)
             })
             .collect())
+    }
+
+    /// Every host as placement sees it now, with its load.
+    fn placement_view(&self) -> Result<Vec<(HostView, HostLoad)>, OpError> {
+        let allocations = lock(&self.allocations).clone();
+        self.placement_view_of(&allocations)
     }
 
     /// Whether any host's Secure Processor is simulated.

@@ -31,7 +31,7 @@ use crate::store::VmFilter;
 pub const PLACED_EVENT: &str = "placed";
 
 impl Coordinator {
-    fn lock_vm(&self, vm: &VmId) -> Arc<Mutex<()>> {
+    pub(super) fn lock_vm(&self, vm: &VmId) -> Arc<Mutex<()>> {
         Arc::clone(lock(&self.locks).entry(vm.clone()).or_default())
     }
 
@@ -126,16 +126,7 @@ impl Coordinator {
         // no other create sees the host before this VM is counted on it.
         let (record, decision) = {
             let mut allocations = lock(&self.allocations);
-            let view = {
-                let hosts = self.store.list_hosts()?;
-                hosts
-                    .iter()
-                    .map(|record| {
-                        let load = allocations.get(&record.name).cloned().unwrap_or_default();
-                        (super::host_view(record), load)
-                    })
-                    .collect::<Vec<_>>()
-            };
+            let view = self.placement_view_of(&allocations)?;
             progress("placement", "choosing a host", 20);
             let decision = decide(&spec, &view, &self.policy, &BTreeSet::new());
             let Some(host) = decision.chosen.clone() else {
@@ -278,7 +269,11 @@ impl Coordinator {
     }
 
     /// Starts `record` (its lock held).
-    fn start_locked(&self, record: &VmRecord, progress: Progress<'_>) -> Result<(), OpError> {
+    pub(super) fn start_locked(
+        &self,
+        record: &VmRecord,
+        progress: Progress<'_>,
+    ) -> Result<(), OpError> {
         let started_at = Instant::now();
         self.store
             .transition_vm_state(
@@ -352,7 +347,7 @@ impl Coordinator {
     }
 
     /// Stops `record` (its lock held).
-    fn stop_locked(
+    pub(super) fn stop_locked(
         &self,
         record: &VmRecord,
         force: bool,
@@ -595,7 +590,7 @@ fn request_of(spec: &VmSpec, excluded: &BTreeSet<String>) -> Request {
 }
 
 /// Places `spec` among `view`'s hosts.
-fn decide(
+pub(super) fn decide(
     spec: &VmSpec,
     view: &[(placement::HostView, placement::HostLoad)],
     policy: &placement::PoolPolicy,

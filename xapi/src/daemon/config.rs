@@ -34,6 +34,12 @@
 //! [placement.minimum_tcb]               # the pool's floor, per component
 //! snp = 8
 //!
+//! [pool]                                # a pool of several hosts
+//! listen = "10.0.0.10:7444"             # mTLS with the pool's CA only
+//! storage = "local"                     # local | shared (the coordinator's)
+//! heartbeat_ms = 1000
+//! down_after_ms = 5000                  # not heard from this long: down
+//!
 //! [[tokens]]
 //! name = "ops"
 //! role = "admin"
@@ -139,6 +145,34 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
+/// This hsevd's part in a pool of several hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// The pool listener (mTLS with the pool's CA only), where the
+    /// coordinator and the hosts reach each other; without it, a pool of
+    /// this one host.
+    pub listen: Option<SocketAddr>,
+    /// Where VMs' disks live (the coordinator's setting): `local` or
+    /// `shared`.
+    pub storage: crate::coordinator::StorageKind,
+    /// How often a host tells the coordinator it is alive, milliseconds.
+    pub heartbeat_ms: u64,
+    /// A host not heard from for this long is down, milliseconds.
+    pub down_after_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            listen: None,
+            storage: crate::coordinator::StorageKind::Local,
+            heartbeat_ms: 1000,
+            down_after_ms: 5000,
+        }
+    }
+}
+
 /// The SEV firmware to use.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -191,6 +225,9 @@ pub struct Config {
     /// The pool's placement settings (the coordinator's).
     #[serde(default)]
     pub placement: crate::placement::PoolPolicy,
+    /// This hsevd's part in a pool of several hosts.
+    #[serde(default)]
+    pub pool: PoolConfig,
     /// Bearer tokens.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
@@ -258,6 +295,15 @@ impl Config {
             if name.is_empty() {
                 return Err(invalid("host_name", "must not be empty".into()));
             }
+        }
+        if self.pool.heartbeat_ms == 0 || self.pool.down_after_ms <= self.pool.heartbeat_ms {
+            return Err(invalid(
+                "pool.down_after_ms",
+                format!(
+                    "{} must be above pool.heartbeat_ms ({})",
+                    self.pool.down_after_ms, self.pool.heartbeat_ms
+                ),
+            ));
         }
         for (key, value) in [
             ("placement.cpu_overcommit", self.placement.cpu_overcommit),

@@ -150,6 +150,13 @@ fn view(coordinator: &Coordinator, vm: &VmRecord) -> v1::Vm {
     shown.placement = coordinator
         .placement_explanation(&vm.id)
         .unwrap_or_default();
+    // What runs on a host not heard from is not known: never shown running.
+    if let Some(reason) = coordinator.down_reason(&vm.host) {
+        if vm.state != crate::model::VmState::Stopped {
+            shown.state = v1::VmState::Unknown.into();
+            shown.state_reason = format!("{reason}; last known: {}", vm.state);
+        }
+    }
     shown
 }
 
@@ -508,6 +515,7 @@ fn hosts(manager: &Coordinator) -> Result<Vec<v1::Host>, OpError> {
                 u32::try_from(placed.vcpus).unwrap_or(u32::MAX),
                 placed.memory_mib,
                 u32::try_from(placed.vms).unwrap_or(u32::MAX),
+                manager.down_reason(&host.name),
             )
         })
         .collect())
@@ -553,5 +561,121 @@ impl HostService for Api {
             .find(|host| host.name == name)
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("host {name} not found")))
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<v1::JoinToken>, Status> {
+        let admin = self.admin(&request)?;
+        let ttl = seconds_or(request.into_inner().ttl_seconds, 3600);
+        let issued = self
+            .blocking("CreateJoinToken", move |coordinator| {
+                coordinator.create_join_token(&admin.name, ttl)
+            })
+            .await?;
+        Ok(Response::new(v1::JoinToken {
+            token: issued.token,
+            expires_at: issued
+                .expires_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            ca_fingerprint: issued.ca_fingerprint,
+        }))
+    }
+
+    async fn eject_host(
+        &self,
+        request: Request<v1::HostRef>,
+    ) -> Result<Response<v1::Host>, Status> {
+        self.admin(&request)?;
+        let name = request.into_inner().host;
+        let record = self
+            .blocking("EjectHost", move |coordinator| coordinator.eject(&name))
+            .await?;
+        Ok(Response::new(host_to_proto(&record, 0, 0, 0, None)))
+    }
+
+    type SetHostStateStream = ProgressStream;
+
+    async fn set_host_state(
+        &self,
+        request: Request<v1::SetHostStateRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        self.admin(&request)?;
+        let request = request.into_inner();
+        let span =
+            tracing::info_span!("set_host_state", host = %request.host, state = %request.state);
+        Ok(Response::new(self.streamed(
+            "SetHostState",
+            span,
+            move |coordinator, progress| {
+                let detail = if request.state == "maintenance" {
+                    let evacuation = coordinator.enter_maintenance(&request.host, progress)?;
+                    let moved: Vec<String> = evacuation
+                        .moved
+                        .iter()
+                        .map(|(vm, to)| format!("{vm} -> {to}"))
+                        .collect();
+                    if evacuation.stuck.is_empty() {
+                        format!(
+                            "host {} is in maintenance and empty; moved: {}",
+                            request.host,
+                            if moved.is_empty() {
+                                "nothing".to_owned()
+                            } else {
+                                moved.join(", ")
+                            }
+                        )
+                    } else {
+                        let stuck: Vec<String> = evacuation
+                            .stuck
+                            .iter()
+                            .map(|(vm, why)| format!("{vm}: {why}"))
+                            .collect();
+                        return Err(OpError::precondition(format!(
+                            "host {} stays in maintenance with VMs that could not move: {}{}",
+                            request.host,
+                            stuck.join("; "),
+                            if moved.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (moved: {})", moved.join(", "))
+                            }
+                        )));
+                    }
+                } else {
+                    coordinator.set_host_status(&request.host, &request.state)?;
+                    format!("host {} is {}", request.host, request.state)
+                };
+                Ok(v1::Progress {
+                    step: "done".to_owned(),
+                    detail,
+                    percent: 100,
+                    vm: None,
+                })
+            },
+        )))
+    }
+
+    type MigrateVmStream = ProgressStream;
+
+    async fn migrate_vm(
+        &self,
+        request: Request<v1::MigrateVmRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
+        let caller = self.admin(&request)?;
+        let request = request.into_inner();
+        let span = tracing::info_span!("migrate_vm", vm = %request.vm, to = %request.to_host);
+        Ok(Response::new(self.streamed(
+            "MigrateVm",
+            span,
+            move |coordinator, progress| {
+                let to = (!request.to_host.is_empty()).then_some(request.to_host.as_str());
+                coordinator
+                    .migrate(&caller, &request.vm, to, request.live, progress)
+                    .map(|vm| finished(coordinator, &vm))
+            },
+        )))
     }
 }

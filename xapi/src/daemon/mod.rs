@@ -134,6 +134,7 @@ pub fn roles(config: &Config) -> anyhow::Result<Roles> {
                 allow_simulated: config.placement.allow_simulated || simulated,
                 ..config.placement.clone()
             },
+            storage: config.pool.storage,
             default_vcpu_type: config.default_vcpu_type.clone(),
             metrics: metrics::Metrics::new(),
         })

@@ -33,8 +33,9 @@ use crate::hypervisor::{
 };
 use crate::launch::{guest_cmdline, host_data, ImageBytes};
 use crate::model::{ConfidentialMode, DiskRecord, VmId, VmRuntime, ENCRYPTED_DISK_NAME};
+use crate::pool::host_service::Membership;
 use crate::pool::{
-    ConsoleChunk, HostClient, LaunchRequest, Launched, PoolSink, Progress, Recovered,
+    disk_copy, ConsoleChunk, HostClient, LaunchRequest, Launched, PoolSink, Progress, Recovered,
 };
 
 /// The SEV firmware this host launches with.
@@ -106,6 +107,9 @@ pub struct HostAgent {
     /// One lock per VM: a stop and the monitor never act on a VM at once.
     locks: Mutex<HashMap<VmId, Arc<Mutex<()>>>>,
     sink: OnceLock<Arc<dyn PoolSink>>,
+    /// Its pool identity and the runtime its calls to other hosts run on,
+    /// when it is a member of a pool of several hosts.
+    membership: OnceLock<(Membership, tokio::runtime::Handle)>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -142,6 +146,7 @@ impl HostAgent {
             running: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
+            membership: OnceLock::new(),
         }
     }
 
@@ -149,6 +154,11 @@ impl HostAgent {
     /// anything runs.
     pub fn report_to(&self, sink: Arc<dyn PoolSink>) {
         let _ = self.sink.set(sink);
+    }
+
+    /// Its pool identity, for calls to other hosts (disk copies): set once.
+    pub fn join_pool(&self, membership: Membership, runtime: tokio::runtime::Handle) {
+        let _ = self.membership.set((membership, runtime));
     }
 
     /// The capabilities last probed.
@@ -641,6 +651,37 @@ impl HostClient for HostAgent {
             found.push((vm, outcome));
         }
         Ok(found)
+    }
+
+    fn fetch_disks(
+        &self,
+        vm: &VmId,
+        disks: &[DiskRecord],
+        from: &str,
+        from_address: &str,
+        progress: Progress<'_>,
+    ) -> Result<u64, OpError> {
+        let (membership, runtime) = self.membership.get().ok_or_else(|| {
+            OpError::precondition(format!(
+                "host {} is not a member of a pool of several hosts: it has no disk to fetch",
+                self.name
+            ))
+        })?;
+        let run_dir = self.run_dir(vm);
+        std::fs::create_dir_all(&run_dir).map_err(|error| io_error("create", &run_dir, &error))?;
+        let mut copied = 0;
+        for disk in disks {
+            progress("copy", &format!("disk {} from {from}", disk.name), 0);
+            copied += runtime.block_on(disk_copy::fetch_disk(
+                membership,
+                from,
+                from_address,
+                disk,
+                self.disk_path(disk),
+                progress,
+            ))?;
+        }
+        Ok(copied)
     }
 }
 

@@ -8,6 +8,7 @@
 //! pool's mTLS channel. This module owns those shapes and nothing else: it
 //! decides nothing and keeps no state.
 
+pub mod disk_copy;
 pub mod host_service;
 pub mod pki;
 pub mod remote_host;
@@ -140,6 +141,18 @@ pub trait HostClient: Send + Sync + std::fmt::Debug {
     /// The VMs this host runs, adopting those that survived a restart of
     /// its agent, and what became of the others it knew.
     fn recover(&self) -> Result<Vec<(VmId, Recovered)>, OpError>;
+
+    /// Copies `vm`'s disks from the host `from` (its agent at
+    /// `from_address`), resuming a copy cut off before, each disk checked
+    /// end to end; answers the bytes copied.
+    fn fetch_disks(
+        &self,
+        vm: &VmId,
+        disks: &[DiskRecord],
+        from: &str,
+        from_address: &str,
+        progress: Progress<'_>,
+    ) -> Result<u64, OpError>;
 }
 
 /// What a host tells the coordinator on its own.

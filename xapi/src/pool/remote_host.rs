@@ -85,32 +85,6 @@ impl RemoteHost {
             error
         }
     }
-
-    /// Has this host copy `vm`'s disks from `from` (at `from_address`).
-    pub fn fetch_disks(
-        &self,
-        vm: &VmId,
-        disks: &[DiskRecord],
-        from: &str,
-        from_address: &str,
-        progress: Progress<'_>,
-    ) -> Result<u64, OpError> {
-        let args = encode(&FetchDisksArgs {
-            vm: vm.clone(),
-            disks: disks.to_vec(),
-            from: from.to_owned(),
-            from_address: from_address.to_owned(),
-        })?;
-        self.runtime.block_on(async {
-            let stream = self
-                .client()
-                .fetch_disks(args)
-                .await
-                .map_err(|status| self.failed(&status))?
-                .into_inner();
-            follow_steps(stream, progress).await
-        })
-    }
 }
 
 impl HostClient for RemoteHost {
@@ -265,6 +239,30 @@ impl HostClient for RemoteHost {
                 .await
                 .map_err(|status| self.failed(&status))?;
             decode(answer.get_ref())
+        })
+    }
+    fn fetch_disks(
+        &self,
+        vm: &VmId,
+        disks: &[DiskRecord],
+        from: &str,
+        from_address: &str,
+        progress: Progress<'_>,
+    ) -> Result<u64, OpError> {
+        let args = encode(&FetchDisksArgs {
+            vm: vm.clone(),
+            disks: disks.to_vec(),
+            from: from.to_owned(),
+            from_address: from_address.to_owned(),
+        })?;
+        self.runtime.block_on(async {
+            let stream = self
+                .client()
+                .fetch_disks(args)
+                .await
+                .map_err(|status| self.failed(&status))?
+                .into_inner();
+            follow_steps(stream, progress).await
         })
     }
 }

@@ -33,7 +33,10 @@ pub fn server_config(identity: &Identity, ca_pem: &str, optional: bool) -> Serve
 pub fn client_config(identity: &Identity, ca_pem: &str, peer: &str) -> ClientTlsConfig {
     ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
-        .identity(TonicIdentity::from_pem(&identity.cert_pem, &identity.key_pem))
+        .identity(TonicIdentity::from_pem(
+            &identity.cert_pem,
+            &identity.key_pem,
+        ))
         .domain_name(peer)
 }
 
@@ -202,9 +205,7 @@ pub async fn fetch_pool_ca(address: &str, expected: &str) -> Result<String, CaFe
     chain
         .iter()
         .find(|der| fingerprint_der(der) == expected)
-        .map(|der| {
-            pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()))
-        })
+        .map(|der| pem::encode(&pem::Pem::new("CERTIFICATE", der.clone())))
         .ok_or_else(|| CaFetchError::Mismatch {
             address: address.to_owned(),
             expected: expected.to_owned(),

@@ -177,7 +177,9 @@ pub async fn follow_steps<T: DeserializeOwned>(
         }
         progress(&step.step, &step.detail, step.percent);
     }
-    Err(OpError::internal("the host ended the command without a result"))
+    Err(OpError::internal(
+        "the host ended the command without a result",
+    ))
 }
 
 /// Runs `call` off the runtime, streaming its progress as steps and its
@@ -207,5 +209,7 @@ pub fn stream_steps<T: Serialize + Send + 'static>(
             });
         let _ = sender.send(last);
     });
-    Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(receiver))
+    Box::pin(tokio_stream::wrappers::UnboundedReceiverStream::new(
+        receiver,
+    ))
 }

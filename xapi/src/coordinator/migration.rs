@@ -1,0 +1,314 @@
+//! Cold migration and host evacuation. A VM moves by being stopped, its
+//! disks copied to the target (local storage; shared storage moves nothing),
+//! and started there as a new launch: a new attestation, and the disk key
+//! released to that launch only. SEV and SNP guests cannot live-migrate
+//! (upstream SEV has no migration of encrypted memory), so live migration
+//! is refused with the reason.
+//!
+//! A migration is recorded before anything moves; its commit point is one
+//! store transaction that gives the VM to the target. Before it the VM is
+//! the source's and a failure undoes the copy; after it the VM is the
+//! target's and what is left is the source's copy to remove. A coordinator
+//! that dies half-way finds the record at start and finishes or undoes it:
+//! a VM is never both here and there, and never neither.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::vms::decide;
+use super::{add_load, load_of, lock, remove_load, Coordinator};
+use crate::daemon::auth::Caller;
+use crate::daemon::error::OpError;
+use crate::model::{ConfidentialMode, VmRecord, VmState};
+use crate::pool::Progress;
+
+/// Where VMs' disks live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Each host's own folder: a migration copies the disks.
+    #[default]
+    Local,
+    /// One folder every host mounts at the same path (NFS, CephFS): a
+    /// migration moves no data.
+    Shared,
+}
+
+/// What an evacuation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Evacuation {
+    /// VMs moved, and where.
+    pub moved: Vec<(String, String)>,
+    /// VMs that could not move, and why.
+    pub stuck: Vec<(String, String)>,
+}
+
+impl Coordinator {
+    /// Cold-migrates `vm` to `to` (or where placement sends it).
+    pub fn migrate(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        to: Option<&str>,
+        live: bool,
+        progress: Progress<'_>,
+    ) -> Result<VmRecord, OpError> {
+        let record = self.get(caller, vm)?;
+        if live {
+            return Err(OpError::precondition(
+                if record.spec.mode == ConfidentialMode::None {
+                    "live migration is not offered: migrate cold (a short stop, the disks moved, \
+                 a new start)"
+                        .to_owned()
+                } else {
+                    format!(
+                        "VM {} is {}: SEV and SNP guests cannot live-migrate (their memory is \
+                     encrypted with a key the host's Secure Processor holds); migrate cold: it \
+                     stops, its disks move, and it starts there as a new, attested launch",
+                        record.spec.name, record.spec.mode
+                    )
+                },
+            ));
+        }
+        let guard = self.lock_vm(&record.id);
+        let _held = lock(&guard);
+        let record = self.get(caller, &record.id.0)?;
+        self.migrate_locked(&record, to, progress)?;
+        self.get(caller, &record.id.0)
+    }
+
+    /// Moves `record` (its lock held).
+    fn migrate_locked(
+        &self,
+        record: &VmRecord,
+        to: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<String, OpError> {
+        if !matches!(
+            record.state,
+            VmState::Running | VmState::Stopped | VmState::Failed
+        ) {
+            return Err(OpError::precondition(format!(
+                "VM {} is {}: only running, stopped or failed VMs migrate",
+                record.spec.name, record.state
+            )));
+        }
+        let from = record.host.clone();
+        if to == Some(from.as_str()) {
+            return Err(OpError::invalid(format!(
+                "VM {} is already on {from}",
+                record.spec.name
+            )));
+        }
+        // Place it elsewhere and reserve the target at once.
+        let target = {
+            let mut allocations = lock(&self.allocations);
+            let view = self.placement_view_of(&allocations)?;
+            let mut spec = record.spec.clone();
+            if let Some(to) = to {
+                spec.placement.host = Some(to.to_owned());
+            }
+            let decision = decide(&spec, &view, &self.policy, &BTreeSet::from([from.clone()]));
+            let Some(target) = decision.chosen.clone() else {
+                return Err(OpError::precondition(format!(
+                    "VM {} cannot move: {}",
+                    record.spec.name,
+                    decision.explain()
+                )));
+            };
+            add_load(
+                allocations.entry(target.clone()).or_default(),
+                &load_of(&record.spec),
+            );
+            self.event(&record.id, super::PLACED_EVENT, &decision.explain());
+            target
+        };
+        let release_target = || {
+            if let Some(load) = lock(&self.allocations).get_mut(&target) {
+                remove_load(load, &load_of(&record.spec));
+            }
+        };
+        progress(
+            "migrate",
+            &format!("{} from {from} to {target}", record.spec.name),
+            5,
+        );
+        let was_running = record.state == VmState::Running;
+        if was_running {
+            if let Err(error) = self.stop_locked(record, false, Duration::from_secs(30), progress) {
+                release_target();
+                return Err(error);
+            }
+        }
+        let restart_here = |error: OpError| {
+            release_target();
+            let _ = self.store.end_migration(&record.id);
+            if was_running {
+                if let Ok(now) = self.store.get_vm(&record.id.0, None) {
+                    let _ = self.start_locked(&now, progress);
+                }
+            }
+            Err(error)
+        };
+        if let Err(error) = self.store.begin_migration(&record.id, &from, &target) {
+            return restart_here(error.into());
+        }
+        let disks = self.store.disks(&record.id)?;
+        if self.storage == StorageKind::Local && !disks.is_empty() {
+            progress(
+                "copy",
+                &format!("copying {} disks to {target}", disks.len()),
+                20,
+            );
+            let source_address = self.store.get_host(&from)?.address;
+            let source_address = if source_address.is_empty() {
+                self.authority()?.address.clone()
+            } else {
+                source_address
+            };
+            let copied = self.host(&target).and_then(|host| {
+                host.fetch_disks(&record.id, &disks, &from, &source_address, progress)
+            });
+            if let Err(error) = copied {
+                // The partial copy goes; the VM stays where it was.
+                if let Ok(host) = self.host(&target) {
+                    let _ = host.destroy(&record.id, &disks, false, progress);
+                }
+                return restart_here(OpError::new(
+                    error.kind,
+                    format!(
+                        "VM {} stays on {from}: copying its disks to {target} failed: {}",
+                        record.spec.name, error.message
+                    ),
+                ));
+            }
+        }
+        // The commit point: from here the VM is the target's.
+        self.store.commit_migration(&record.id)?;
+        if let Some(load) = lock(&self.allocations).get_mut(&from) {
+            remove_load(load, &load_of(&record.spec));
+        }
+        self.event(
+            &record.id,
+            "migrated",
+            &format!("cold, from {from} to {target}"),
+        );
+        self.finish_moved(&record.id, &from, &disks, progress);
+        if was_running {
+            progress("start", &format!("starting on {target}: a new launch"), 80);
+            let moved = self.store.get_vm(&record.id.0, None)?;
+            self.start_locked(&moved, progress)?;
+        }
+        progress("done", &format!("on {target}"), 100);
+        Ok(target)
+    }
+
+    /// Removes the source's copy of a moved VM and forgets the migration;
+    /// a source that cannot be reached keeps the record for later.
+    fn finish_moved(
+        &self,
+        vm: &crate::model::VmId,
+        from: &str,
+        disks: &[crate::model::DiskRecord],
+        progress: Progress<'_>,
+    ) {
+        if self.storage == StorageKind::Shared {
+            let _ = self.store.end_migration(vm);
+            return;
+        }
+        match self
+            .host(from)
+            .and_then(|host| host.destroy(vm, disks, false, progress))
+        {
+            Ok(()) => {
+                let _ = self.store.end_migration(vm);
+            }
+            Err(error) => {
+                tracing::warn!(vm = %vm, host = from, %error, "the source's copy stays until it can be removed");
+            }
+        }
+    }
+
+    /// Finishes what migrations a previous coordinator left: an uncommitted
+    /// one loses its partial copy (the VM stayed on its source), a committed
+    /// one its source's copy.
+    pub fn resume_migrations(&self) {
+        let Ok(migrations) = self.store.migrations() else {
+            return;
+        };
+        let quiet = |_: &str, _: &str, _: u32| {};
+        for migration in migrations {
+            let disks = self.store.disks(&migration.vm).unwrap_or_default();
+            let (host, what) = if migration.phase == "moved" {
+                (migration.from_host.clone(), "the source's copy")
+            } else {
+                (migration.to_host.clone(), "the partial copy")
+            };
+            if self.storage == StorageKind::Shared && migration.phase == "moved" {
+                let _ = self.store.end_migration(&migration.vm);
+                continue;
+            }
+            match self
+                .host(&host)
+                .and_then(|client| client.destroy(&migration.vm, &disks, false, &quiet))
+            {
+                Ok(()) => {
+                    let _ = self.store.end_migration(&migration.vm);
+                    self.event(
+                        &migration.vm,
+                        "migration-resolved",
+                        &format!("{what} on {host} removed after a coordinator restart"),
+                    );
+                }
+                Err(error) => {
+                    tracing::info!(vm = %migration.vm, host, %error, "an interrupted migration waits for its host");
+                }
+            }
+        }
+    }
+
+    /// Puts `host` in maintenance and moves every VM off it; what cannot
+    /// move is listed with why, and the host stays in maintenance.
+    pub fn enter_maintenance(
+        &self,
+        host: &str,
+        progress: Progress<'_>,
+    ) -> Result<Evacuation, OpError> {
+        self.set_host_status(host, "maintenance")?;
+        let vms = self.store.list_vms(crate::store::VmFilter {
+            owner: None,
+            state: None,
+            host: Some(host),
+        })?;
+        let mut evacuation = Evacuation::default();
+        let total = vms.len().max(1);
+        for (index, vm) in vms.into_iter().enumerate() {
+            let label = format!("{}/{}", vm.owner, vm.spec.name);
+            progress(
+                "evacuate",
+                &format!("{label} ({} of {total})", index + 1),
+                u32::try_from(100 * index / total).unwrap_or(100),
+            );
+            let guard = self.lock_vm(&vm.id);
+            let _held = lock(&guard);
+            let outcome = self
+                .store
+                .get_vm(&vm.id.0, None)
+                .map_err(OpError::from)
+                .and_then(|now| self.migrate_locked(&now, None, progress));
+            match outcome {
+                Ok(target) => {
+                    progress("evacuate", &format!("{label} moved to {target}"), 0);
+                    evacuation.moved.push((label, target));
+                }
+                Err(error) => {
+                    progress("evacuate", &format!("{label} stays: {}", error.message), 0);
+                    evacuation.stuck.push((label, error.message));
+                }
+            }
+        }
+        Ok(evacuation)
+    }
+}
