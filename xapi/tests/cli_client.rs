@@ -260,6 +260,35 @@ impl HostService for CannedHsevd {
     async fn probe_host(&self, _: Request<HostRef>) -> Result<Response<Host>, Status> {
         unimplemented()
     }
+
+    async fn create_join_token(
+        &self,
+        _: Request<hsev_proto::v1::CreateJoinTokenRequest>,
+    ) -> Result<Response<hsev_proto::v1::JoinToken>, Status> {
+        unimplemented()
+    }
+
+    async fn eject_host(&self, _: Request<HostRef>) -> Result<Response<Host>, Status> {
+        unimplemented()
+    }
+
+    type SetHostStateStream = Canned<Progress>;
+
+    async fn set_host_state(
+        &self,
+        _: Request<hsev_proto::v1::SetHostStateRequest>,
+    ) -> Result<Response<Canned<Progress>>, Status> {
+        unimplemented()
+    }
+
+    type MigrateVmStream = Canned<Progress>;
+
+    async fn migrate_vm(
+        &self,
+        _: Request<hsev_proto::v1::MigrateVmRequest>,
+    ) -> Result<Response<Canned<Progress>>, Status> {
+        unimplemented()
+    }
 }
 
 /// The double served on a Unix socket and on TLS, and the

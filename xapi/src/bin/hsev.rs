@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hsev_xapi::cli::{attest, completions, firmware, host, idkey, image, measure, output, vm};
+use hsev_xapi::cli::{
+    attest, completions, firmware, host, idkey, image, measure, output, pool, vm,
+};
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
 #[derive(Debug, Parser)]
@@ -34,6 +36,8 @@ enum Command {
     Vm(vm::VmArgs),
     /// The pool's hypervisor hosts and what they can run (admins).
     Host(host::HostArgs),
+    /// The pool itself: join tokens for new hosts (admins).
+    Pool(pool::PoolArgs),
     /// Guest images: import (admins), list, show.
     Image(image::ImageArgs),
     /// Print a shell completion script (bash, zsh, fish, ...).
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         }
         Command::Vm(args) => vm::run(&args),
         Command::Host(args) => host::run(&args),
+        Command::Pool(args) => pool::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Completions(args) => completions::run(&args, &mut Cli::command()),
     }

@@ -39,6 +39,14 @@ struct Cli {
 enum Command {
     /// Print the sha256 a `[[tokens]]` entry needs, for a token read from stdin.
     HashToken,
+    /// Join a pool with a token from `hsev pool join-token create`: makes
+    /// this host's key (it never leaves the host), has the pool's CA sign
+    /// its certificate, and keeps both in `<state_dir>/pool/`. Then run
+    /// hsevd as usual. Needs `host_name` and `[pool] listen` in the config.
+    Join {
+        /// The join token.
+        token: String,
+    },
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {
@@ -89,6 +97,49 @@ fn init_logging(format: daemon::config::LogFormat) {
     }
 }
 
+/// `hsevd join TOKEN`.
+fn join(config: &Config, token: &str) -> ExitCode {
+    let (Some(name), Some(listen)) = (&config.host_name, config.pool.listen) else {
+        eprintln!(
+            "hsevd: error: joining a pool needs host_name (this host's name in the pool) and \
+             [pool] listen (where the coordinator reaches this host's agent) in the configuration"
+        );
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("hsevd: error: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(hsev_xapi::pool::member::join(
+        &config.state_dir,
+        token,
+        name,
+        &listen.to_string(),
+    )) {
+        Ok(member) => {
+            println!(
+                "joined pool {} as {}; the coordinator is at {}; start hsevd",
+                member.pool, member.name, member.coordinator
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("hsevd: error: {error}");
+            ExitCode::from(if error.kind == hsev_xapi::daemon::error::Kind::Internal {
+                1
+            } else {
+                2
+            })
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::HashToken) = cli.command {
@@ -111,6 +162,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(config.log_format);
+    if let Some(Command::Join { token }) = &cli.command {
+        return join(&config, token);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -4,7 +4,9 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use hsev_proto::v1::{Host, HostCapabilities, HostRef, ListHostsRequest, SevCapabilities};
+use hsev_proto::v1::{
+    Host, HostCapabilities, HostRef, ListHostsRequest, SetHostStateRequest, SevCapabilities,
+};
 use serde_json::{json, Value};
 
 use super::client::{
@@ -46,6 +48,32 @@ pub enum HostCommand {
         #[arg(long, value_enum, default_value_t)]
         output: OutputFormat,
     },
+    /// Stop placing new VMs on a host (its VMs run on).
+    Disable {
+        /// Host name.
+        host: String,
+    },
+    /// Place new VMs on a host again.
+    Enable {
+        /// Host name.
+        host: String,
+    },
+    /// Maintenance: `enter` disables the host and cold-migrates every VM off
+    /// it (what cannot move is listed, the host stays in maintenance);
+    /// `exit` enables it again.
+    Maintenance {
+        /// `enter` or `exit`.
+        #[arg(value_parser = ["enter", "exit"])]
+        action: String,
+        /// Host name.
+        host: String,
+    },
+    /// Remove a host from the pool and revoke its certificate (refused while
+    /// VMs are placed on it).
+    Eject {
+        /// Host name.
+        host: String,
+    },
 }
 
 /// Runs a host command.
@@ -76,8 +104,48 @@ async fn execute(connection: &Connection, command: &HostCommand) -> Result<ExitC
             let request = HostRef { host: host.clone() };
             print_host(&hosts.probe_host(request).await?.into_inner(), *output)?;
         }
+        HostCommand::Disable { host } => set_state(connection, host, "disabled").await?,
+        HostCommand::Enable { host } => set_state(connection, host, "up").await?,
+        HostCommand::Maintenance { action, host } => {
+            let state = if action == "enter" {
+                "maintenance"
+            } else {
+                "up"
+            };
+            set_state(connection, host, state).await?;
+        }
+        HostCommand::Eject { host } => {
+            let request = HostRef { host: host.clone() };
+            hosts.eject_host(request).await?;
+            print_stdout(&format!(
+                "host {host} ejected; its certificate is revoked\n"
+            ))?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sets a host's state, streaming an evacuation's progress; prints the
+/// outcome.
+async fn set_state(connection: &Connection, host: &str, state: &str) -> Result<(), RemoteError> {
+    let request = SetHostStateRequest {
+        host: host.to_owned(),
+        state: state.to_owned(),
+    };
+    let mut stream = connection
+        .hosts()
+        .set_host_state(request)
+        .await?
+        .into_inner();
+    let mut last = String::new();
+    while let Some(step) = stream.message().await? {
+        if step.step == "done" {
+            last = step.detail;
+        } else {
+            eprintln!("[{:>3}%] {}: {}", step.percent, step.step, step.detail);
+        }
+    }
+    print_stdout(&format!("{last}\n"))
 }
 
 fn print_host(host: &Host, output: OutputFormat) -> Result<(), RemoteError> {
@@ -134,6 +202,9 @@ pub fn host_json(host: &Host) -> Value {
     json!({
         "name": host.name,
         "status": host.status,
+        "status_reason": host.status_reason,
+        "address": host.address,
+        "labels": host.labels,
         "capabilities": host.capabilities.as_ref().map(capabilities_json),
         "vcpus_allocated": host.vcpus_allocated,
         "memory_mib_allocated": host.memory_mib_allocated,
@@ -169,6 +240,18 @@ pub fn render_host(host: &Host) -> String {
     let mut fields = Fields::default();
     fields.add("name", &host.name);
     fields.add("status", or_dash(&host.status));
+    fields.add_nonempty("status reason", &host.status_reason);
+    fields.add(
+        "address",
+        if host.address.is_empty() {
+            "(the coordinator's own host)"
+        } else {
+            &host.address
+        },
+    );
+    if !host.labels.is_empty() {
+        fields.add("labels", host.labels.join(", "));
+    }
     fields.add("probed at", or_dash(&host.probed_at));
     match capabilities {
         None => fields.add("capabilities", "not probed yet"),
@@ -321,6 +404,9 @@ mod tests {
             memory_mib_allocated: 8192,
             vms: 3,
             probed_at: "2025-06-01T00:00:00Z".into(),
+            address: String::new(),
+            labels: Vec::new(),
+            status_reason: String::new(),
         }
     }
 

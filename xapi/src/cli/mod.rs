@@ -12,5 +12,6 @@ pub mod idkey;
 pub mod image;
 pub mod measure;
 pub mod output;
+pub mod pool;
 pub mod tenant;
 pub mod vm;

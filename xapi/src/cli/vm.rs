@@ -16,9 +16,9 @@ use hsev_attestation::{tenant_attest, HexBytes};
 use hsev_proto::v1::attestation_status::State as AttestationState;
 use hsev_proto::v1::{
     AttestVmRequest, AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest,
-    CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, MinimumTcb, Placement,
-    PortForward, RootOrigin, SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState,
-    WaitVmRequest,
+    CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, MigrateVmRequest,
+    MinimumTcb, Placement, PortForward, RootOrigin, SetVmIdBlockRequest, StopVmRequest, Vm, VmRef,
+    VmSpec, VmState, WaitVmRequest,
 };
 use serde_json::{json, Value};
 
@@ -65,6 +65,10 @@ pub enum VmCommand {
     /// Compute a VM's launch measurement here, from your own copy of its
     /// image, beside the host's figure; exit 1 if they differ.
     Measure(MeasureVmArgs),
+    /// Move a VM to another host (admins): cold, as SEV and SNP guests
+    /// cannot live-migrate; a running VM stops, its disks move, and it
+    /// starts there as a new, attested launch.
+    Migrate(MigrateArgs),
     /// Verify your running sev-snp VM yourself: send a fresh nonce, get the
     /// guest's evidence through the host, judge it here with your policy
     /// (every check named); exit 0 accepted, 1 refused.
@@ -338,6 +342,22 @@ pub struct MeasureVmArgs {
     /// Your copy of the VM's image (its manifest.json or folder).
     #[arg(long, value_name = "FILE")]
     image_manifest: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
+}
+
+/// `hsev vm migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Id or name of the VM.
+    vm: String,
+    /// The target host [default: where placement sends it].
+    #[arg(long, value_name = "HOST")]
+    to: Option<String>,
+    /// Ask for a live migration (refused for SEV and SNP guests, with why).
+    #[arg(long)]
+    live: bool,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -621,6 +641,15 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
             })
         }
         VmCommand::Attest(args) => attest(connection, args).await,
+        VmCommand::Migrate(args) => {
+            let request = MigrateVmRequest {
+                vm: args.vm.clone(),
+                to_host: args.to.clone().unwrap_or_default(),
+                live: args.live,
+            };
+            let vm = follow_progress(connection.hosts().migrate_vm(request).await?).await?;
+            finish(vm, args.output)
+        }
         VmCommand::IdBlock(args) => {
             let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
             let vm = if args.remove {

@@ -256,6 +256,11 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Whether a peer may read the pool's images: a member's certificate.
+    pub fn member_may_read(&self, peer: &Peer) -> Result<(), OpError> {
+        self.member(peer).map(|_| ())
+    }
+
     /// The host a peer's certificate belongs to, if it is a member.
     fn member(&self, peer: &Peer) -> Result<HostRecord, OpError> {
         let refused = || {

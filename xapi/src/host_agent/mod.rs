@@ -35,7 +35,8 @@ use crate::launch::{guest_cmdline, host_data, ImageBytes};
 use crate::model::{ConfidentialMode, DiskRecord, VmId, VmRuntime, ENCRYPTED_DISK_NAME};
 use crate::pool::host_service::Membership;
 use crate::pool::{
-    disk_copy, ConsoleChunk, HostClient, LaunchRequest, Launched, PoolSink, Progress, Recovered,
+    disk_copy, ConsoleChunk, HostClient, ImageSource, LaunchRequest, Launched, PoolSink, Progress,
+    Recovered,
 };
 
 /// The SEV firmware this host launches with.
@@ -110,6 +111,8 @@ pub struct HostAgent {
     /// Its pool identity and the runtime its calls to other hosts run on,
     /// when it is a member of a pool of several hosts.
     membership: OnceLock<(Membership, tokio::runtime::Handle)>,
+    /// Where it gets the images it does not hold (a member's coordinator).
+    images: OnceLock<Arc<dyn ImageSource>>,
 }
 
 impl std::fmt::Debug for HostAgent {
@@ -147,6 +150,7 @@ impl HostAgent {
             locks: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
             membership: OnceLock::new(),
+            images: OnceLock::new(),
         }
     }
 
@@ -159,6 +163,16 @@ impl HostAgent {
     /// Its pool identity, for calls to other hosts (disk copies): set once.
     pub fn join_pool(&self, membership: Membership, runtime: tokio::runtime::Handle) {
         let _ = self.membership.set((membership, runtime));
+    }
+
+    /// Where it fetches the images it does not hold: set once.
+    pub fn fetch_images_from(&self, source: Arc<dyn ImageSource>) {
+        let _ = self.images.set(source);
+    }
+
+    /// The VMs that run here.
+    pub fn running_vms(&self) -> Vec<VmId> {
+        self.running().keys().cloned().collect()
     }
 
     /// The capabilities last probed.
@@ -302,10 +316,18 @@ impl HostAgent {
         let spec = &request.spec;
         let image_dir = self.images_dir.join(&request.image.id);
         if !image_dir.is_dir() {
-            return Err(OpError::precondition(format!(
-                "image {} is not on host {}",
-                request.image.id, self.name
-            )));
+            let source = self.images.get().ok_or_else(|| {
+                OpError::precondition(format!(
+                    "image {} is not on host {}",
+                    request.image.id, self.name
+                ))
+            })?;
+            progress(
+                "image",
+                &format!("fetching image {} from the coordinator", request.image.id),
+                10,
+            );
+            source.fetch(&request.image, &image_dir)?;
         }
         let files = images::files_in(&image_dir, &request.image.sha256);
         let run_dir = self.run_dir(vm);

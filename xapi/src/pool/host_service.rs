@@ -62,7 +62,7 @@ impl HostService {
     }
 
     /// Only the coordinator's certificate, unrevoked.
-    fn from_coordinator<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    fn require_coordinator<T>(&self, request: &Request<T>) -> Result<(), Status> {
         match peer(request) {
             Some(peer)
                 if peer.name == COORDINATOR_NAME && !self.membership.refuses(&peer.fingerprint) =>
@@ -78,7 +78,7 @@ impl HostService {
     }
 
     /// Any member of the pool, unrevoked.
-    fn from_member<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    fn require_member<T>(&self, request: &Request<T>) -> Result<(), Status> {
         match peer(request) {
             Some(peer) if !self.membership.refuses(&peer.fingerprint) => Ok(()),
             Some(peer) => Err(Status::permission_denied(format!(
@@ -114,13 +114,13 @@ impl HostAgentRpc for HostService {
     type FetchDisksStream = StepStream;
 
     async fn probe(&self, request: Request<Empty>) -> Result<Response<Json>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let capabilities = self.blocking(|agent| agent.probe()).await?;
         Ok(json(to_json(&capabilities)?))
     }
 
     async fn prepare(&self, request: Request<Json>) -> Result<Response<StepStream>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let args: PrepareArgs = from_json(&request.into_inner().json)?;
         let agent = Arc::clone(&self.agent);
         Ok(Response::new(stream_steps(move |progress| {
@@ -129,7 +129,7 @@ impl HostAgentRpc for HostService {
     }
 
     async fn launch(&self, request: Request<Json>) -> Result<Response<StepStream>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let launch: super::LaunchRequest = from_json(&request.into_inner().json)?;
         let agent = Arc::clone(&self.agent);
         Ok(Response::new(stream_steps(move |progress| {
@@ -138,7 +138,7 @@ impl HostAgentRpc for HostService {
     }
 
     async fn stop(&self, request: Request<Json>) -> Result<Response<Json>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let args: StopArgs = from_json(&request.into_inner().json)?;
         let reason = self
             .blocking(move |agent| agent.stop(&args.vm, &args.runtime, args.mode.into()))
@@ -147,7 +147,7 @@ impl HostAgentRpc for HostService {
     }
 
     async fn reset(&self, request: Request<Json>) -> Result<Response<Empty>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let args: VmAndRuntime = from_json(&request.into_inner().json)?;
         self.blocking(move |agent| agent.reset(&args.vm, &args.runtime))
             .await?;
@@ -155,7 +155,7 @@ impl HostAgentRpc for HostService {
     }
 
     async fn destroy(&self, request: Request<Json>) -> Result<Response<StepStream>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let args: DestroyArgs = from_json(&request.into_inner().json)?;
         let agent = Arc::clone(&self.agent);
         Ok(Response::new(stream_steps(move |progress| {
@@ -164,7 +164,7 @@ impl HostAgentRpc for HostService {
     }
 
     async fn attest(&self, request: Request<Json>) -> Result<Response<Json>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let args: VmAndRuntime = from_json(&request.into_inner().json)?;
         let nonce: [u8; hsev_attestation::tenant_attest::NONCE_LEN] = hex::decode(&args.nonce)
             .ok()
@@ -180,7 +180,7 @@ impl HostAgentRpc for HostService {
         &self,
         request: Request<ConsoleRead>,
     ) -> Result<Response<ConsoleChunk>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let read = request.into_inner();
         let vm = crate::model::VmId(read.vm);
         let max = usize::try_from(read.max)
@@ -196,7 +196,7 @@ impl HostAgentRpc for HostService {
     }
 
     async fn recover(&self, request: Request<Empty>) -> Result<Response<Json>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let found = self.blocking(|agent| agent.recover()).await?;
         Ok(json(to_json(&found)?))
     }
@@ -205,7 +205,7 @@ impl HostAgentRpc for HostService {
         &self,
         request: Request<DiskRef>,
     ) -> Result<Response<Self::SendDiskStream>, Status> {
-        self.from_member(&request)?;
+        self.require_member(&request)?;
         let wanted = request.into_inner();
         let path = self
             .agent
@@ -220,7 +220,7 @@ impl HostAgentRpc for HostService {
     }
 
     async fn fetch_disks(&self, request: Request<Json>) -> Result<Response<StepStream>, Status> {
-        self.from_coordinator(&request)?;
+        self.require_coordinator(&request)?;
         let args: FetchDisksArgs = from_json(&request.into_inner().json)?;
         let agent = Arc::clone(&self.agent);
         Ok(Response::new(stream_steps(move |progress| {

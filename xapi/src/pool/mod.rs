@@ -8,8 +8,10 @@
 //! pool's mTLS channel. This module owns those shapes and nothing else: it
 //! decides nothing and keeps no state.
 
+pub mod coordinator_service;
 pub mod disk_copy;
 pub mod host_service;
+pub mod member;
 pub mod pki;
 pub mod remote_host;
 pub mod tls;
@@ -153,6 +155,13 @@ pub trait HostClient: Send + Sync + std::fmt::Debug {
         from_address: &str,
         progress: Progress<'_>,
     ) -> Result<u64, OpError>;
+}
+
+/// Where a host gets the images it does not hold.
+pub trait ImageSource: Send + Sync + std::fmt::Debug {
+    /// Fetches `image`'s artifacts into `dir` (`<images>/<id>`), each
+    /// checked by its sha256.
+    fn fetch(&self, image: &LaunchImage, dir: &std::path::Path) -> Result<(), OpError>;
 }
 
 /// What a host tells the coordinator on its own.

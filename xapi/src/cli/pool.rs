@@ -1,0 +1,100 @@
+//! `hsev pool`: the pool itself (admins): the tokens new hosts join with.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use hsev_proto::v1::CreateJoinTokenRequest;
+use serde_json::json;
+
+use super::client::{self, print_json, print_stdout, Connection, ConnectionArgs, RemoteError};
+use super::output::OutputFormat;
+
+/// `hsev pool ...` and its connection flags.
+#[derive(Debug, Args)]
+pub struct PoolArgs {
+    #[command(flatten)]
+    connection: ConnectionArgs,
+    #[command(subcommand)]
+    command: PoolCommand,
+}
+
+/// Pool commands.
+#[derive(Debug, Subcommand)]
+pub enum PoolCommand {
+    /// Join tokens.
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCommand),
+}
+
+/// `hsev pool join-token ...`.
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// A single-use, expiring token for `hsevd join` on a new host: it
+    /// holds the coordinator's address, a secret and the pool CA's
+    /// fingerprint.
+    Create {
+        /// How long it may be used: `30m`, `1h`, `3600s` [default: 1h].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+}
+
+/// `90s`, `30m`, `2h`, or plain seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, "s"), |at| text.split_at(at));
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 30m or 1h"))?;
+    let seconds = match unit {
+        "s" => value,
+        "m" => value * 60,
+        "h" => value * 3600,
+        _ => return Err(format!("{text:?}: the unit is s, m or h")),
+    };
+    if seconds == 0 || seconds > u64::from(u32::MAX) {
+        return Err(format!("{text:?}: between 1 s and 136 years"));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Runs a pool command.
+pub fn run(args: &PoolArgs) -> ExitCode {
+    client::run(&args.connection, async |connection| {
+        execute(connection, &args.command).await
+    })
+}
+
+async fn execute(connection: &Connection, command: &PoolCommand) -> Result<ExitCode, RemoteError> {
+    let PoolCommand::JoinToken(JoinTokenCommand::Create { ttl, output }) = command;
+    let request = CreateJoinTokenRequest {
+        ttl_seconds: ttl
+            .map(|ttl| u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX))
+            .unwrap_or(0),
+    };
+    let token = connection
+        .hosts()
+        .create_join_token(request)
+        .await?
+        .into_inner();
+    match output {
+        OutputFormat::Json => print_json(&json!({
+            "token": token.token,
+            "expires_at": token.expires_at,
+            "ca_fingerprint": token.ca_fingerprint,
+        }))?,
+        OutputFormat::Text => {
+            eprintln!(
+                "single use, until {}; pool CA {}",
+                token.expires_at, token.ca_fingerprint
+            );
+            print_stdout(&format!("{}\n", token.token))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,211 @@
+//! How hsevd runs each of its roles: the coordinator (with its own host's
+//! agent in-process, and, with `[pool] listen`, the pool listener other
+//! hosts join and talk to), or a member host (its agent commanded over the
+//! pool listener, its public API forwarded to the coordinator).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hsev_proto::internal::coordinator_server::CoordinatorServer;
+use hsev_proto::internal::host_agent_server::HostAgentServer;
+
+use super::config::Config;
+use super::{auth, grpc, host_agent, metrics, roles, serve};
+use crate::coordinator::PoolAuthority;
+use crate::pool::coordinator_service::CoordinatorService;
+use crate::pool::host_service::{HostService, Membership};
+use crate::pool::member::{
+    coordinator_channel, heartbeats, pool_dir, CoordinatorImages, MemberState, RemoteSink,
+};
+use crate::pool::pki::{Identity, PoolCa};
+use crate::pool::tls::server_config;
+use crate::pool::{ImageSource, PoolSink};
+
+/// Serves the metrics, when configured.
+async fn serve_metrics(config: &Config, metrics: Arc<metrics::Metrics>) -> anyhow::Result<()> {
+    if let Some(address) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
+        tracing::info!(%address, "serving metrics at /metrics");
+        tokio::spawn(metrics::serve(listener, metrics));
+    }
+    Ok(())
+}
+
+/// Serves `routes` on the pool listener at `address` with mTLS (client
+/// certificates of the pool's CA, optional only for the coordinator's
+/// `Join`).
+async fn serve_pool(
+    address: std::net::SocketAddr,
+    identity: &Identity,
+    ca_pem: &str,
+    optional_client_cert: bool,
+    routes: tonic::service::Routes,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the pool listener {address}"))?;
+    let server = tonic::transport::Server::builder()
+        .tls_config(server_config(identity, ca_pem, optional_client_cert))
+        .context("the pool's TLS configuration")?
+        .add_routes(routes);
+    tracing::info!(%address, "serving the pool protocol (mTLS)");
+    tokio::spawn(async move {
+        if let Err(error) = server
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+        {
+            tracing::error!(%error, "the pool listener failed");
+        }
+    });
+    Ok(())
+}
+
+/// The coordinator's identity on the pool listener at `address`, issued
+/// once by the pool's CA and kept.
+fn coordinator_identity(
+    dir: &std::path::Path,
+    ca: &PoolCa,
+    address: std::net::SocketAddr,
+) -> anyhow::Result<Identity> {
+    if dir.join("coordinator.pem").is_file() {
+        return Identity::load(dir, "coordinator").map_err(|error| anyhow::anyhow!("{error}"));
+    }
+    let identity = ca
+        .issue_coordinator(Some(address.ip()))
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    identity
+        .save(dir, "coordinator")
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    Ok(identity)
+}
+
+/// The coordinator, with this host's agent in-process.
+pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
+    let roles = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || roles(&config)).await??
+    };
+    if config.tokens.is_empty() {
+        tracing::warn!("no [[tokens]] in the configuration: every API request will be refused as unauthenticated");
+    }
+    let metrics = Arc::clone(roles.coordinator.metrics());
+    let api = grpc::Api {
+        coordinator: Arc::clone(&roles.coordinator),
+        tokens: Arc::new(auth::Tokens::new(&config.tokens)),
+        images_dir: config.state_dir.join("images"),
+        metrics: Arc::clone(&metrics),
+    };
+    let (monitor, gauges) = (
+        Arc::clone(&roles.host_agent),
+        Arc::clone(&roles.coordinator),
+    );
+    serve::every(Duration::from_millis(500), move || {
+        monitor.monitor_tick();
+        gauges.update_gauges();
+    });
+
+    if let Some(address) = config.pool.listen {
+        let dir = pool_dir(&config.state_dir);
+        let pool = roles
+            .coordinator
+            .store()
+            .pool_name()
+            .context("the pool's name")?;
+        let ca = PoolCa::open_or_create(&dir, &pool).map_err(|error| anyhow::anyhow!("{error}"))?;
+        let identity = coordinator_identity(&dir, &ca, address)?;
+        let ca_pem = ca.cert_pem().to_owned();
+        let membership = Membership {
+            identity: identity.clone(),
+            ca_pem: ca_pem.clone(),
+            revoked: Arc::default(),
+        };
+        roles
+            .host_agent
+            .join_pool(membership.clone(), tokio::runtime::Handle::current());
+        roles.coordinator.set_authority(PoolAuthority {
+            address: address.to_string(),
+            ca,
+            identity: identity.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            down_after: Duration::from_millis(config.pool.down_after_ms),
+        });
+        {
+            let coordinator = Arc::clone(&roles.coordinator);
+            tokio::task::spawn_blocking(move || coordinator.register_remote_hosts())
+                .await?
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+        }
+        let (coordinator, revoked) = (
+            Arc::clone(&roles.coordinator),
+            Arc::clone(&membership.revoked),
+        );
+        serve::every(Duration::from_secs(5), move || {
+            coordinator.resume_migrations();
+            if let Ok(list) = coordinator.store().revoked_certificates() {
+                *revoked
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    list.into_iter().collect();
+            }
+        });
+        let routes = serve::api_routes(api.clone())
+            .await?
+            .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(
+                &roles.coordinator,
+            ))))
+            .add_service(HostAgentServer::new(HostService::new(
+                Arc::clone(&roles.host_agent),
+                membership,
+            )));
+        serve_pool(address, &identity, &ca_pem, true, routes).await?;
+    }
+    serve_metrics(&config, metrics).await?;
+    serve::serve_public(&config, serve::api_routes(api).await?).await
+}
+
+/// A member host: its agent, commanded by the coordinator.
+pub async fn run_member(config: Config, member: MemberState) -> anyhow::Result<()> {
+    let agent = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || host_agent(&config)).await??
+    };
+    let membership =
+        MemberState::membership(&config.state_dir).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let channel =
+        coordinator_channel(&member, &membership).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let runtime = tokio::runtime::Handle::current();
+    agent.join_pool(membership.clone(), runtime.clone());
+    agent.report_to(Arc::new(RemoteSink::new(channel.clone(), runtime.clone())) as Arc<dyn PoolSink>);
+    agent.fetch_images_from(
+        Arc::new(CoordinatorImages::new(channel.clone(), runtime)) as Arc<dyn ImageSource>
+    );
+    tracing::info!(pool = %member.pool, host = %member.name, coordinator = %member.coordinator, "a member of the pool");
+    let monitor = Arc::clone(&agent);
+    serve::every(Duration::from_millis(500), move || monitor.monitor_tick());
+    tokio::spawn(heartbeats(
+        channel.clone(),
+        Arc::clone(&agent),
+        membership.clone(),
+        Duration::from_millis(config.pool.heartbeat_ms),
+    ));
+    let address: std::net::SocketAddr = member
+        .listen
+        .parse()
+        .with_context(|| format!("the pool listener {:?}", member.listen))?;
+    let routes = tonic::service::Routes::new(HostAgentServer::new(HostService::new(
+        Arc::clone(&agent),
+        membership.clone(),
+    )));
+    serve_pool(
+        address,
+        &membership.identity,
+        &membership.ca_pem,
+        false,
+        routes,
+    )
+    .await?;
+    serve::serve_public(&config, serve::forwarding_routes(channel).await?).await
+}

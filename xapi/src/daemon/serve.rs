@@ -1,0 +1,152 @@
+//! The public API's listeners: the Unix socket and, when configured, TCP
+//! with TLS, serving the `hsev.v1` services (on the coordinator) or
+//! forwarding every call to the coordinator (on any other host), with the
+//! health service and server reflection (v1 and v1alpha) either way.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use hsev_proto::v1::host_service_server::HostServiceServer;
+use hsev_proto::v1::image_service_server::ImageServiceServer;
+use hsev_proto::v1::vm_service_server::VmServiceServer;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::Routes;
+use tonic::transport::Channel;
+
+use super::config::Config;
+use super::{grpc, tls};
+
+/// Health and reflection, which every host answers itself.
+async fn common_routes() -> anyhow::Result<Routes> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<VmServiceServer<grpc::Api>>()
+        .await;
+    health_reporter
+        .set_serving::<ImageServiceServer<grpc::Api>>()
+        .await;
+    health_reporter
+        .set_serving::<HostServiceServer<grpc::Api>>()
+        .await;
+    // Reflection in both versions: v1, and v1alpha, which grpcurl before
+    // 1.8.8 and many other clients still ask for.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(hsev_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .context("building the reflection service (v1)")?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .context("building the reflection service (v1alpha)")?;
+    Ok(Routes::new(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha))
+}
+
+/// The coordinator's public API.
+pub async fn api_routes(api: grpc::Api) -> anyhow::Result<Routes> {
+    Ok(common_routes()
+        .await?
+        .add_service(VmServiceServer::new(api.clone()))
+        .add_service(ImageServiceServer::new(api.clone()))
+        .add_service(HostServiceServer::new(api)))
+}
+
+/// A member's public API: every call but health and reflection goes to the
+/// coordinator as it came (the caller's token with it), over the pool's
+/// mTLS channel.
+pub async fn forwarding_routes(coordinator: Channel) -> anyhow::Result<Routes> {
+    let router = common_routes().await?.into_axum_router().fallback(
+        move |request: axum::extract::Request| {
+            let mut channel = coordinator.clone();
+            async move {
+                use tower::Service;
+                let request = request.map(tonic::body::Body::new);
+                match channel.call(request).await {
+                    Ok(response) => response.map(axum::body::Body::new),
+                    Err(error) => {
+                        let status = tonic::Status::unavailable(format!(
+                            "this host forwards the API to the pool's coordinator, which does \
+                             not answer: {error}"
+                        ));
+                        status.into_http::<axum::body::Body>()
+                    }
+                }
+            }
+        },
+    );
+    Ok(Routes::from(router))
+}
+
+/// Serves `routes` on the Unix socket and, when configured, over TLS,
+/// until SIGINT or SIGTERM.
+pub async fn serve_public(config: &Config, routes: Routes) -> anyhow::Result<()> {
+    let router = tonic::transport::Server::builder().add_routes(routes.clone());
+    let socket = config.socket_path();
+    if socket.exists() {
+        std::fs::remove_file(&socket)
+            .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+    }
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let unix = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    tracing::info!(socket = %socket.display(), "serving the API on the Unix socket");
+
+    let shutdown = async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { if let Some(signal) = terminate.as_mut() { signal.recv().await; } else { std::future::pending::<()>().await } } => {}
+        }
+        tracing::info!("shutting down; VMs keep running");
+    };
+
+    match config.listen {
+        Some(address) => {
+            let identity = tls::identity(config).context("the TLS identity")?;
+            let tls = tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(&identity.cert_pem, &identity.key_pem),
+            );
+            let tcp = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {address}"))?;
+            tracing::info!(%address, "serving the API over TLS");
+            let tcp_router = tonic::transport::Server::builder()
+                .tls_config(tls)
+                .context("TLS configuration")?
+                .add_routes(routes);
+            let tcp_incoming = tokio_stream::wrappers::TcpListenerStream::new(tcp);
+            tokio::select! {
+                result = router.serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown) => result?,
+                result = tcp_router.serve_with_incoming(tcp_incoming) => result?,
+            }
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(unix), shutdown)
+                .await?
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+/// Runs `tick` every `period` off the runtime, for as long as the daemon.
+pub fn every(period: std::time::Duration, tick: impl Fn() + Send + Sync + 'static) {
+    let tick = Arc::new(tick);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(period);
+        loop {
+            interval.tick().await;
+            let tick = Arc::clone(&tick);
+            let _ = tokio::task::spawn_blocking(move || tick()).await;
+        }
+    });
+}

@@ -1,0 +1,163 @@
+//! The coordinator's side of the pool protocol: the `Coordinator` gRPC
+//! service, served on the coordinator's pool listener. `Join` is the one
+//! call a host makes before it has a certificate (its token is its
+//! credential); every other call needs a member's unrevoked certificate.
+
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use hsev_proto::internal::coordinator_server::Coordinator as CoordinatorRpc;
+use hsev_proto::internal::{
+    Empty, FileChunk, Heartbeat, HeartbeatReply, HostReport, ImageRef, JoinRequest, JoinResponse,
+};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::disk_copy::CHUNK;
+use super::tls::{peer, Peer};
+use super::wire::{from_json, PoolReport};
+use crate::coordinator::Coordinator;
+use crate::daemon::error::OpError;
+use crate::daemon::host::HostCapabilities;
+use crate::model::VmId;
+
+/// The `Coordinator` service.
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    coordinator: Arc<Coordinator>,
+}
+
+impl CoordinatorService {
+    /// The service over `coordinator`.
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        CoordinatorService { coordinator }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&Coordinator) -> Result<T, OpError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let coordinator = Arc::clone(&self.coordinator);
+        tokio::task::spawn_blocking(move || call(&coordinator))
+            .await
+            .map_err(|error| Status::internal(format!("the call panicked: {error}")))?
+            .map_err(Status::from)
+    }
+}
+
+fn member<T>(request: &Request<T>) -> Result<Peer, Status> {
+    peer(request).ok_or_else(|| Status::unauthenticated("a pool certificate is required"))
+}
+
+/// The file of an image artifact by role, in the coordinator's image store.
+fn artifact_file(dir: &std::path::Path, role: &str) -> Option<std::path::PathBuf> {
+    let name = match role {
+        "firmware" => "firmware.fd",
+        "kernel" => "vmlinuz",
+        "initrd" => "initrd.img",
+        "disk" => "disk.img",
+        "manifest" => "manifest.json",
+        _ => return None,
+    };
+    Some(dir.join(name))
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for CoordinatorService {
+    type FetchImageStream = Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>>;
+
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let join = request.into_inner();
+        let joined = self
+            .blocking(move |coordinator| {
+                coordinator.join(&join.secret, &join.host, &join.csr_pem, &join.address)
+            })
+            .await?;
+        Ok(Response::new(JoinResponse {
+            cert_pem: joined.cert_pem,
+            ca_pem: joined.ca_pem,
+            pool: joined.pool,
+        }))
+    }
+
+    async fn beat(&self, request: Request<Heartbeat>) -> Result<Response<HeartbeatReply>, Status> {
+        let peer = member(&request)?;
+        let beat = request.into_inner();
+        let capabilities: HostCapabilities = from_json(&beat.capabilities)?;
+        let running: Vec<VmId> = from_json(&beat.running)?;
+        let revoked = self
+            .blocking(move |coordinator| coordinator.beat(&peer, &capabilities, &running))
+            .await?;
+        Ok(Response::new(HeartbeatReply { revoked }))
+    }
+
+    async fn report(&self, request: Request<HostReport>) -> Result<Response<Empty>, Status> {
+        let peer = member(&request)?;
+        let report: PoolReport = from_json(&request.into_inner().json)?;
+        self.blocking(move |coordinator| coordinator.report(&peer, report))
+            .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn fetch_image(
+        &self,
+        request: Request<ImageRef>,
+    ) -> Result<Response<Self::FetchImageStream>, Status> {
+        let peer = member(&request)?;
+        let wanted = request.into_inner();
+        let image = wanted.image.clone();
+        let dir = self
+            .blocking(move |coordinator| {
+                coordinator.member_may_read(&peer)?;
+                Ok(coordinator.store().get_image(&image)?.dir)
+            })
+            .await?;
+        let path = artifact_file(&dir, &wanted.role).ok_or_else(|| {
+            Status::invalid_argument(format!("no artifact role {:?}", wanted.role))
+        })?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let result = (|| -> std::io::Result<()> {
+                let mut file = std::fs::File::open(&path)?;
+                let size = file.metadata()?.len();
+                let mut hasher = openssl::sha::Sha256::new();
+                let mut buffer = vec![0u8; CHUNK];
+                let mut at = 0;
+                loop {
+                    let read = file.read(&mut buffer)?;
+                    if read == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..read]);
+                    let chunk = FileChunk {
+                        offset: at,
+                        data: buffer[..read].to_vec(),
+                        size: if at == 0 { size } else { 0 },
+                        sha256: Vec::new(),
+                    };
+                    at += read as u64;
+                    if sender.blocking_send(Ok(chunk)).is_err() {
+                        return Ok(());
+                    }
+                }
+                let _ = sender.blocking_send(Ok(FileChunk {
+                    offset: at,
+                    data: Vec::new(),
+                    size,
+                    sha256: hasher.finish().to_vec(),
+                }));
+                Ok(())
+            })();
+            if let Err(error) = result {
+                let _ = sender.blocking_send(Err(Status::internal(format!(
+                    "reading {}: {error}",
+                    path.display()
+                ))));
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}
