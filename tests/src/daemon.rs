@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::kbs::Kbs;
 use crate::libvirt::Libvirtd;
+use crate::netns::NetHost;
 use crate::{binary, workspace_root};
 
 /// The hypervisor driver a daemon runs.
@@ -59,6 +60,8 @@ pub struct Daemon {
     driver: Driver,
     /// The simulated Secure Processor's folder, when it has one.
     sim_dir: Option<PathBuf>,
+    /// The test host (network namespace) it runs in; the root one if none.
+    host: Option<NetHost>,
     /// Declared last: dropped after the daemon and its VMs are gone.
     libvirtd: Option<Libvirtd>,
 }
@@ -145,6 +148,28 @@ impl Daemon {
         extra: &str,
         sim_dir: Option<&Path>,
     ) -> Daemon {
+        let mut daemon = Self::configure(driver, dir, extra, sim_dir, None);
+        daemon.spawn();
+        daemon
+    }
+
+    /// A daemon configured on test host `host` (its own simulated Secure
+    /// Processor when `simulated`), not started yet: [`Daemon::run`] starts
+    /// it, after whatever the test does first (`hsevd join`, a simulated
+    /// platform of its own).
+    pub fn on_host(driver: Driver, host: &NetHost, extra: &str, simulated: bool) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim_dir = simulated.then(|| dir.path().join("sim"));
+        Self::configure(driver, dir, extra, sim_dir.as_deref(), Some(host.clone()))
+    }
+
+    fn configure(
+        driver: Driver,
+        dir: tempfile::TempDir,
+        extra: &str,
+        sim_dir: Option<&Path>,
+        host: Option<NetHost>,
+    ) -> Daemon {
         let state = dir.path().join("state");
         let config = dir.path().join("hsevd.toml");
         let libvirtd = (driver == Driver::Libvirt).then(Libvirtd::start);
@@ -179,25 +204,63 @@ impl Daemon {
             state = state.display()
         );
         std::fs::write(&config, text).expect("config written");
-        let mut daemon = Daemon {
+        Daemon {
             dir,
             child: None,
             config,
             driver,
             sim_dir: sim_dir.map(Path::to_path_buf),
+            host,
             libvirtd,
+        }
+    }
+
+    /// Runs `hsevd` with `args` (a subcommand such as `join`) on its
+    /// configuration and host, to completion.
+    pub fn hsevd<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.hsevd_command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("hsevd runs")
+    }
+
+    /// `hsevd --config <its config>`, in its network namespace.
+    fn hsevd_command(&self) -> Command {
+        let mut command = match &self.host {
+            Some(host) => host.command(&binary("hsevd")),
+            None => Command::new(binary("hsevd")),
         };
-        daemon.spawn();
-        daemon
+        command.arg("--config").arg(&self.config);
+        command
+    }
+
+    /// Starts it (a daemon made by [`Daemon::on_host`]).
+    pub fn run(&mut self) {
+        assert!(self.child.is_none(), "the daemon already runs");
+        self.spawn();
+    }
+
+    /// The simulated Secure Processor's folder.
+    pub fn sim_dir(&self) -> &Path {
+        self.sim_dir
+            .as_deref()
+            .expect("a daemon with the simulated Secure Processor")
+    }
+
+    /// The test host it runs on.
+    pub fn net_host(&self) -> &NetHost {
+        self.host.as_ref().expect("a daemon on a test host")
     }
 
     /// The simulated platform's roots (its ASK and ARK, PEM), as the
     /// operator of a development pool hands them to its tenants.
     pub fn sim_roots(&self) -> PathBuf {
-        let sim = self
-            .sim_dir
-            .as_ref()
-            .expect("a daemon with the simulated Secure Processor");
+        let sim = self.sim_dir();
         let bundle = self.dir.path().join("sim-roots.pem");
         let pem: Vec<u8> = ["ask.pem", "ark.pem"]
             .iter()
@@ -259,9 +322,8 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("hsevd.log"))
             .expect("log file");
-        let child = Command::new(binary("hsevd"))
-            .arg("--config")
-            .arg(&self.config)
+        let child = self
+            .hsevd_command()
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()

@@ -9,6 +9,8 @@ pub mod daemon;
 pub mod firmware_blob;
 pub mod kbs;
 pub mod libvirt;
+pub mod netns;
+pub mod pool;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

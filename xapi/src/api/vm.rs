@@ -301,6 +301,7 @@ pub fn host_to_proto(
         },
         status_reason: down.unwrap_or_default(),
         address: host.address.clone(),
+        coordinator: false,
         labels: capabilities
             .as_ref()
             .map(|capabilities| capabilities.labels.clone())

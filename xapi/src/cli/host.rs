@@ -204,6 +204,7 @@ pub fn host_json(host: &Host) -> Value {
         "status": host.status,
         "status_reason": host.status_reason,
         "address": host.address,
+        "coordinator": host.coordinator,
         "labels": host.labels,
         "capabilities": host.capabilities.as_ref().map(capabilities_json),
         "vcpus_allocated": host.vcpus_allocated,
@@ -211,6 +212,15 @@ pub fn host_json(host: &Host) -> Value {
         "vms": host.vms,
         "probed_at": host.probed_at,
     })
+}
+
+/// What the host is in its pool.
+fn role(host: &Host) -> &'static str {
+    match (host.coordinator, host.address.is_empty()) {
+        (true, true) => "coordinator (a pool of one host)",
+        (true, false) => "coordinator",
+        (false, _) => "member",
+    }
 }
 
 fn yes_no(value: bool) -> &'static str {
@@ -241,14 +251,8 @@ pub fn render_host(host: &Host) -> String {
     fields.add("name", &host.name);
     fields.add("status", or_dash(&host.status));
     fields.add_nonempty("status reason", &host.status_reason);
-    fields.add(
-        "address",
-        if host.address.is_empty() {
-            "(the coordinator's own host)"
-        } else {
-            &host.address
-        },
-    );
+    fields.add("role", role(host));
+    fields.add("address", or_dash(&host.address));
     if !host.labels.is_empty() {
         fields.add("labels", host.labels.join(", "));
     }
@@ -323,7 +327,7 @@ pub fn render_host(host: &Host) -> String {
     out
 }
 
-/// The `list` table.
+/// The `list` table; the coordinator is marked `*`.
 pub fn host_table(hosts: &[Host]) -> String {
     let rows: Vec<Vec<String>> = hosts
         .iter()
@@ -343,8 +347,13 @@ pub fn host_table(hosts: &[Host]) -> String {
                 None => ("-".to_owned(), "-".to_owned()),
             };
             vec![
-                host.name.clone(),
+                if host.coordinator {
+                    format!("{} *", host.name)
+                } else {
+                    host.name.clone()
+                },
                 or_dash(&host.status).to_owned(),
+                or_dash(&host.address).to_owned(),
                 or_dash(&capabilities.driver).to_owned(),
                 or_dash(&capabilities.accelerator).to_owned(),
                 sev,
@@ -359,6 +368,7 @@ pub fn host_table(hosts: &[Host]) -> String {
         &[
             "NAME",
             "STATUS",
+            "ADDRESS",
             "DRIVER",
             "ACCEL",
             "SEV",
@@ -407,6 +417,7 @@ mod tests {
             address: String::new(),
             labels: Vec::new(),
             status_reason: String::new(),
+            coordinator: true,
         }
     }
 
@@ -430,8 +441,8 @@ mod tests {
     fn the_table_sums_up_each_host() {
         assert_eq!(
             host_table(&[sample()]),
-            "NAME    STATUS  DRIVER  ACCEL  SEV                  ASIDS FREE  VCPUS  MEMORY MIB  VMS\n\
-             host-a  up      qemu    tcg    sev-snp genoa (sim)  12/16       6/16   8192/65536  3\n"
+            "NAME      STATUS  ADDRESS  DRIVER  ACCEL  SEV                  ASIDS FREE  VCPUS  MEMORY MIB  VMS\n\
+             host-a *  up      -        qemu    tcg    sev-snp genoa (sim)  12/16       6/16   8192/65536  3\n"
         );
         assert_eq!(
             host_json(&sample())["capabilities"]["sev"]["asids_free"],

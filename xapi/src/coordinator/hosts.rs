@@ -102,6 +102,13 @@ impl Coordinator {
         let _ = self.authority.set(authority);
     }
 
+    /// Where hosts reach this coordinator, when it has a pool listener.
+    pub fn pool_address(&self) -> Option<String> {
+        self.authority
+            .get()
+            .map(|authority| authority.address.clone())
+    }
+
     pub(super) fn authority(&self) -> Result<&PoolAuthority, OpError> {
         self.authority.get().ok_or_else(|| {
             OpError::precondition(

@@ -510,13 +510,19 @@ fn hosts(manager: &Coordinator) -> Result<Vec<v1::Host>, OpError> {
                 .find(|allocation| allocation.host == host.name);
             let placed = allocation.map(|allocation| allocation.placed);
             let placed = placed.unwrap_or_default();
-            host_to_proto(
+            let mut shown = host_to_proto(
                 host,
                 u32::try_from(placed.vcpus).unwrap_or(u32::MAX),
                 placed.memory_mib,
                 u32::try_from(placed.vms).unwrap_or(u32::MAX),
                 manager.down_reason(&host.name),
-            )
+            );
+            // The coordinator's own host has no agent address of its own.
+            if host.address.is_empty() {
+                shown.coordinator = true;
+                shown.address = manager.pool_address().unwrap_or_default();
+            }
+            shown
         })
         .collect())
 }

@@ -63,9 +63,15 @@ pub async fn forwarding_routes(coordinator: Channel) -> anyhow::Result<Routes> {
         move |request: axum::extract::Request| {
             let mut channel = coordinator.clone();
             async move {
-                use tower::Service;
+                use tower::{Service, ServiceExt};
                 let request = request.map(tonic::body::Body::new);
-                match channel.call(request).await {
+                // `ready` first: the channel's buffer takes a request only
+                // once it has a slot for it.
+                let forwarded = match channel.ready().await {
+                    Ok(ready) => ready.call(request).await,
+                    Err(error) => Err(error),
+                };
+                match forwarded {
                     Ok(response) => response.map(axum::body::Body::new),
                     Err(error) => {
                         let status = tonic::Status::unavailable(format!(
