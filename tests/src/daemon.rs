@@ -384,7 +384,17 @@ impl Daemon {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        Command::new(binary("hsev"))
+        self.hsev_command(token, args).output().expect("hsev runs")
+    }
+
+    /// The `hsev` command [`Daemon::hsev`] runs, to spawn and wait on.
+    pub fn hsev_command<I, S>(&self, token: &str, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut command = Command::new(binary("hsev"));
+        command
             .args(args)
             .env(
                 "HSEV_ENDPOINT",
@@ -395,8 +405,9 @@ impl Daemon {
             .env("XDG_CONFIG_HOME", self.dir.path())
             .env_remove("HSEV_CA")
             .stdin(Stdio::null())
-            .output()
-            .expect("hsev runs")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
     }
 
     /// Runs `hsev ... --output json` and parses what it prints.
@@ -473,6 +484,14 @@ pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+impl Daemon {
+    /// Kills it and every VMM it started with SIGKILL, as a host that
+    /// dies.
+    pub fn crash(&mut self) {
         self.kill_9();
         let mut pids = processes_mentioning(&self.state_dir());
         for entry in std::fs::read_dir(self.state_dir().join("vms"))

@@ -404,3 +404,135 @@ fn a_killed_host_is_down_and_its_vms_unknown() {
     );
     assert!(said.contains("host_state"), "{said}");
 }
+
+/// The files of `vm`'s run folder on `host` (empty when it has none).
+fn files_of(host: &Daemon, vm_id: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(host.state_dir().join("vms").join(vm_id))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// SHA-256 of a file, hex.
+fn sha256_file(path: &std::path::Path) -> String {
+    let output = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum runs");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no digest of {}", path.display()))
+        .to_owned()
+}
+
+/// Writes `marker` at a few places of the disk file at `path`.
+fn mark_disk(path: &std::path::Path, marker: &[u8]) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+    for at in [0u64, 100 << 20, 700 << 20] {
+        file.seek(SeekFrom::Start(at)).expect("seek");
+        file.write_all(marker).expect("write");
+    }
+}
+
+#[test]
+fn a_migration_cut_by_the_coordinators_and_the_targets_deaths_leaves_the_vm_in_one_place() {
+    let mut pool = Pool::start(&[fake("h1"), fake("h2"), fake("h3")], "");
+    pool.coordinator().import_image();
+    let vm = created(
+        pool.coordinator(),
+        "mover",
+        &["--host", "h2", "--disk", "data:768", "--start"],
+    );
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let disk = pool
+        .host("h2")
+        .state_dir()
+        .join("vms")
+        .join(&id)
+        .join("disk-data.qcow2");
+    mark_disk(&disk, b"the tenant's data, before the move");
+    let before = sha256_file(&disk);
+
+    // The move starts; once the target holds part of the disk, the
+    // coordinator and the target die.
+    let migrate = pool
+        .coordinator()
+        .hsev_command(ADMIN, ["vm", "migrate", "mover", "--to", "h3"])
+        .spawn()
+        .expect("hsev vm migrate starts");
+    let partial = pool
+        .host("h3")
+        .state_dir()
+        .join("vms")
+        .join(&id)
+        .join("disk-data.partial");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::metadata(&partial).map_or(0, |metadata| metadata.len()) < 32 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "the copy never started: {}",
+            pool.coordinator().log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pool.host_mut("h1").kill_9();
+    pool.host_mut("h3").kill_9();
+    let _ = migrate.wait_with_output();
+
+    // Back up, the coordinator resolves the interrupted move: the VM runs
+    // again on exactly one host, its disk whole there, nothing left on the
+    // other.
+    pool.host_mut("h3").restart();
+    pool.host_mut("h1").restart();
+    pool.wait_hosts_up(3);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (home, other) = loop {
+        let shown = pool.coordinator().json(ALICE, ["vm", "show", "mover"]);
+        let home = shown["host"].as_str().expect("a host").to_owned();
+        let other = if home == "h2" { "h3" } else { "h2" };
+        if shown["state"] == "running" && files_of(pool.host(other), &id).is_empty() {
+            break (home, other.to_owned());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not resolved: {shown}\non h2: {:?}\non h3: {:?}\n{}",
+            files_of(pool.host("h2"), &id),
+            files_of(pool.host("h3"), &id),
+            pool.coordinator().log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(home, "h2", "the copy was cut before the commit point");
+    let disk = pool
+        .host(&home)
+        .state_dir()
+        .join("vms")
+        .join(&id)
+        .join("disk-data.qcow2");
+    assert_eq!(sha256_file(&disk), before, "the disk on {home} is whole");
+    assert!(files_of(pool.host(&other), &id).is_empty());
+
+    // And the move, tried again, goes through whole.
+    let output = pool
+        .coordinator()
+        .hsev(ADMIN, ["vm", "migrate", "mover", "--to", "h3"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(host_of(&pool, "mover"), "h3");
+    let moved = pool
+        .host("h3")
+        .state_dir()
+        .join("vms")
+        .join(&id)
+        .join("disk-data.qcow2");
+    assert_eq!(sha256_file(&moved), before);
+    assert!(files_of(pool.host("h2"), &id).is_empty());
+}

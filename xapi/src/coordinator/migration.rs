@@ -136,24 +136,31 @@ impl Coordinator {
             5,
         );
         let was_running = record.state == VmState::Running;
-        if was_running {
-            if let Err(error) = self.stop_locked(record, false, Duration::from_secs(30), progress) {
-                release_target();
-                return Err(error);
-            }
+        // Recorded before the VM stops: a coordinator that dies from here
+        // on finds the record and starts the VM where it ends up.
+        if let Err(error) = self
+            .store
+            .begin_migration(&record.id, &from, &target, was_running)
+        {
+            release_target();
+            return Err(error.into());
         }
         let restart_here = |error: OpError| {
             release_target();
             let _ = self.store.end_migration(&record.id);
             if was_running {
                 if let Ok(now) = self.store.get_vm(&record.id.0, None) {
-                    let _ = self.start_locked(&now, progress);
+                    if now.state != VmState::Running {
+                        let _ = self.start_locked(&now, progress);
+                    }
                 }
             }
             Err(error)
         };
-        if let Err(error) = self.store.begin_migration(&record.id, &from, &target) {
-            return restart_here(error.into());
+        if was_running {
+            if let Err(error) = self.stop_locked(record, false, Duration::from_secs(30), progress) {
+                return restart_here(error);
+            }
         }
         let disks = self.store.disks(&record.id)?;
         if self.storage == StorageKind::Local && !disks.is_empty() {
@@ -195,12 +202,19 @@ impl Coordinator {
             "migrated",
             &format!("cold, from {from} to {target}"),
         );
-        self.finish_moved(&record.id, &from, &disks, progress);
-        if was_running {
+        // Started before the record goes: a coordinator that dies in
+        // between still starts it.
+        let started = if was_running {
             progress("start", &format!("starting on {target}: a new launch"), 80);
-            let moved = self.store.get_vm(&record.id.0, None)?;
-            self.start_locked(&moved, progress)?;
-        }
+            self.store
+                .get_vm(&record.id.0, None)
+                .map_err(OpError::from)
+                .and_then(|moved| self.start_locked(&moved, progress).map(|_| ()))
+        } else {
+            Ok(())
+        };
+        self.finish_moved(&record.id, &from, &disks, progress);
+        started?;
         progress("done", &format!("on {target}"), 100);
         Ok(target)
     }
@@ -233,38 +247,74 @@ impl Coordinator {
 
     /// Finishes what migrations a previous coordinator left: an uncommitted
     /// one loses its partial copy (the VM stayed on its source), a committed
-    /// one its source's copy.
+    /// one its source's copy; a VM that ran before it left is started where
+    /// it now is. A migration whose VM is locked is in flight here and left
+    /// alone.
     pub fn resume_migrations(&self) {
         let Ok(migrations) = self.store.migrations() else {
             return;
         };
-        let quiet = |_: &str, _: &str, _: u32| {};
         for migration in migrations {
-            let disks = self.store.disks(&migration.vm).unwrap_or_default();
-            let (host, what) = if migration.phase == "moved" {
-                (migration.from_host.clone(), "the source's copy")
-            } else {
-                (migration.to_host.clone(), "the partial copy")
-            };
-            if self.storage == StorageKind::Shared && migration.phase == "moved" {
-                let _ = self.store.end_migration(&migration.vm);
+            let guard = self.lock_vm(&migration.vm);
+            let Ok(_held) = guard.try_lock() else {
                 continue;
-            }
-            match self
-                .host(&host)
-                .and_then(|client| client.destroy(&migration.vm, &disks, false, &quiet))
-            {
-                Ok(()) => {
-                    let _ = self.store.end_migration(&migration.vm);
-                    self.event(
-                        &migration.vm,
-                        "migration-resolved",
-                        &format!("{what} on {host} removed after a coordinator restart"),
-                    );
-                }
+            };
+            self.resolve_migration(&migration);
+        }
+    }
+
+    /// Resolves one interrupted migration (its VM's lock held): the VM
+    /// starts again where it now is if it ran before (at once: its owner
+    /// need not wait for the other host), then the copy it no longer needs
+    /// goes, whenever that host answers.
+    fn resolve_migration(&self, migration: &crate::store::MigrationRecord) {
+        let quiet = |_: &str, _: &str, _: u32| {};
+        if migration.restart {
+            let Ok(vm) = self.store.get_vm(&migration.vm.0, None) else {
+                return;
+            };
+            let started = if vm.state == VmState::Running {
+                Ok(())
+            } else {
+                self.start_locked(&vm, &quiet).map(|_| ())
+            };
+            match started.and_then(|()| Ok(self.store.migration_restarted(&migration.vm)?)) {
+                Ok(()) => self.event(
+                    &vm.id,
+                    "migration-resolved",
+                    &format!(
+                        "started again on {} after an interrupted migration",
+                        vm.host
+                    ),
+                ),
                 Err(error) => {
-                    tracing::info!(vm = %migration.vm, host, %error, "an interrupted migration waits for its host");
+                    tracing::info!(vm = %vm.id, host = %vm.host, %error, "an interrupted migration's VM waits to start again");
                 }
+            }
+        }
+        let disks = self.store.disks(&migration.vm).unwrap_or_default();
+        let (host, what) = if migration.phase == "moved" {
+            (migration.from_host.as_str(), "the source's copy")
+        } else {
+            (migration.to_host.as_str(), "the partial copy")
+        };
+        let removed = if self.storage == StorageKind::Shared && migration.phase == "moved" {
+            Ok(())
+        } else {
+            self.host(host)
+                .and_then(|client| client.destroy(&migration.vm, &disks, false, &quiet))
+        };
+        match removed {
+            Ok(()) => {
+                let _ = self.store.end_migration(&migration.vm);
+                self.event(
+                    &migration.vm,
+                    "migration-resolved",
+                    &format!("{what} on {host} removed after an interrupted migration"),
+                );
+            }
+            Err(error) => {
+                tracing::info!(vm = %migration.vm, host, %error, "an interrupted migration's leftover waits for its host");
             }
         }
     }

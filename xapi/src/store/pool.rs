@@ -32,6 +32,8 @@ pub struct MigrationRecord {
     pub to_host: String,
     /// `copying` (still `from_host`'s) or `moved` (`to_host`'s).
     pub phase: String,
+    /// Whether the VM ran before it left (it starts where it ends up).
+    pub restart: bool,
 }
 
 impl Store {
@@ -182,16 +184,23 @@ impl Store {
     /// # Errors
     ///
     /// [`StoreError::Conflict`] while the VM already migrates.
-    pub fn begin_migration(&self, vm: &VmId, from_host: &str, to_host: &str) -> Result<()> {
+    pub fn begin_migration(
+        &self,
+        vm: &VmId,
+        from_host: &str,
+        to_host: &str,
+        restart: bool,
+    ) -> Result<()> {
         let op = "record the migration";
         self.connection()
             .execute(
-                "INSERT INTO migration (vm, from_host, to_host, phase, started_at)
-                 VALUES (?1, ?2, ?3, 'copying', ?4)",
+                "INSERT INTO migration (vm, from_host, to_host, phase, restart, started_at)
+                 VALUES (?1, ?2, ?3, 'copying', ?4, ?5)",
                 (
                     &vm.0,
                     from_host,
                     to_host,
+                    restart,
                     codec::nanos(codec::now(), "migration start")?,
                 ),
             )
@@ -254,6 +263,18 @@ impl Store {
         Ok(())
     }
 
+    /// Records that an interrupted migration's VM runs again.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn migration_restarted(&self, vm: &VmId) -> Result<()> {
+        self.connection()
+            .execute("UPDATE migration SET restart = 0 WHERE vm = ?1", [&vm.0])
+            .map_err(StoreError::sql("record the VM's restart"))?;
+        Ok(())
+    }
+
     /// Every migration in flight.
     ///
     /// # Errors
@@ -261,7 +282,9 @@ impl Store {
     /// [`StoreError::Sqlite`].
     pub fn migrations(&self) -> Result<Vec<MigrationRecord>> {
         self.connection()
-            .prepare_cached("SELECT vm, from_host, to_host, phase FROM migration ORDER BY vm")
+            .prepare_cached(
+                "SELECT vm, from_host, to_host, phase, restart FROM migration ORDER BY vm",
+            )
             .and_then(|mut statement| {
                 statement
                     .query_map([], |row| {
@@ -270,6 +293,7 @@ impl Store {
                             from_host: row.get(1)?,
                             to_host: row.get(2)?,
                             phase: row.get(3)?,
+                            restart: row.get(4)?,
                         })
                     })?
                     .collect::<rusqlite::Result<Vec<_>>>()

@@ -33,5 +33,7 @@ CREATE TABLE migration (
     -- copying: the disks go to to_host, the VM is still from_host's;
     -- moved: the VM is to_host's, from_host's copy is to be removed.
     phase      TEXT    NOT NULL CHECK (phase IN ('copying', 'moved')),
+    -- 1 if the VM ran before it left: it is started where it ends up.
+    restart    INTEGER NOT NULL CHECK (restart IN (0, 1)),
     started_at INTEGER NOT NULL
 ) STRICT;
