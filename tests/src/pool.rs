@@ -28,6 +28,8 @@ pub struct HostSpec {
     pub labels: Vec<String>,
     /// Top-level TOML keys added to its configuration.
     pub extra: String,
+    /// Keys added to its `[pool]` table.
+    pub pool_keys: String,
 }
 
 impl HostSpec {
@@ -40,6 +42,7 @@ impl HostSpec {
             sim_init: Vec::new(),
             labels: Vec::new(),
             extra: String::new(),
+            pool_keys: String::new(),
         }
     }
 
@@ -59,6 +62,12 @@ impl HostSpec {
     /// With these labels.
     pub fn labels(mut self, labels: &[&str]) -> HostSpec {
         self.labels = labels.iter().map(|label| (*label).to_owned()).collect();
+        self
+    }
+
+    /// With these keys in its `[pool]` table (`storage`, `shared_dir`).
+    pub fn pool_keys(mut self, toml: &str) -> HostSpec {
+        self.pool_keys = toml.to_owned();
         self
     }
 
@@ -89,10 +98,10 @@ pub fn join_token(coordinator: &Daemon) -> String {
 /// The `[pool]` and `[placement]` tables every host of a test pool gets:
 /// quick heartbeats, so that a killed host is down within seconds, and
 /// placement on simulated Secure Processors (a development pool).
-fn pool_tables(address: &str, coordinator_tables: &str) -> String {
+fn pool_tables(address: &str, pool_keys: &str, coordinator_tables: &str) -> String {
     format!(
         "[pool]\nlisten = \"{address}:{POOL_PORT}\"\nheartbeat_ms = 300\ndown_after_ms = 2500\n\
-         {coordinator_tables}"
+         {pool_keys}\n{coordinator_tables}"
     )
 }
 
@@ -150,7 +159,7 @@ impl Pool {
             spec.name,
             labels.join(", "),
             spec.extra,
-            pool_tables(&host.address, tables)
+            pool_tables(&host.address, &spec.pool_keys, tables)
         );
         let daemon = Daemon::on_host(spec.driver, host, &extra, spec.simulated);
         if !spec.sim_init.is_empty() {

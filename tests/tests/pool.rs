@@ -536,3 +536,65 @@ fn a_migration_cut_by_the_coordinators_and_the_targets_deaths_leaves_the_vm_in_o
     assert_eq!(sha256_file(&moved), before);
     assert!(files_of(pool.host("h2"), &id).is_empty());
 }
+
+#[test]
+fn a_shared_pool_moves_no_data_and_places_only_where_its_folder_is() {
+    let shared = tempfile::tempdir().expect("the shared folder");
+    let keys = format!(
+        "storage = \"shared\"\nshared_dir = \"{}\"\n",
+        shared.path().display()
+    );
+    let member_keys = format!("shared_dir = \"{}\"\n", shared.path().display());
+    let pool = Pool::start(
+        &[
+            fake("h1").pool_keys(&keys),
+            fake("h2").pool_keys(&member_keys),
+            fake("h3"),
+        ],
+        "",
+    );
+    pool.coordinator().import_image();
+    let vm = created(
+        pool.coordinator(),
+        "shared",
+        &["--host", "h1", "--disk", "data:512", "--start"],
+    );
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let disk = shared.path().join(&id).join("disk-data.qcow2");
+    mark_disk(&disk, b"one copy, every host");
+    let before = sha256_file(&disk);
+    let inode = |path: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).expect("the disk").ino()
+    };
+    let first_inode = inode(&disk);
+
+    let output = pool
+        .coordinator()
+        .hsev(ADMIN, ["vm", "migrate", "shared", "--to", "h2"]);
+    let said = text(&output);
+    assert!(output.status.success(), "{said}");
+    assert!(!said.contains("copying"), "nothing is copied: {said}");
+    assert_eq!(host_of(&pool, "shared"), "h2");
+    assert_eq!(inode(&disk), first_inode, "the same file");
+    assert_eq!(sha256_file(&disk), before);
+    assert!(
+        files_of(pool.host("h1"), &id).is_empty(),
+        "h1's run folder goes"
+    );
+
+    // h3 does not mount the folder: placement says so.
+    let said = refused(
+        &create(pool.coordinator(), "elsewhere", &["--host", "h3"]),
+        "no host fits",
+    );
+    assert!(
+        said.contains("storage") && said.contains("no [pool] shared_dir"),
+        "{said}"
+    );
+
+    // Deleting the VM removes its disk from the shared folder.
+    let output = pool.coordinator().hsev(ALICE, ["vm", "delete", "shared"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(!disk.exists());
+}

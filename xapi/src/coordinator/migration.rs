@@ -219,6 +219,18 @@ impl Coordinator {
         Ok(target)
     }
 
+    /// The disks a host removes with the copy of a VM it no longer holds:
+    /// none in a shared pool, where the one copy stays with the VM.
+    fn disks_to_remove<'a>(
+        &self,
+        disks: &'a [crate::model::DiskRecord],
+    ) -> &'a [crate::model::DiskRecord] {
+        match self.storage {
+            StorageKind::Local => disks,
+            StorageKind::Shared => &[],
+        }
+    }
+
     /// Removes the source's copy of a moved VM and forgets the migration;
     /// a source that cannot be reached keeps the record for later.
     fn finish_moved(
@@ -228,13 +240,9 @@ impl Coordinator {
         disks: &[crate::model::DiskRecord],
         progress: Progress<'_>,
     ) {
-        if self.storage == StorageKind::Shared {
-            let _ = self.store.end_migration(vm);
-            return;
-        }
         match self
             .host(from)
-            .and_then(|host| host.destroy(vm, disks, false, progress))
+            .and_then(|host| host.destroy(vm, self.disks_to_remove(disks), false, progress))
         {
             Ok(()) => {
                 let _ = self.store.end_migration(vm);
@@ -298,12 +306,9 @@ impl Coordinator {
         } else {
             (migration.to_host.as_str(), "the partial copy")
         };
-        let removed = if self.storage == StorageKind::Shared && migration.phase == "moved" {
-            Ok(())
-        } else {
-            self.host(host)
-                .and_then(|client| client.destroy(&migration.vm, &disks, false, &quiet))
-        };
+        let removed = self.host(host).and_then(|client| {
+            client.destroy(&migration.vm, self.disks_to_remove(&disks), false, &quiet)
+        });
         match removed {
             Ok(()) => {
                 let _ = self.store.end_migration(&migration.vm);

@@ -385,6 +385,7 @@ fn host_view(record: &HostRecord) -> HostView {
             es_snp_asids: capabilities.sev.es_snp_asids,
             tcb: capabilities.sev.tcb,
             debug_policy_allowed: capabilities.debug_policy_allowed,
+            shared_dir: capabilities.shared_dir.clone(),
         },
         // A host whose capabilities cannot be read takes nothing.
         None => HostView {
@@ -402,6 +403,7 @@ fn host_view(record: &HostRecord) -> HostView {
             es_snp_asids: 0,
             tcb: None,
             debug_policy_allowed: false,
+            shared_dir: None,
         },
     }
 }

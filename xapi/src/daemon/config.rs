@@ -37,6 +37,7 @@
 //! [pool]                                # a pool of several hosts
 //! listen = "10.0.0.10:7444"             # mTLS with the pool's CA only
 //! storage = "local"                     # local | shared (the coordinator's)
+//! shared_dir = "/srv/hsev"              # every host: where a shared pool's disks are
 //! heartbeat_ms = 1000
 //! down_after_ms = 5000                  # not heard from this long: down
 //!
@@ -156,6 +157,9 @@ pub struct PoolConfig {
     /// Where VMs' disks live (the coordinator's setting): `local` or
     /// `shared`.
     pub storage: crate::coordinator::StorageKind,
+    /// The folder a `shared` pool keeps VMs' disks in, mounted at this
+    /// same path on every host (NFS, CephFS).
+    pub shared_dir: Option<PathBuf>,
     /// How often a host tells the coordinator it is alive, milliseconds.
     pub heartbeat_ms: u64,
     /// A host not heard from for this long is down, milliseconds.
@@ -167,6 +171,7 @@ impl Default for PoolConfig {
         PoolConfig {
             listen: None,
             storage: crate::coordinator::StorageKind::Local,
+            shared_dir: None,
             heartbeat_ms: 1000,
             down_after_ms: 5000,
         }
@@ -295,6 +300,23 @@ impl Config {
             if name.is_empty() {
                 return Err(invalid("host_name", "must not be empty".into()));
             }
+        }
+        if let Some(dir) = &self.pool.shared_dir {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "pool.shared_dir",
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
+        if self.pool.storage == crate::coordinator::StorageKind::Shared
+            && self.pool.shared_dir.is_none()
+        {
+            return Err(invalid(
+                "pool.storage",
+                "\"shared\" needs pool.shared_dir, the folder every host mounts at the same path"
+                    .into(),
+            ));
         }
         if self.pool.heartbeat_ms == 0 || self.pool.down_after_ms <= self.pool.heartbeat_ms {
             return Err(invalid(

@@ -64,6 +64,9 @@ pub struct HostCapabilities {
     /// The host's labels, for placement (`zone=a`, ...).
     #[serde(default)]
     pub labels: Vec<String>,
+    /// The shared folder it keeps disks in (`[pool] shared_dir`), if any.
+    #[serde(default)]
+    pub shared_dir: Option<String>,
 }
 
 /// The SEV part from a firmware status.
@@ -116,5 +119,6 @@ pub fn capabilities(
         sev,
         debug_policy_allowed,
         labels: Vec::new(),
+        shared_dir: None,
     }
 }

@@ -117,6 +117,7 @@ pub fn host_agent(config: &Config) -> anyhow::Result<Arc<HostAgent>> {
         driver,
         firmware: firmware(config)?,
         vms_dir: config.state_dir.join("vms"),
+        shared_dir: config.pool.shared_dir.clone(),
         images_dir: config.state_dir.join("images"),
         allow_debug_policy: config.allow_debug_policy,
         driver_capabilities,
@@ -141,6 +142,12 @@ pub fn roles(config: &Config) -> anyhow::Result<Roles> {
                 // A coordinator with a simulated Secure Processor runs a
                 // development pool by its own configuration.
                 allow_simulated: config.placement.allow_simulated || simulated,
+                shared_dir: config
+                    .pool
+                    .shared_dir
+                    .as_ref()
+                    .filter(|_| config.pool.storage == crate::coordinator::StorageKind::Shared)
+                    .map(|dir| dir.display().to_string()),
                 ..config.placement.clone()
             },
             storage: config.pool.storage,

@@ -84,6 +84,9 @@ pub struct HostAgentParts {
     pub firmware: Firmware,
     /// Where VM folders go.
     pub vms_dir: PathBuf,
+    /// Where VMs' disks go when the pool's storage is shared (the same
+    /// path on every host); without it, in each VM's folder.
+    pub shared_dir: Option<PathBuf>,
     /// Where images are kept, one folder per image id.
     pub images_dir: PathBuf,
     /// Accept guest policies with DEBUG set.
@@ -100,6 +103,8 @@ pub struct HostAgent {
     driver: Arc<dyn HypervisorDriver>,
     firmware: Firmware,
     vms_dir: PathBuf,
+    /// The shared folder disks go to, if the pool's storage is shared.
+    shared_dir: Option<PathBuf>,
     images_dir: PathBuf,
     allow_debug_policy: bool,
     labels: Vec<String>,
@@ -124,6 +129,18 @@ impl std::fmt::Debug for HostAgent {
     }
 }
 
+/// `capabilities` with what this host's configuration adds: its labels and
+/// its shared folder.
+fn with_own_settings(
+    mut capabilities: HostCapabilities,
+    labels: &[String],
+    shared_dir: Option<&Path>,
+) -> HostCapabilities {
+    capabilities.labels = labels.to_vec();
+    capabilities.shared_dir = shared_dir.map(|dir| dir.display().to_string());
+    capabilities
+}
+
 fn io_error(what: &str, path: &Path, error: &std::io::Error) -> OpError {
     OpError::internal(format!("cannot {what} {}: {error}", path.display()))
 }
@@ -131,16 +148,20 @@ fn io_error(what: &str, path: &Path, error: &std::io::Error) -> OpError {
 impl HostAgent {
     /// A host agent over `parts`.
     pub fn new(parts: HostAgentParts) -> Self {
-        let mut capabilities = host::capabilities(
-            &parts.driver_capabilities,
-            parts.firmware.as_dyn(),
-            parts.allow_debug_policy,
+        let capabilities = with_own_settings(
+            host::capabilities(
+                &parts.driver_capabilities,
+                parts.firmware.as_dyn(),
+                parts.allow_debug_policy,
+            ),
+            &parts.labels,
+            parts.shared_dir.as_deref(),
         );
-        capabilities.labels = parts.labels.clone();
         HostAgent {
             name: parts.name,
             driver: parts.driver,
             firmware: parts.firmware,
+            shared_dir: parts.shared_dir,
             vms_dir: parts.vms_dir,
             images_dir: parts.images_dir,
             allow_debug_policy: parts.allow_debug_policy,
@@ -210,8 +231,12 @@ impl HostAgent {
         self.vms_dir.join(&vm.0)
     }
 
+    /// Disk paths are relative to the shared folder, or to the VMs' one.
     fn disk_path(&self, disk: &DiskRecord) -> PathBuf {
-        self.vms_dir.join(&disk.path)
+        self.shared_dir
+            .as_deref()
+            .unwrap_or(&self.vms_dir)
+            .join(&disk.path)
     }
 
     /// Where `disk` is (or goes) on this host.
@@ -469,9 +494,11 @@ impl HostClient for HostAgent {
 
     fn probe(&self) -> Result<HostCapabilities, OpError> {
         let driver = self.driver.probe()?;
-        let mut capabilities =
-            host::capabilities(&driver, self.firmware.as_dyn(), self.allow_debug_policy);
-        capabilities.labels = self.labels.clone();
+        let capabilities = with_own_settings(
+            host::capabilities(&driver, self.firmware.as_dyn(), self.allow_debug_policy),
+            &self.labels,
+            self.shared_dir.as_deref(),
+        );
         *self
             .capabilities
             .write()
@@ -490,6 +517,11 @@ impl HostClient for HostAgent {
         let created = (|| {
             for (index, disk) in disks.iter().enumerate() {
                 let path = self.disk_path(disk);
+                // A shared folder's disks are outside the run folder.
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|error| io_error("create", parent, &error))?;
+                }
                 if disk.name == ENCRYPTED_DISK_NAME {
                     progress(
                         "disks",
@@ -515,7 +547,7 @@ impl HostClient for HostAgent {
         })();
         if created.is_err() {
             // Nothing is left behind.
-            let _ = std::fs::remove_dir_all(&run_dir);
+            let _ = self.destroy(vm, disks, false, progress);
         }
         created
     }
@@ -582,6 +614,19 @@ impl HostClient for HostAgent {
         if run_dir.exists() {
             std::fs::remove_dir_all(&run_dir)
                 .map_err(|error| io_error("remove", &run_dir, &error))?;
+        }
+        // Disks in a shared folder are outside the VM's folder.
+        for disk in disks {
+            let path = self.disk_path(disk);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    if let Some(parent) = path.parent() {
+                        let _ = std::fs::remove_dir(parent);
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(io_error("remove", &path, &error)),
+            }
         }
         Ok(())
     }

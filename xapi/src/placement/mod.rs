@@ -76,6 +76,8 @@ pub struct HostView {
     pub tcb: Option<TcbVersion>,
     /// The host accepts guest policies that allow debugging.
     pub debug_policy_allowed: bool,
+    /// The shared folder it keeps disks in, if any.
+    pub shared_dir: Option<String>,
 }
 
 /// What is already placed on a host.
@@ -149,6 +151,10 @@ pub struct PoolPolicy {
     pub minimum_tcb: MinimumTcb,
     /// Spread or pack.
     pub weigher: Weigher,
+    /// The folder a shared pool keeps disks in, which a host must mount
+    /// (`[pool] shared_dir`, not a `[placement]` key).
+    #[serde(skip)]
+    pub shared_dir: Option<String>,
 }
 
 impl Default for PoolPolicy {
@@ -159,6 +165,7 @@ impl Default for PoolPolicy {
             allow_simulated: false,
             minimum_tcb: MinimumTcb::default(),
             weigher: Weigher::Spread,
+            shared_dir: None,
         }
     }
 }
@@ -303,6 +310,22 @@ fn filter(
         .collect();
     if !missing.is_empty() {
         return Err(("labels", format!("the host lacks {}", missing.join(", "))));
+    }
+    if let Some(shared) = &policy.shared_dir {
+        if host.shared_dir.as_ref() != Some(shared) {
+            return Err((
+                "storage",
+                format!(
+                    "the pool's disks are in the shared folder {shared}, which the host does not \
+                     use ({})",
+                    host.shared_dir
+                        .as_deref()
+                        .map_or("it has no [pool] shared_dir".to_owned(), |dir| format!(
+                            "its shared_dir is {dir}"
+                        ))
+                ),
+            ));
+        }
     }
     check_mode(request, host, load, policy)?;
     if request.debug_policy && !host.debug_policy_allowed {

@@ -22,6 +22,7 @@ fn host(name: &str) -> HostView {
             microcode: 25,
         }),
         debug_policy_allowed: false,
+        shared_dir: None,
     }
 }
 
@@ -309,6 +310,28 @@ fn a_debug_policy_needs_a_host_that_allows_it() {
     assert!(rejection(&decision, "strict")
         .detail
         .contains("allows debugging"));
+}
+
+#[test]
+fn a_shared_pool_places_only_on_hosts_that_mount_its_folder() {
+    let mut hosts = idle(&["a", "b", "c"]);
+    hosts[1].0.shared_dir = Some("/srv/hsev".to_owned());
+    hosts[2].0.shared_dir = Some("/mnt/other".to_owned());
+    let policy = PoolPolicy {
+        shared_dir: Some("/srv/hsev".to_owned()),
+        ..PoolPolicy::default()
+    };
+    let decision = decide(&snp(1, 512), &hosts, &policy);
+    assert_eq!(decision.chosen.as_deref(), Some("b"));
+    assert!(rejection(&decision, "a")
+        .detail
+        .contains("no [pool] shared_dir"));
+    assert!(rejection(&decision, "c")
+        .detail
+        .contains("its shared_dir is /mnt/other"));
+    // A local pool minds no folder.
+    let decision = decide(&snp(1, 512), &hosts, &PoolPolicy::default());
+    assert_eq!(decision.chosen.as_deref(), Some("a"));
 }
 
 #[test]
