@@ -220,6 +220,7 @@ impl Coordinator {
             authority.runtime.clone(),
         )?;
         self.register(name, Arc::new(client));
+        self.remember_host(&record);
         self.event_pool(&format!("host {name} joined from {address}"));
         tracing::info!(host = name, address, "a host joined the pool");
         Ok(Joined {
@@ -332,17 +333,26 @@ impl Coordinator {
         Ok(())
     }
 
+    /// How long a host may go unheard before it is down.
+    pub(super) fn down_after(&self) -> Duration {
+        self.authority
+            .get()
+            .map_or(Duration::from_secs(5), |authority| authority.down_after)
+    }
+
     /// Why `host` is down, or `None` while it is heard from (the
     /// coordinator's own host always is).
     pub fn down_reason(&self, host: &str) -> Option<String> {
-        let record = self.store.get_host(host).ok()?;
-        if record.address.is_empty() {
+        let remote = self
+            .known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(host)
+            .is_some_and(|known| known.remote);
+        if !remote {
             return None;
         }
-        let down_after = self
-            .authority
-            .get()
-            .map_or(Duration::from_secs(5), |authority| authority.down_after);
+        let down_after = self.down_after();
         match lock(&self.liveness).get(host) {
             Some(last) if last.elapsed() <= down_after => None,
             Some(last) => Some(format!(
@@ -384,6 +394,7 @@ impl Coordinator {
         self.store
             .revoke_certificate(&record.cert_fingerprint, name)?;
         self.store.delete_host(name)?;
+        self.refresh_host(name);
         self.hosts
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -402,6 +413,7 @@ impl Coordinator {
             )));
         }
         self.store.set_host_status(name, status)?;
+        self.refresh_host(name);
         self.event_pool(&format!("host {name} is {status}"));
         Ok(())
     }

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::vms::decide;
 use super::{add_load, load_of, lock, remove_load, Coordinator};
 use crate::daemon::auth::Caller;
 use crate::daemon::error::OpError;
@@ -105,12 +104,12 @@ impl Coordinator {
         // Place it elsewhere and reserve the target at once.
         let target = {
             let mut allocations = lock(&self.allocations);
-            let view = self.placement_view_of(&allocations)?;
+
             let mut spec = record.spec.clone();
             if let Some(to) = to {
                 spec.placement.host = Some(to.to_owned());
             }
-            let decision = decide(&spec, &view, &self.policy, &BTreeSet::from([from.clone()]));
+            let decision = self.decide(&spec, &allocations, &BTreeSet::from([from.clone()]));
             let Some(target) = decision.chosen.clone() else {
                 return Err(OpError::precondition(format!(
                     "VM {} cannot move: {}",

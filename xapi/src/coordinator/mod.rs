@@ -26,7 +26,7 @@ use crate::daemon::error::OpError;
 use crate::daemon::host::HostCapabilities;
 use crate::daemon::metrics::{Metrics, StateLabels};
 use crate::model::{Attestation, ConfidentialMode, HostRecord, VmId, VmSpec, VmState};
-use crate::placement::{HostLoad, HostState, HostView, PoolPolicy};
+use crate::placement::{Candidate, HostLoad, HostState, HostView, PoolPolicy};
 use crate::pool::{HostClient, PoolSink, Recovered};
 use crate::store::{Store, VmFilter};
 
@@ -71,6 +71,19 @@ pub struct Coordinator {
     authority: OnceLock<PoolAuthority>,
     /// When each remote host was last heard from.
     liveness: Mutex<HashMap<String, Instant>>,
+    /// Every host as placement sees it, kept beside the store so that a
+    /// placement reads no row and parses nothing.
+    known: RwLock<BTreeMap<String, KnownHost>>,
+}
+
+/// A host as the coordinator keeps it in memory.
+#[derive(Debug, Clone)]
+struct KnownHost {
+    /// What placement filters on (its state as recorded).
+    view: HostView,
+    /// Reached over the pool (so it can be down); the coordinator's own
+    /// host is not.
+    remote: bool,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -153,7 +166,11 @@ impl Coordinator {
             locks: Mutex::new(HashMap::new()),
             authority: OnceLock::new(),
             liveness: Mutex::new(HashMap::new()),
+            known: RwLock::new(BTreeMap::new()),
         };
+        for record in coordinator.store.list_hosts()? {
+            coordinator.remember_host(&record);
+        }
         coordinator.recount_allocations()?;
         Ok(coordinator)
     }
@@ -226,7 +243,7 @@ impl Coordinator {
             Ok(known) => (known.address, known.cert_fingerprint),
             Err(_) => (String::new(), String::new()),
         };
-        self.store.upsert_host(&HostRecord {
+        let record = HostRecord {
             name: name.to_owned(),
             status: status.to_owned(),
             capabilities_json: serde_json::to_string(capabilities)
@@ -234,8 +251,37 @@ impl Coordinator {
             probed_at: time::OffsetDateTime::now_utc(),
             address,
             cert_fingerprint,
-        })?;
+        };
+        self.store.upsert_host(&record)?;
+        self.remember_host(&record);
         Ok(())
+    }
+
+    /// Keeps `record`, as now stored, in memory for placement.
+    fn remember_host(&self, record: &HostRecord) {
+        self.known
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                record.name.clone(),
+                KnownHost {
+                    view: host_view(record),
+                    remote: !record.address.is_empty(),
+                },
+            );
+    }
+
+    /// Re-reads `name`'s stored record into memory (gone if it is gone).
+    fn refresh_host(&self, name: &str) {
+        match self.store.get_host(name) {
+            Ok(record) => self.remember_host(&record),
+            Err(_) => {
+                self.known
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(name);
+            }
+        }
     }
 
     /// Probes a host again and records what it found.
@@ -307,11 +353,14 @@ impl Coordinator {
 
     /// Refreshes the per-state VM gauges from the store.
     pub fn update_gauges(&self) {
-        let Ok(vms) = self.store.list_vms(VmFilter::all()) else {
+        let Ok(counts) = self.store.count_vms_by_state() else {
             return;
         };
         for state in VmState::ALL {
-            let count = vms.iter().filter(|vm| vm.state == state).count();
+            let count = counts
+                .iter()
+                .find(|(counted, _)| *counted == state)
+                .map_or(0, |(_, count)| *count);
             self.metrics
                 .vms
                 .get_or_create(&StateLabels {
@@ -321,30 +370,35 @@ impl Coordinator {
         }
     }
 
-    /// Every host as placement sees it, with its load from `allocations`.
-    fn placement_view_of(
+    /// Places `spec` on the hosts as now known, with their loads from
+    /// `allocations` (the caller holds the allocation lock when it
+    /// reserves), leaving out `excluded`. Reads no store row and copies no
+    /// host.
+    fn decide(
         &self,
+        spec: &VmSpec,
         allocations: &HashMap<String, HostLoad>,
-    ) -> Result<Vec<(HostView, HostLoad)>, OpError> {
-        Ok(self
-            .store
-            .list_hosts()?
-            .into_iter()
-            .map(|record| {
-                let load = allocations.get(&record.name).cloned().unwrap_or_default();
-                let mut view = host_view(&record);
-                if self.down_reason(&record.name).is_some() {
-                    view.state = HostState::Down;
-                }
-                (view, load)
+        excluded: &BTreeSet<String>,
+    ) -> crate::placement::Decision {
+        let known = self
+            .known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let liveness = lock(&self.liveness);
+        let down_after = self.down_after();
+        let idle = HostLoad::default();
+        let candidates: Vec<Candidate<'_>> = known
+            .values()
+            .map(|host| Candidate {
+                host: &host.view,
+                load: allocations.get(&host.view.name).unwrap_or(&idle),
+                down: host.remote
+                    && liveness
+                        .get(&host.view.name)
+                        .is_none_or(|last| last.elapsed() > down_after),
             })
-            .collect())
-    }
-
-    /// Every host as placement sees it now, with its load.
-    fn placement_view(&self) -> Result<Vec<(HostView, HostLoad)>, OpError> {
-        let allocations = lock(&self.allocations).clone();
-        self.placement_view_of(&allocations)
+            .collect();
+        crate::placement::place(&vms::request_of(spec, excluded), &candidates, &self.policy)
     }
 
     /// Whether any host's Secure Processor is simulated.

@@ -23,7 +23,7 @@ use crate::model::{
     Attestation, ConfidentialMode, DiskRecord, ImageRecord, OwnerIdBlock, VmId, VmRecord, VmSpec,
     VmState, ENCRYPTED_DISK_NAME,
 };
-use crate::placement::{self, Candidate, Decision, Request};
+use crate::placement::{Decision, Request};
 use crate::pool::{ConsoleChunk, LaunchImage, LaunchRequest, Progress};
 use crate::store::VmFilter;
 
@@ -83,10 +83,12 @@ impl Coordinator {
             .map(|event| event.detail)
     }
 
-    /// Where `spec` would go, and why not elsewhere.
-    pub fn explain(&self, spec: &VmSpec) -> Result<Decision, OpError> {
-        let view = self.placement_view()?;
-        Ok(decide(spec, &view, &self.policy, &BTreeSet::new()))
+    /// Where placement would put a VM of `spec` now, and why, without
+    /// creating or reserving anything.
+    pub fn plan(&self, spec: VmSpec) -> Result<Decision, OpError> {
+        let spec = validate::validate(spec, &self.default_vcpu_type)?;
+        let allocations = lock(&self.allocations);
+        Ok(self.decide(&spec, &allocations, &BTreeSet::new()))
     }
 
     /// Creates a VM; starts it when asked.
@@ -126,9 +128,8 @@ impl Coordinator {
         // no other create sees the host before this VM is counted on it.
         let (record, decision) = {
             let mut allocations = lock(&self.allocations);
-            let view = self.placement_view_of(&allocations)?;
             progress("placement", "choosing a host", 20);
-            let decision = decide(&spec, &view, &self.policy, &BTreeSet::new());
+            let decision = self.decide(&spec, &allocations, &BTreeSet::new());
             let Some(host) = decision.chosen.clone() else {
                 return Err(OpError::precondition(decision.explain()));
             };
@@ -573,7 +574,7 @@ fn disk_records(id: &VmId, spec: &VmSpec) -> Vec<DiskRecord> {
 }
 
 /// The placement request of `spec`.
-fn request_of(spec: &VmSpec, excluded: &BTreeSet<String>) -> Request {
+pub(super) fn request_of(spec: &VmSpec, excluded: &BTreeSet<String>) -> Request {
     Request {
         mode: Some(spec.mode),
         debug_policy: validate::allows_debugging(spec),
@@ -587,18 +588,4 @@ fn request_of(spec: &VmSpec, excluded: &BTreeSet<String>) -> Request {
         pinned: spec.placement.host.clone(),
         excluded: excluded.clone(),
     }
-}
-
-/// Places `spec` among `view`'s hosts.
-pub(super) fn decide(
-    spec: &VmSpec,
-    view: &[(placement::HostView, placement::HostLoad)],
-    policy: &placement::PoolPolicy,
-    excluded: &BTreeSet<String>,
-) -> Decision {
-    let candidates: Vec<Candidate<'_>> = view
-        .iter()
-        .map(|(host, load)| Candidate { host, load })
-        .collect();
-    placement::place(&request_of(spec, excluded), &candidates, policy)
 }

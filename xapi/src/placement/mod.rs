@@ -230,6 +230,8 @@ pub struct Candidate<'a> {
     pub host: &'a HostView,
     /// Its load.
     pub load: &'a HostLoad,
+    /// Not heard from: it takes nothing, whatever its recorded state.
+    pub down: bool,
 }
 
 /// Places `request` on one of `candidates` under `policy`: every filter,
@@ -288,8 +290,13 @@ fn filter(
     if request.excluded.contains(&host.name) {
         return Err(("excluded", "the host the VM leaves".to_owned()));
     }
-    if host.state != HostState::Up {
-        return Err(("host_state", format!("the host is {}", host.state)));
+    let state = if candidate.down {
+        HostState::Down
+    } else {
+        host.state
+    };
+    if state != HostState::Up {
+        return Err(("host_state", format!("the host is {state}")));
     }
     if let Some(driver) = &request.driver {
         if &host.driver != driver {

@@ -38,7 +38,11 @@ fn snp(vcpus: u32, memory_mib: u64) -> Request {
 fn decide(request: &Request, hosts: &[(HostView, HostLoad)], policy: &PoolPolicy) -> Decision {
     let candidates: Vec<Candidate<'_>> = hosts
         .iter()
-        .map(|(host, load)| Candidate { host, load })
+        .map(|(host, load)| Candidate {
+            host,
+            load,
+            down: false,
+        })
         .collect();
     place(request, &candidates, policy)
 }

@@ -269,6 +269,25 @@ impl Store {
             .map_err(StoreError::sql("list the VMs"))
     }
 
+    /// How many VMs are in each state (states with none left out).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`], [`StoreError::Corrupt`].
+    pub fn count_vms_by_state(&self) -> Result<Vec<(VmState, u64)>> {
+        self.connection()
+            .prepare_cached("SELECT state, count(*) FROM vm GROUP BY state")
+            .and_then(|mut statement| {
+                statement
+                    .query_map([], |row| {
+                        let count: i64 = row.get(1)?;
+                        Ok((codec::state_at(row, 0)?, u64::try_from(count).unwrap_or(0)))
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(StoreError::sql("count the VMs"))
+    }
+
     /// Sets a VM's state and why, and its `updated_at` to now.
     ///
     /// # Errors
