@@ -49,6 +49,11 @@ apt_packages=(
   "pkg-config /usr/bin/pkg-config"
   "openssl /usr/bin/openssl"
   "protobuf-compiler /usr/bin/protoc"
+  # The well-known types (google/protobuf/*.proto) that etcd-client's
+  # protos import.
+  "libprotobuf-dev /usr/include/google/protobuf/descriptor.proto"
+  # The pool store's etcd backend: the tests start real etcd 3.4 members.
+  "etcd-server /usr/bin/etcd"
   # hsevd's store links the system SQLite (3.37 or newer).
   "libsqlite3-dev /usr/include/sqlite3.h"
   # Guests: QEMU (bookworm-backports, as the preinstalled qemu-utils is),

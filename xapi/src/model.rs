@@ -339,7 +339,7 @@ impl VmRuntime {
 }
 
 /// A VM as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
     /// Id.
     pub id: VmId,
@@ -382,7 +382,7 @@ pub struct DiskRecord {
 }
 
 /// An image as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
     /// Id (sha256 of its manifest).
     pub id: String,
@@ -403,7 +403,7 @@ pub struct ImageRecord {
 }
 
 /// A host as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostRecord {
     /// Unique name.
     pub name: String,
@@ -422,7 +422,7 @@ pub struct HostRecord {
 }
 
 /// Something that happened to a VM, kept for `hsev vm show` and audits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventRecord {
     /// Sequence number, increasing.
     pub seq: i64,

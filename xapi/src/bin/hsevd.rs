@@ -47,6 +47,11 @@ enum Command {
         /// The join token.
         token: String,
     },
+    /// Move this coordinator's pool from its SQLite store
+    /// (`<state_dir>/hsevd.db`) to the etcd cluster `[store]` names
+    /// (`kind = "etcd"`), every record read back and compared before it
+    /// says done. Stop hsevd first; the SQLite file is left as it was.
+    MigrateStore,
 }
 
 fn load(cli: &Cli) -> Result<Config, String> {
@@ -164,6 +169,19 @@ fn main() -> ExitCode {
     init_logging(config.log_format);
     if let Some(Command::Join { token }) = &cli.command {
         return join(&config, token);
+    }
+    if let Some(Command::MigrateStore) = &cli.command {
+        return match daemon::migrate_store(&config) {
+            Ok(report) => {
+                println!("moved to {}: {report}", config.store.endpoints.join(","));
+                println!("join tokens are not carried over: create new ones");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("hsevd: error: {error:#}");
+                ExitCode::from(2)
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

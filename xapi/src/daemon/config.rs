@@ -41,6 +41,16 @@
 //! heartbeat_ms = 1000
 //! down_after_ms = 5000                  # not heard from this long: down
 //!
+//! [store]                               # the coordinator's pool state
+//! kind = "sqlite"                       # sqlite (<state_dir>/hsevd.db) | etcd
+//! endpoints = ["https://10.0.0.1:2379"] # etcd: its members' client URLs
+//! prefix = "/hsev/"                     # etcd: the key prefix of this pool
+//! ca = "/etc/hsev/etcd-ca.pem"          # etcd: TLS (then https:// endpoints)
+//! cert = "/etc/hsev/etcd-client.pem"    # etcd: a client certificate, with key
+//! key = "/etc/hsev/etcd-client.key"
+//! lease_ttl_s = 10                      # etcd: the leader's and hosts' lease TTL
+//! timeout_ms = 3000                     # etcd: one request, before Unavailable
+//!
 //! [[tokens]]
 //! name = "ops"
 //! role = "admin"
@@ -233,6 +243,9 @@ pub struct Config {
     /// This hsevd's part in a pool of several hosts.
     #[serde(default)]
     pub pool: PoolConfig,
+    /// Where the coordinator keeps the pool state.
+    #[serde(default)]
+    pub store: crate::store::StoreConfig,
     /// Bearer tokens.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
@@ -317,6 +330,9 @@ impl Config {
                 "\"shared\" needs pool.shared_dir, the folder every host mounts at the same path"
                     .into(),
             ));
+        }
+        if let Err(crate::store::StoreError::Invalid { field, reason }) = self.store.validate() {
+            return Err(invalid(field, reason));
         }
         if self.pool.heartbeat_ms == 0 || self.pool.down_after_ms <= self.pool.heartbeat_ms {
             return Err(invalid(

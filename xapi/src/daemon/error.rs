@@ -76,6 +76,10 @@ impl From<StoreError> for OpError {
             StoreError::Conflict { .. } => Kind::AlreadyExists,
             StoreError::InUse { .. } | StoreError::WrongState { .. } => Kind::FailedPrecondition,
             StoreError::Ambiguous { .. } | StoreError::Invalid { .. } => Kind::InvalidArgument,
+            StoreError::Busy { .. }
+            | StoreError::Unavailable { .. }
+            | StoreError::NotLeader { .. }
+            | StoreError::Contended { .. } => Kind::Unavailable,
             _ => Kind::Internal,
         };
         OpError::new(kind, error.to_string())

@@ -129,8 +129,11 @@ pub fn host_agent(config: &Config) -> anyhow::Result<Arc<HostAgent>> {
 /// to the other and reconciles what runs.
 pub fn roles(config: &Config) -> anyhow::Result<Roles> {
     let host_agent = host_agent(config)?;
-    let store =
-        Arc::new(Store::open(config.state_dir.join("hsevd.db")).context("opening the store")?);
+    let store = Arc::new(
+        Store::open_configured(&config.store, &config.state_dir.join("hsevd.db"))
+            .context("opening the store")?,
+    );
+    tracing::info!(store = %store.describe(), "pool store open");
     store
         .init_pool("default")
         .context("initialising the pool")?;
@@ -164,6 +167,25 @@ pub fn roles(config: &Config) -> anyhow::Result<Roles> {
         host_agent,
         coordinator,
     })
+}
+
+/// `hsevd migrate-store`: copies the SQLite pool of this state directory
+/// into the etcd cluster of `[store]`.
+pub fn migrate_store(config: &Config) -> anyhow::Result<crate::store::CopyReport> {
+    if config.store.kind != crate::store::StoreKind::Etcd {
+        anyhow::bail!(
+            "migrate-store moves the pool to etcd: set [store] kind = \"etcd\" and its \
+             endpoints in the configuration first"
+        );
+    }
+    let path = config.state_dir.join("hsevd.db");
+    if !path.exists() {
+        anyhow::bail!("there is no SQLite store at {}", path.display());
+    }
+    let source = Store::open(&path).context("opening the SQLite store")?;
+    let target = Store::open_configured(&config.store, &path).context("connecting to etcd")?;
+    crate::store::copy_pool(&source, &target)
+        .with_context(|| format!("copying {} to {}", source.describe(), target.describe()))
 }
 
 /// Runs the daemon until SIGINT or SIGTERM: the coordinator with this

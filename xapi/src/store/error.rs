@@ -47,8 +47,9 @@ impl fmt::Display for Entity {
 /// [`StoreError::InUse`], [`StoreError::WrongState`] and
 /// [`StoreError::Ambiguous`] are `FailedPrecondition`;
 /// [`StoreError::Invalid`] and [`StoreError::Constraint`] are
-/// `InvalidArgument`; [`StoreError::Busy`] is `Unavailable`; the rest are
-/// `Internal`.
+/// `InvalidArgument`; [`StoreError::Busy`], [`StoreError::Unavailable`],
+/// [`StoreError::NotLeader`] and [`StoreError::Contended`] are
+/// `Unavailable` (retry, through the leader); the rest are `Internal`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -192,6 +193,47 @@ pub enum StoreError {
         op: &'static str,
         /// SQLite's error.
         source: rusqlite::Error,
+    },
+    /// The etcd cluster did not answer in time (no endpoint reachable, or
+    /// no quorum): nothing was changed.
+    #[error("cannot {op}: the etcd cluster is unavailable ({reason})")]
+    Unavailable {
+        /// The operation.
+        op: &'static str,
+        /// What etcd or the transport said.
+        reason: String,
+    },
+    /// A write of a coordinator whose leadership ended: it did not land.
+    #[error("cannot {op}: this coordinator is no longer the pool's leader")]
+    NotLeader {
+        /// The operation.
+        op: &'static str,
+    },
+    /// Other writers kept changing the records a write was decided on.
+    #[error("cannot {op}: the pool kept changing under it ({attempts} attempts)")]
+    Contended {
+        /// The operation.
+        op: &'static str,
+        /// How many times it was decided.
+        attempts: u32,
+    },
+    /// etcd refused a request for another reason than availability.
+    #[error("cannot {op}: etcd refused it")]
+    Etcd {
+        /// The operation.
+        op: &'static str,
+        /// The client's error.
+        source: etcd_client::Error,
+    },
+    /// A value in etcd that this build cannot decode.
+    #[error("cannot {op}: etcd holds a value at {key} this build cannot read")]
+    Undecodable {
+        /// The operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// Why.
+        source: serde_json::Error,
     },
     /// Any other SQLite failure.
     #[error("cannot {op}")]

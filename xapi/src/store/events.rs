@@ -1,10 +1,10 @@
 //! The event log.
 
 use super::codec::{self, EVENT_COLUMNS};
-use super::{Result, Store, StoreError};
+use super::{Result, SqliteStore, StoreError};
 use crate::model::{EventRecord, VmId};
 
-impl Store {
+impl SqliteStore {
     /// Appends an event (about a VM, or about the pool with `None`), stamped
     /// now, and returns it with its sequence number.
     ///
@@ -31,6 +31,28 @@ impl Store {
             detail: detail.to_owned(),
             at,
         })
+    }
+
+    /// Appends an event as another store recorded it: its time kept, a new
+    /// sequence number given.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Constraint`] for an empty kind.
+    pub fn import_event(&self, event: &EventRecord) -> Result<()> {
+        let at = codec::nanos(event.at, "event time")?;
+        self.connection()
+            .prepare_cached("INSERT INTO event (vm, kind, detail, at) VALUES (?1, ?2, ?3, ?4)")
+            .and_then(|mut statement| {
+                statement.execute((
+                    event.vm.as_ref().map(|vm| vm.0.as_str()),
+                    &event.kind,
+                    &event.detail,
+                    at,
+                ))
+            })
+            .map_err(StoreError::sql("import the event"))?;
+        Ok(())
     }
 
     /// The last `limit` events of a VM (or, with `None`, of the whole

@@ -4,11 +4,11 @@ use rusqlite::{named_params, OptionalExtension};
 use time::OffsetDateTime;
 
 use super::codec::{self, HOST_COLUMNS};
-use super::{Entity, Result, Store, StoreError};
+use super::{Entity, Result, SqliteStore, StoreError};
 use crate::model::HostRecord;
 
 /// The pool a database describes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolInfo {
     /// Its name.
     pub name: String,
@@ -39,7 +39,7 @@ pub struct HostAllocation {
     pub active: Allocation,
 }
 
-impl Store {
+impl SqliteStore {
     /// Initialises the pool as `name`, or returns it as it is if it already
     /// has that name.
     ///

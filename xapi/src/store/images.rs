@@ -4,13 +4,13 @@ use rusqlite::{named_params, OptionalExtension};
 
 use super::codec::{self, IMAGE_COLUMNS};
 use super::hosts::not_found;
-use super::{Entity, Result, Store, StoreError};
+use super::{Entity, Result, SqliteStore, StoreError};
 use crate::model::ImageRecord;
 
 /// Finds an image by id, else by name (an id wins over an equal name).
 const IMAGE_BY_ID_OR_NAME: &str = "WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1";
 
-impl Store {
+impl SqliteStore {
     /// Records an imported image.
     ///
     /// # Errors

@@ -1,22 +1,26 @@
 //! The pool store: the coordinator's durable state (the pool, its hosts,
-//! images, VMs with their disks, and the event log) in an embedded SQLite
-//! database in the daemon's state directory.
+//! images, VMs with their disks, and the event log), behind one interface
+//! ([`StoreBackend`]) with two backends: an embedded SQLite database in the
+//! daemon's state directory ([`SqliteStore`], the default: one coordinator,
+//! nothing to install) and an etcd v3 cluster ([`EtcdStore`]: the pool
+//! survives the loss of a host, and several coordinators can take turns).
+//! [`Store`] holds either; callers never see which.
 //!
 //! What it owns: the schema and its migrations, the integrity of the
 //! records (uniqueness, references, cascades), atomic multi-row changes, and
-//! tenant scoping of VM look-ups ([`Store::get_vm`] and [`Store::list_vms`]
+//! tenant scoping of VM look-ups ([`StoreBackend::get_vm`] and [`StoreBackend::list_vms`]
 //! with an owner never see another owner's VMs).
 //!
 //! What it must never do: decide policy (placement, which state changes
 //! are allowed, who may act: the services do, the store only offers a
-//! compare-and-set [`Store::transition_vm_state`]), touch anything but its
+//! compare-and-set [`StoreBackend::transition_vm_state`]), touch anything but its
 //! database files, or hold key material (the key broker does).
 //!
-//! Durability: write-ahead log with `synchronous=FULL`, so a change is on
+//! SQLite durability: write-ahead log with `synchronous=FULL`, so a change is on
 //! disk when its method returns and survives `kill -9` and power loss.
 //! Every change of more than one row runs in one `IMMEDIATE` transaction.
 //!
-//! Concurrency: a [`Store`] is `Send + Sync`; share it in an `Arc`. Its
+//! Concurrency: a [`SqliteStore`] is `Send + Sync`; share it in an `Arc`. Its
 //! methods are synchronous and short (well under a millisecond for one
 //! record, a few milliseconds to list a thousand VMs), and serialise on one
 //! connection. From async code, call them directly for single records and
@@ -29,16 +33,19 @@
 //! `user_version`: each entry of the migration list takes the database one
 //! version up, inside one transaction with the version bump.
 
+mod backend;
 mod codec;
 mod error;
+pub mod etcd;
 mod events;
 mod hosts;
 mod images;
+mod migrate;
 mod pool;
 mod vms;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
@@ -48,8 +55,11 @@ use std::time::Duration;
 
 use rusqlite::{Connection, TransactionBehavior};
 
+pub use backend::{Store, StoreBackend, StoreConfig, StoreKind};
 pub use error::{Entity, StoreError};
+pub use etcd::{EtcdStore, LeaderGuard};
 pub use hosts::{Allocation, HostAllocation, PoolInfo};
+pub use migrate::{copy_pool, CopyReport};
 pub use pool::{MigrationRecord, TokenRefusal};
 pub use vms::VmFilter;
 
@@ -70,14 +80,14 @@ const SQLITE_OLDEST: (i32, &str) = (3_037_000, "3.37.0");
 /// How long a statement waits for another process's lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The pool store. See the [module documentation](self).
+/// The SQLite backend. See the [module documentation](self).
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     path: PathBuf,
     connection: Mutex<Connection>,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed, mode 0600) the database at `path`,
     /// switches it to write-ahead logging with full fsync, turns foreign
     /// keys on, and migrates its schema to [`SCHEMA_VERSION`].
@@ -91,7 +101,7 @@ impl Store {
     /// [`StoreError::CreateFile`], [`StoreError::Open`],
     /// [`StoreError::NoWal`], [`StoreError::UnknownSchema`] (a newer
     /// build's database), [`StoreError::Migrate`].
-    pub fn open(path: impl AsRef<Path>) -> Result<Store> {
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore> {
         let path = path.as_ref();
         if rusqlite::version_number() < SQLITE_OLDEST.0 {
             return Err(StoreError::SqliteTooOld {
@@ -137,7 +147,7 @@ impl Store {
             .and_then(|()| connection.pragma_update(None, "foreign_keys", "ON"))
             .map_err(open_error)?;
         migrate(&mut connection)?;
-        Ok(Store {
+        Ok(SqliteStore {
             path: path.to_path_buf(),
             connection: Mutex::new(connection),
         })
@@ -148,7 +158,7 @@ impl Store {
         &self.path
     }
 
-    /// The schema version of the database (after [`Store::open`]:
+    /// The schema version of the database (after [`SqliteStore::open`]:
     /// [`SCHEMA_VERSION`]).
     ///
     /// # Errors

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::codec;
 use super::hosts::{found, not_found};
-use super::{Entity, Result, Store, StoreError};
+use super::{Entity, Result, SqliteStore, StoreError};
 use crate::model::{HostRecord, VmId};
 
 /// Why a join token cannot be used.
@@ -22,7 +22,7 @@ pub enum TokenRefusal {
 }
 
 /// A cold migration in flight.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MigrationRecord {
     /// The VM.
     pub vm: VmId,
@@ -36,7 +36,7 @@ pub struct MigrationRecord {
     pub restart: bool,
 }
 
-impl Store {
+impl SqliteStore {
     /// Records a join token by its secret's SHA-256 (hex).
     ///
     /// # Errors

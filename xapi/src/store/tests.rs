@@ -11,6 +11,7 @@ use tempfile::TempDir;
 use time::macros::datetime;
 use time::OffsetDateTime;
 
+use super::etcd::test_server::EtcdServer;
 use super::*;
 use crate::model::{
     Attestation, ConfidentialMode, DiskRecord, DiskSpec, HostRecord, ImageRecord, KeyBrokerBinding,
@@ -23,7 +24,7 @@ fn at(seconds: i64) -> OffsetDateTime {
     datetime!(2026-01-02 03:04:05.123456789 UTC) + time::Duration::seconds(seconds)
 }
 
-fn host(name: &str) -> HostRecord {
+pub(crate) fn host(name: &str) -> HostRecord {
     HostRecord {
         name: name.to_owned(),
         status: "up".to_owned(),
@@ -34,7 +35,7 @@ fn host(name: &str) -> HostRecord {
     }
 }
 
-fn image(id: &str, name: &str) -> ImageRecord {
+pub(crate) fn image(id: &str, name: &str) -> ImageRecord {
     ImageRecord {
         id: id.to_owned(),
         name: name.to_owned(),
@@ -51,7 +52,7 @@ fn image(id: &str, name: &str) -> ImageRecord {
     }
 }
 
-fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
+pub(crate) fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
     VmRecord {
         id: VmId(id.to_owned()),
         owner: owner.to_owned(),
@@ -111,7 +112,7 @@ fn runtime() -> VmRuntime {
     }
 }
 
-fn disk(vm: &VmRecord, name: &str) -> DiskRecord {
+pub(crate) fn disk(vm: &VmRecord, name: &str) -> DiskRecord {
     DiskRecord {
         vm: vm.id.clone(),
         name: name.to_owned(),
@@ -124,20 +125,77 @@ fn id(text: &str) -> VmId {
     VmId(text.to_owned())
 }
 
-fn empty() -> (TempDir, Store) {
+/// What keeps a test's store alive, and opens it again.
+enum Fixture {
+    Sqlite(TempDir),
+    Etcd(Arc<EtcdServer>, String),
+}
+
+impl Fixture {
+    /// A second handle on the same records, as another process would have.
+    fn reopen(&self) -> Store {
+        match self {
+            Fixture::Sqlite(dir) => Store::open(dir.path().join("state/pool.db")).unwrap(),
+            Fixture::Etcd(server, prefix) => Store::from(server.store_at(prefix)),
+        }
+    }
+}
+
+fn empty_sqlite() -> (Fixture, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("state/pool.db")).unwrap();
-    (dir, store)
+    (Fixture::Sqlite(dir), store)
+}
+
+fn empty_etcd() -> (Fixture, Store) {
+    let server = EtcdServer::shared();
+    let store = server.store();
+    let prefix = store.prefix().to_owned();
+    (Fixture::Etcd(server, prefix), Store::from(store))
 }
 
 /// A store with hosts `h1`, `h2` and image `img-1` (`debian`).
-fn seeded() -> (TempDir, Store) {
-    let (dir, store) = empty();
+fn seeded_with(empty: fn() -> (Fixture, Store)) -> (Fixture, Store) {
+    let (fixture, store) = empty();
     store.init_pool("test-pool").unwrap();
     store.upsert_host(&host("h1")).unwrap();
     store.upsert_host(&host("h2")).unwrap();
     store.insert_image(&image("img-1", "debian")).unwrap();
-    (dir, store)
+    (fixture, store)
+}
+
+/// The SQLite store itself (for what only SQLite has: pragmas, files).
+fn sqlite_at(path: &std::path::Path) -> SqliteStore {
+    SqliteStore::open(path).unwrap()
+}
+
+/// Writes the tests that follow once per backend, in modules `sqlite` and
+/// `etcd` (a real etcd member on loopback, see [`EtcdServer`]).
+macro_rules! on_every_backend {
+    ($($item:item)*) => {
+        mod sqlite {
+            use super::*;
+            fn empty() -> (Fixture, Store) {
+                empty_sqlite()
+            }
+            #[allow(dead_code)]
+            fn seeded() -> (Fixture, Store) {
+                seeded_with(empty)
+            }
+            $($item)*
+        }
+        mod etcd {
+            use super::*;
+            fn empty() -> (Fixture, Store) {
+                empty_etcd()
+            }
+            #[allow(dead_code)]
+            fn seeded() -> (Fixture, Store) {
+                seeded_with(empty)
+            }
+            $($item)*
+        }
+    };
 }
 
 fn names(vms: &[VmRecord]) -> Vec<String> {
@@ -146,11 +204,12 @@ fn names(vms: &[VmRecord]) -> Vec<String> {
         .collect()
 }
 
-// ---- opening, schema, durability ---------------------------------------
+// ---- SQLite only: its files, schema and durability --------------------
 
 #[test]
 fn store_opens_with_wal_full_sync_foreign_keys_and_a_private_file() {
-    let (_dir, store) = empty();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_at(&dir.path().join("state/pool.db"));
     assert_eq!(store.schema_version().unwrap(), i64::from(SCHEMA_VERSION));
     let connection = store.connection();
     let pragma = |name: &str| -> String {
@@ -180,15 +239,15 @@ fn store_opens_with_wal_full_sync_foreign_keys_and_a_private_file() {
 fn store_migration_is_idempotent_and_refuses_newer_schemas() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pool.db");
-    let first = Store::open(&path).unwrap();
+    let first = SqliteStore::open(&path).unwrap();
     first.init_pool("p").unwrap();
     first.upsert_host(&host("h1")).unwrap();
     // A second store on the same file while the first is open, then a third.
-    let second = Store::open(&path).unwrap();
+    let second = SqliteStore::open(&path).unwrap();
     assert_eq!(second.schema_version().unwrap(), i64::from(SCHEMA_VERSION));
     assert_eq!(second.list_hosts().unwrap(), vec![host("h1")]);
     drop((first, second));
-    let third = Store::open(&path).unwrap();
+    let third = SqliteStore::open(&path).unwrap();
     assert_eq!(third.schema_version().unwrap(), i64::from(SCHEMA_VERSION));
     assert_eq!(third.pool_name().unwrap(), "p");
     drop(third);
@@ -196,7 +255,7 @@ fn store_migration_is_idempotent_and_refuses_newer_schemas() {
     let connection = rusqlite::Connection::open(&path).unwrap();
     connection.pragma_update(None, "user_version", 99).unwrap();
     drop(connection);
-    match Store::open(&path) {
+    match SqliteStore::open(&path) {
         Err(StoreError::UnknownSchema {
             found: 99,
             known: SCHEMA_VERSION,
@@ -212,14 +271,14 @@ fn store_is_durable_across_drop_and_reopen() {
     let mut record = vm("vm-1", "alice", "web", "h1");
     record.runtime = Some(runtime());
     {
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         store.init_pool("p").unwrap();
         store.upsert_host(&host("h1")).unwrap();
         store.insert_image(&image("img-1", "debian")).unwrap();
         store.insert_vm(&record, &[disk(&record, "data")]).unwrap();
         store.append_event(Some(&record.id), "created", "").unwrap();
     }
-    let store = Store::open(&path).unwrap();
+    let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.get_vm("vm-1", None).unwrap(), record);
     assert_eq!(
         store.disks(&record.id).unwrap(),
@@ -235,7 +294,7 @@ const KILL_CHILD_ENV: &str = "HSEV_STORE_KILL_CHILD_DB";
 fn store_survives_kill_9() {
     if let Some(path) = std::env::var_os(KILL_CHILD_ENV) {
         // The child: commit, then die by SIGKILL without any clean-up.
-        let store = Store::open(PathBuf::from(path)).unwrap();
+        let store = SqliteStore::open(PathBuf::from(path)).unwrap();
         store.init_pool("p").unwrap();
         store.upsert_host(&host("h1")).unwrap();
         store.insert_image(&image("img-1", "debian")).unwrap();
@@ -262,11 +321,86 @@ fn store_survives_kill_9() {
         .status()
         .unwrap();
     assert!(!status.success(), "the child was meant to be killed");
-    let store = Store::open(&path).unwrap();
+    let store = SqliteStore::open(&path).unwrap();
     let record = store.get_vm("web", Some("alice")).unwrap();
     assert_eq!(record.state, VmState::Running);
     assert_eq!(store.disks(&record.id).unwrap().len(), 1);
 }
+
+#[test]
+fn store_undecodable_rows_are_corrupt_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_at(&dir.path().join("pool.db"));
+    store.init_pool("test-pool").unwrap();
+    store.upsert_host(&host("h1")).unwrap();
+    store.insert_image(&image("img-1", "debian")).unwrap();
+    store
+        .insert_vm(&vm("vm-1", "alice", "web", "h1"), &[])
+        .unwrap();
+    store
+        .connection()
+        .execute("UPDATE vm SET spec = '{\"name\": 1}' WHERE id = 'vm-1'", [])
+        .unwrap();
+    assert!(matches!(
+        store.get_vm("vm-1", None),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert!(matches!(
+        store.list_vms(VmFilter::all()),
+        Err(StoreError::Corrupt { .. })
+    ));
+}
+
+/// Fills a store with `count` VMs spread over 4 owners and 2 hosts, each
+/// with a disk and (one in two) a runtime, as a busy pool would hold.
+fn fill(store: &SqliteStore, count: usize) {
+    for n in 0..count {
+        let owner = format!("tenant{}", n % 4);
+        let mut record = vm(
+            &format!("00000000-0000-4000-8000-{n:012}"),
+            &owner,
+            &format!("vm-{n:05}"),
+            if n.is_multiple_of(2) { "h1" } else { "h2" },
+        );
+        if n.is_multiple_of(2) {
+            record.state = VmState::Running;
+            record.runtime = Some(runtime());
+            record.launch_digest = vec![0x11; 48];
+        }
+        store.insert_vm(&record, &[disk(&record, "data")]).unwrap();
+    }
+}
+
+#[test]
+fn store_lists_1000_vms_well_under_50_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_at(&dir.path().join("pool.db"));
+    store.init_pool("test-pool").unwrap();
+    store.upsert_host(&host("h1")).unwrap();
+    store.upsert_host(&host("h2")).unwrap();
+    store.insert_image(&image("img-1", "debian")).unwrap();
+    fill(&store, 1000);
+    let mut times: Vec<Duration> = (0..7)
+        .map(|_| {
+            let start = Instant::now();
+            let vms = store.list_vms(VmFilter::all()).unwrap();
+            let elapsed = start.elapsed();
+            assert_eq!(vms.len(), 1000);
+            elapsed
+        })
+        .collect();
+    times.sort();
+    let median = times[times.len() / 2];
+    println!("list_vms over 1000 VMs: median {median:?} (of {times:?})");
+    // The fastest run is what the code can do; the others may have shared
+    // the two cores with other tests. This is an unoptimised build (about
+    // 16 ms here); the release figure is `cargo bench --bench store_list`.
+    assert!(times[0] < Duration::from_millis(50), "{times:?}");
+}
+
+// ---- the same cases on every backend ----------------------------------
+
+on_every_backend! {
 
 // ---- pool and hosts ----------------------------------------------------
 
@@ -332,7 +466,7 @@ fn store_hosts_round_trip_and_upsert() {
     ));
     assert!(matches!(
         store.upsert_host(&host("")),
-        Err(StoreError::Constraint { .. })
+        Err(StoreError::Constraint { .. } | StoreError::Invalid { .. })
     ));
 }
 
@@ -529,7 +663,7 @@ fn store_vm_insert_is_all_or_nothing() {
     ));
     assert!(matches!(
         store.insert_vm(&vm("vm-9", "", "x", "h1"), &[]),
-        Err(StoreError::Constraint { .. })
+        Err(StoreError::Constraint { .. } | StoreError::Invalid { .. })
     ));
     store.insert_vm(&second, &[disk(&second, "data")]).unwrap();
 }
@@ -761,11 +895,6 @@ fn store_vm_delete_cascades_to_disks_and_keeps_events() {
 
     store.delete_vm(&record.id).unwrap();
     assert!(store.disks(&record.id).unwrap().is_empty());
-    let orphan_disks: i64 = store
-        .connection()
-        .query_row("SELECT count(*) FROM disk", [], |row| row.get(0))
-        .unwrap();
-    assert_eq!(orphan_disks, 0);
     assert!(matches!(
         store.get_vm("vm-1", None),
         Err(StoreError::NotFound { .. })
@@ -777,26 +906,6 @@ fn store_vm_delete_cascades_to_disks_and_keeps_events() {
         .unwrap();
     let again = vm("vm-1", "alice", "other", "h1");
     store.insert_vm(&again, &[disk(&again, "data")]).unwrap();
-}
-
-#[test]
-fn store_undecodable_rows_are_corrupt_not_panics() {
-    let (_dir, store) = seeded();
-    store
-        .insert_vm(&vm("vm-1", "alice", "web", "h1"), &[])
-        .unwrap();
-    store
-        .connection()
-        .execute("UPDATE vm SET spec = '{\"name\": 1}' WHERE id = 'vm-1'", [])
-        .unwrap();
-    assert!(matches!(
-        store.get_vm("vm-1", None),
-        Err(StoreError::Corrupt { .. })
-    ));
-    assert!(matches!(
-        store.list_vms(VmFilter::all()),
-        Err(StoreError::Corrupt { .. })
-    ));
 }
 
 // ---- events and placement ----------------------------------------------
@@ -895,10 +1004,10 @@ fn store_is_shared_between_threads_and_processes() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Store>();
 
-    let (_dir, store) = seeded();
+    let (fixture, store) = seeded();
     let store = Arc::new(store);
-    // A second connection on the same file, as another process would have.
-    let other = Arc::new(Store::open(store.path()).unwrap());
+    // A second connection on the same records, as another process would have.
+    let other = Arc::new(fixture.reopen());
     let threads: Vec<_> = (0..4_u32)
         .map(|thread| {
             let store = if thread.is_multiple_of(2) {
@@ -934,44 +1043,4 @@ fn store_is_shared_between_threads_and_processes() {
     assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]));
 }
 
-/// Fills a store with `count` VMs spread over 4 owners and 2 hosts, each
-/// with a disk and (one in two) a runtime, as a busy pool would hold.
-fn fill(store: &Store, count: usize) {
-    for n in 0..count {
-        let owner = format!("tenant{}", n % 4);
-        let mut record = vm(
-            &format!("00000000-0000-4000-8000-{n:012}"),
-            &owner,
-            &format!("vm-{n:05}"),
-            if n.is_multiple_of(2) { "h1" } else { "h2" },
-        );
-        if n.is_multiple_of(2) {
-            record.state = VmState::Running;
-            record.runtime = Some(runtime());
-            record.launch_digest = vec![0x11; 48];
-        }
-        store.insert_vm(&record, &[disk(&record, "data")]).unwrap();
-    }
-}
-
-#[test]
-fn store_lists_1000_vms_well_under_50_ms() {
-    let (_dir, store) = seeded();
-    fill(&store, 1000);
-    let mut times: Vec<Duration> = (0..7)
-        .map(|_| {
-            let start = Instant::now();
-            let vms = store.list_vms(VmFilter::all()).unwrap();
-            let elapsed = start.elapsed();
-            assert_eq!(vms.len(), 1000);
-            elapsed
-        })
-        .collect();
-    times.sort();
-    let median = times[times.len() / 2];
-    println!("list_vms over 1000 VMs: median {median:?} (of {times:?})");
-    // The fastest run is what the code can do; the others may have shared
-    // the two cores with other tests. This is an unoptimised build (about
-    // 16 ms here); the release figure is `cargo bench --bench store_list`.
-    assert!(times[0] < Duration::from_millis(50), "{times:?}");
 }

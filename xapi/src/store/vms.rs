@@ -8,7 +8,7 @@ use rusqlite::{named_params, OptionalExtension, Params};
 use super::codec::{self, DISK_COLUMNS, VM_COLUMNS};
 use super::error::is_unique_violation;
 use super::hosts::{found, not_found};
-use super::{Entity, Result, Store, StoreError};
+use super::{Entity, Result, SqliteStore, StoreError};
 use crate::model::{Attestation, DiskRecord, VmId, VmRecord, VmRuntime, VmSpec, VmState};
 
 /// Which VMs [`Store::list_vms`] returns: those matching every field set.
@@ -37,7 +37,7 @@ impl<'a> VmFilter<'a> {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Records a new VM and its disks, in one transaction.
     ///
     /// # Errors
