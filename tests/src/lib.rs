@@ -6,6 +6,7 @@
 //! get it.
 
 pub mod daemon;
+pub mod etcd;
 pub mod firmware_blob;
 pub mod kbs;
 pub mod libvirt;

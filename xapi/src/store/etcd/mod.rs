@@ -104,7 +104,7 @@ impl EtcdStore {
         };
         let client = run_on(&runtime, connect)?;
         Ok(EtcdStore {
-            kv: EtcdKv::new(client.clone(), &config.prefix),
+            kv: EtcdKv::new(client.clone(), &config.prefix, timeout),
             runtime: Some(runtime),
             client,
             endpoints: config.endpoints.clone(),

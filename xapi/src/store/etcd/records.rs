@@ -5,10 +5,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, GetOptions, GetResponse, KeyValue, KvClient, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,19 @@ pub(crate) fn classify(op: &'static str) -> impl FnOnce(etcd_client::Error) -> S
     }
 }
 
+/// Whether the request failed before reaching any member (it may be sent
+/// again without being applied twice).
+fn never_sent(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => {
+            status.code() == tonic::Code::Unavailable
+                && (status.message().contains("connect") || status.message() == "transport error")
+        }
+        _ => false,
+    }
+}
+
 fn encode<T: Serialize>(value: &T, field: &'static str) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|source| StoreError::Encode { field, source })
 }
@@ -143,6 +157,8 @@ fn delete(key: String) -> TxnOp {
 /// The etcd side of the store's operations.
 pub(crate) struct EtcdKv {
     client: Client,
+    /// How long a request may keep failing to reach any member.
+    timeout: Duration,
     keys: Keys,
     /// The serial key's last known revision; held for the whole of a write
     /// so that this process's writes never race each other.
@@ -151,24 +167,64 @@ pub(crate) struct EtcdKv {
 }
 
 impl EtcdKv {
-    pub(super) fn new(client: Client, prefix: &str) -> EtcdKv {
+    pub(super) fn new(client: Client, prefix: &str, timeout: Duration) -> EtcdKv {
         EtcdKv {
             client,
+            timeout,
             keys: Keys::new(prefix),
             serial: tokio::sync::Mutex::new(0),
             guard: GuardCell::new(None),
         }
     }
 
+    // ---- requests ------------------------------------------------------
+
+    /// Sends `request`, again to the next member while it reaches none (a
+    /// dead member's endpoint refuses the connection: the request was not
+    /// sent, so sending it again cannot apply it twice), for at most the
+    /// configured timeout.
+    async fn call<T, F, Fut>(&self, op: &'static str, request: F) -> Result<T>
+    where
+        F: Fn(KvClient) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let start = Instant::now();
+        loop {
+            match request(self.client.kv_client()).await {
+                Ok(value) => return Ok(value),
+                Err(error) if never_sent(&error) && start.elapsed() < self.timeout => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(classify(op)(error)),
+            }
+        }
+    }
+
+    async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse> {
+        self.call(op, |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    async fn get_with(
+        &self,
+        op: &'static str,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> Result<GetResponse> {
+        self.call(op, |mut kv| {
+            let options = options.clone();
+            async move { kv.get(key, options).await }
+        })
+        .await
+    }
+
     // ---- reads ---------------------------------------------------------
 
     async fn get_kv(&self, op: &'static str, key: &str) -> Result<Option<KeyValue>> {
-        let mut response = self
-            .client
-            .kv_client()
-            .get(key, None)
-            .await
-            .map_err(classify(op))?;
+        let mut response = self.get_with(op, key, None).await?;
         Ok(response.take_kvs().into_iter().next())
     }
 
@@ -181,11 +237,8 @@ impl EtcdKv {
 
     async fn exists(&self, op: &'static str, key: &str) -> Result<bool> {
         let response = self
-            .client
-            .kv_client()
-            .get(key, Some(GetOptions::new().with_count_only()))
-            .await
-            .map_err(classify(op))?;
+            .get_with(op, key, Some(GetOptions::new().with_count_only()))
+            .await?;
         Ok(response.count() > 0)
     }
 
@@ -196,11 +249,8 @@ impl EtcdKv {
         options: GetOptions,
     ) -> Result<Vec<KeyValue>> {
         let mut response = self
-            .client
-            .kv_client()
-            .get(prefix, Some(options.with_prefix()))
-            .await
-            .map_err(classify(op))?;
+            .get_with(op, prefix, Some(options.with_prefix()))
+            .await?;
         Ok(response.take_kvs())
     }
 
@@ -265,16 +315,14 @@ impl EtcdKv {
         }
         operations.push(put(serial_key, Vec::new()));
         let response = self
-            .client
-            .kv_client()
             .txn(
+                op,
                 Txn::new()
                     .when(compares)
                     .and_then(operations)
                     .or_else(otherwise),
             )
-            .await
-            .map_err(classify(op))?;
+            .await?;
         if response.succeeded() {
             *serial = response.header().map_or(0, |header| header.revision());
             return Ok(true);
@@ -300,12 +348,7 @@ impl EtcdKv {
     async fn commit_unserialised(&self, op: &'static str, operations: Vec<TxnOp>) -> Result<i64> {
         let compares: Vec<Compare> = self.guard().iter().map(guard_compare).collect();
         let txn = Txn::new().when(compares).and_then(operations);
-        let response = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(classify(op))?;
+        let response = self.txn(op, txn).await?;
         if !response.succeeded() {
             return Err(StoreError::NotLeader { op });
         }
