@@ -8,6 +8,7 @@
 //! It must never touch a hypervisor, a VM's files or the SEV firmware: only
 //! host agents do. What it knows of a running VM is what its host reported.
 
+pub mod election;
 mod hosts;
 mod migration;
 mod validate;

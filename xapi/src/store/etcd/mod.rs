@@ -43,6 +43,21 @@ pub struct LeaderGuard {
     pub key: Vec<u8>,
     /// Its creation revision.
     pub revision: i64,
+    /// When this leader stops writing on its own, whatever etcd says: its
+    /// last lease renewal plus the TTL less the step-down margin (see
+    /// `coordinator::election`). `None`: no local limit.
+    pub valid_until: Option<std::time::Instant>,
+}
+
+impl LeaderGuard {
+    /// The guard of a coordinator that does not lead: every write refused.
+    pub fn not_leading() -> LeaderGuard {
+        LeaderGuard {
+            key: Vec::new(),
+            revision: 0,
+            valid_until: Some(std::time::Instant::now()),
+        }
+    }
 }
 
 /// The etcd backend. See the [module documentation](self).
@@ -250,6 +265,7 @@ mod tests {
         store.set_leader_guard(Some(LeaderGuard {
             key: leader_key.clone().into_bytes(),
             revision,
+            valid_until: None,
         }));
         store.upsert_host(&host("h1")).unwrap();
         store.append_event(None, "pool", "led by a").unwrap();

@@ -303,6 +303,7 @@ impl EtcdKv {
     ) -> Result<bool> {
         let serial_key = self.keys.serial();
         let guard = self.guard();
+        refuse_if_expired(op, guard.as_ref())?;
         let mut compares = vec![Compare::mod_revision(
             serial_key.clone(),
             CompareOp::Equal,
@@ -346,7 +347,9 @@ impl EtcdKv {
 
     /// A transaction outside the serial (events), still under the guard.
     async fn commit_unserialised(&self, op: &'static str, operations: Vec<TxnOp>) -> Result<i64> {
-        let compares: Vec<Compare> = self.guard().iter().map(guard_compare).collect();
+        let guard = self.guard();
+        refuse_if_expired(op, guard.as_ref())?;
+        let compares: Vec<Compare> = guard.iter().map(guard_compare).collect();
         let txn = Txn::new().when(compares).and_then(operations);
         let response = self.txn(op, txn).await?;
         if !response.succeeded() {
@@ -1174,6 +1177,15 @@ impl EtcdKv {
             .await?
             .map(|doc| doc.disks)
             .unwrap_or_default())
+    }
+}
+
+/// Refuses a write of a leader past its own step-down time: its lease may
+/// still live in etcd, but it can no longer prove it renewed in time.
+fn refuse_if_expired(op: &'static str, guard: Option<&LeaderGuard>) -> Result<()> {
+    match guard.and_then(|guard| guard.valid_until) {
+        Some(until) if Instant::now() >= until => Err(StoreError::NotLeader { op }),
+        _ => Ok(()),
     }
 }
 
