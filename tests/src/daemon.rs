@@ -245,6 +245,28 @@ impl Daemon {
         self.spawn();
     }
 
+    /// A daemon on this machine's own network with `extra` in its
+    /// configuration, not started yet.
+    pub fn configured(driver: Driver, extra: &str, simulated: bool) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sim_dir = simulated.then(|| dir.path().join("sim"));
+        Self::configure(driver, dir, extra, sim_dir.as_deref(), None)
+    }
+
+    /// Starts it without waiting for its socket (a coordinator standing
+    /// by for the pool's leadership opens none until it leads).
+    pub fn run_standing_by(&mut self) {
+        assert!(self.child.is_none(), "the daemon already runs");
+        self.spawn_process();
+    }
+
+    /// Whether its process still runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// The simulated Secure Processor's folder.
     pub fn sim_dir(&self) -> &Path {
         self.sim_dir
@@ -317,6 +339,11 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_process();
+        self.wait_socket();
+    }
+
+    fn spawn_process(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -329,6 +356,9 @@ impl Daemon {
             .spawn()
             .expect("hsevd starts");
         self.child = Some(child);
+    }
+
+    fn wait_socket(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !self.socket().exists() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {

@@ -349,6 +349,11 @@ impl Coordinator {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(host)
             .is_some_and(|known| known.remote);
+        if !self.hosts().contains_key(host) {
+            return Some(format!(
+                "host {host} is down: this coordinator has no connection to it"
+            ));
+        }
         if !remote {
             return None;
         }

@@ -385,18 +385,22 @@ impl Coordinator {
             .known
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let connected = self.hosts();
         let liveness = lock(&self.liveness);
         let down_after = self.down_after();
         let idle = HostLoad::default();
+        // A host this coordinator has no client for (another coordinator's
+        // own host, on a shared store) cannot be commanded: down.
         let candidates: Vec<Candidate<'_>> = known
             .values()
             .map(|host| Candidate {
                 host: &host.view,
                 load: allocations.get(&host.view.name).unwrap_or(&idle),
-                down: host.remote
-                    && liveness
-                        .get(&host.view.name)
-                        .is_none_or(|last| last.elapsed() > down_after),
+                down: !connected.contains_key(&host.view.name)
+                    || (host.remote
+                        && liveness
+                            .get(&host.view.name)
+                            .is_none_or(|last| last.elapsed() > down_after)),
             })
             .collect();
         crate::placement::place(&vms::request_of(spec, excluded), &candidates, &self.policy)

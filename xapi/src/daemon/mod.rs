@@ -128,12 +128,26 @@ pub fn host_agent(config: &Config) -> anyhow::Result<Arc<HostAgent>> {
 /// Builds this host's agent and the coordinator (store), attaches the one
 /// to the other and reconciles what runs.
 pub fn roles(config: &Config) -> anyhow::Result<Roles> {
-    let host_agent = host_agent(config)?;
+    roles_on(config, open_store(config)?, host_agent(config)?)
+}
+
+/// Opens the store `[store]` names.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<Store>> {
     let store = Arc::new(
         Store::open_configured(&config.store, &config.state_dir.join("hsevd.db"))
             .context("opening the store")?,
     );
     tracing::info!(store = %store.describe(), "pool store open");
+    Ok(store)
+}
+
+/// [`roles`] on an open store (one this coordinator leads, on etcd) and a
+/// host agent made before (while it stood by).
+pub fn roles_on(
+    config: &Config,
+    store: Arc<Store>,
+    host_agent: Arc<HostAgent>,
+) -> anyhow::Result<Roles> {
     store
         .init_pool("default")
         .context("initialising the pool")?;

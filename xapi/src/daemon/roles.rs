@@ -12,6 +12,7 @@ use hsev_proto::internal::host_agent_server::HostAgentServer;
 
 use super::config::Config;
 use super::{auth, grpc, host_agent, metrics, roles, serve};
+use crate::coordinator::election::{Candidacy, Standing};
 use crate::coordinator::PoolAuthority;
 use crate::pool::coordinator_service::CoordinatorService;
 use crate::pool::host_service::{HostService, Membership};
@@ -21,6 +22,7 @@ use crate::pool::member::{
 use crate::pool::pki::{Identity, PoolCa};
 use crate::pool::tls::server_config;
 use crate::pool::{ImageSource, PoolSink};
+use crate::store::StoreKind;
 
 /// Serves the metrics, when configured.
 async fn serve_metrics(config: &Config, metrics: Arc<metrics::Metrics>) -> anyhow::Result<()> {
@@ -82,11 +84,70 @@ fn coordinator_identity(
     Ok(identity)
 }
 
+/// hsevd's exit status when it stops leading the pool.
+pub const EXIT_NOT_LEADER: i32 = 75;
+
+/// Campaigns to lead the pool on `store` and waits until it does; this
+/// coordinator serves nothing meanwhile (clients use the leader).
+async fn lead(config: &Config, store: &Arc<crate::store::Store>) -> Candidacy {
+    let address = config
+        .listen
+        .map(|address| address.to_string())
+        .or_else(|| config.pool.listen.map(|address| address.to_string()))
+        .unwrap_or_else(|| config.socket_path().display().to_string());
+    let ttl = Duration::from_secs(config.store.lease_ttl_s);
+    let candidacy = Candidacy::start(store, &address, ttl);
+    tracing::info!(%address, ttl_s = config.store.lease_ttl_s, "standing for the pool's leadership");
+    let mut reported = None;
+    while !candidacy.is_leader() {
+        if let Standing::Follower(leader) = candidacy.standing() {
+            if leader != reported {
+                tracing::info!(leader = leader.as_deref().unwrap_or("none"), "standing by");
+                reported = leader;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::info!(%address, "leading the pool");
+    candidacy
+}
+
 /// The coordinator, with this host's agent in-process.
 pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
-    let roles = {
-        let config = config.clone();
-        tokio::task::spawn_blocking(move || roles(&config)).await??
+    let roles = match config.store.kind {
+        StoreKind::Sqlite => {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || roles(&config)).await??
+        }
+        StoreKind::Etcd => {
+            // A hot standby: everything that needs no leadership is ready
+            // before the campaign, so that taking over is quick.
+            let (store, agent) = {
+                let config = config.clone();
+                tokio::task::spawn_blocking(move || {
+                    Ok::<_, anyhow::Error>((super::open_store(&config)?, host_agent(&config)?))
+                })
+                .await??
+            };
+            let candidacy = lead(&config, &store).await;
+            let config = config.clone();
+            let roles = tokio::task::spawn_blocking(move || super::roles_on(&config, store, agent))
+                .await??;
+            // Fail-stop: a coordinator that stopped leading exits, and its
+            // supervisor starts it again as a candidate. Its writes were
+            // refused from the moment it stepped down (see
+            // coordinator::election).
+            serve::every(Duration::from_millis(200), move || {
+                if !candidacy.is_leader() {
+                    tracing::error!(
+                        "no longer the pool's leader (its lease could not be renewed in time); \
+                         exiting so that only the new leader acts"
+                    );
+                    std::process::exit(EXIT_NOT_LEADER);
+                }
+            });
+            roles
+        }
     };
     if config.tokens.is_empty() {
         tracing::warn!("no [[tokens]] in the configuration: every API request will be refused as unauthenticated");

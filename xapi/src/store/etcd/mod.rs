@@ -99,35 +99,42 @@ impl EtcdStore {
             })?;
         let timeout = Duration::from_millis(config.timeout_ms);
         let mut options = ConnectOptions::new()
-            .with_timeout(timeout)
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout)
             .with_require_leader(true);
         if let Some(tls) = tls_options(config)? {
             options = options.with_tls(tls);
         }
+        // The records' requests are bounded; the election's are not (a
+        // campaign waits for as long as another coordinator leads), so it
+        // has a client of its own.
+        let records_options = options.clone().with_timeout(timeout);
         let endpoints = config.endpoints.clone();
         let connect = async {
-            let mut client = Client::connect(&endpoints, Some(options))
+            let mut client = Client::connect(&endpoints, Some(records_options))
                 .await
                 .map_err(records::classify("connect to etcd"))?;
             client
                 .status()
                 .await
                 .map_err(records::classify("connect to etcd"))?;
-            Ok::<_, StoreError>(client)
+            let election = Client::connect(&endpoints, Some(options))
+                .await
+                .map_err(records::classify("connect to etcd"))?;
+            Ok::<_, StoreError>((client, election))
         };
-        let client = run_on(&runtime, connect)?;
+        let (client, election) = run_on(&runtime, connect)?;
         Ok(EtcdStore {
-            kv: EtcdKv::new(client.clone(), &config.prefix, timeout),
+            kv: EtcdKv::new(client, &config.prefix, timeout),
             runtime: Some(runtime),
-            client,
+            client: election,
             endpoints: config.endpoints.clone(),
             prefix: config.prefix.clone(),
         })
     }
 
-    /// A client of the same cluster, for the election and the leases.
+    /// A client of the same cluster without a request timeout, for the
+    /// election and the leases.
     pub fn client(&self) -> Client {
         self.client.clone()
     }

@@ -1,0 +1,163 @@
+//! Three hsevd coordinators on one real 3-member etcd cluster: one leads
+//! and serves the API, the others stand by; `kill -9` of the leader in the
+//! middle of a stream of creates, and another leads within the lease TTL
+//! plus a few seconds, with every acknowledged VM present exactly once.
+//! The fake hypervisor driver: no guest is needed to count records.
+
+#![allow(clippy::unwrap_used)] // tests
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hsev_e2e::daemon::{Daemon, Driver, ADMIN, ALICE};
+use hsev_e2e::etcd::EtcdCluster;
+
+/// The coordinators' lease TTL.
+const TTL_S: u64 = 3;
+
+fn sha256(path: &Path) -> String {
+    let output = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A guest image folder the fake driver can "boot": Debian's OVMF and a
+/// stand-in kernel, with their manifest.
+fn image_folder(dir: &Path) -> std::path::PathBuf {
+    let image = dir.join("image");
+    std::fs::create_dir_all(&image).unwrap();
+    std::fs::copy("/usr/share/ovmf/OVMF.fd", image.join("OVMF.fd"))
+        .expect("/usr/share/ovmf/OVMF.fd (Debian package ovmf, `make deps`)");
+    std::fs::write(image.join("vmlinuz"), vec![0x5a; 4096]).unwrap();
+    let manifest = serde_json::json!({
+        "firmware": {"path": "OVMF.fd", "sha256": sha256(&image.join("OVMF.fd"))},
+        "kernel": {"path": "vmlinuz", "sha256": sha256(&image.join("vmlinuz"))},
+        "cmdline": "console=ttyS0",
+    });
+    std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
+    image
+}
+
+fn coordinator(index: usize, endpoints: &[String]) -> Daemon {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
+    Daemon::configured(
+        Driver::Fake,
+        &format!(
+            "host_name = \"c{index}\"\n\
+             [store]\nkind = \"etcd\"\nendpoints = [{}]\nprefix = \"/failover/\"\n\
+             lease_ttl_s = {TTL_S}\ntimeout_ms = 1500\n\
+             [placement]\nallow_simulated = true\n\
+             [pool]\nheartbeat_ms = 300\ndown_after_ms = 2500\n",
+            endpoints.join(", ")
+        ),
+        true,
+    )
+}
+
+/// Creates `name` through whichever coordinator answers, trying each in
+/// turn for up to 30 s; an `already exists` answer means an earlier
+/// attempt was applied (its answer lost). Answers which index served it.
+fn create_somewhere(coordinators: &mut [Daemon], name: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    loop {
+        for (index, daemon) in coordinators.iter_mut().enumerate() {
+            if !daemon.is_running() || !daemon.socket().exists() {
+                continue;
+            }
+            let output = daemon.hsev(
+                ALICE,
+                [
+                    "vm", "create", name, "--image", "debian", "--vcpus", "1", "--memory", "256",
+                    "--mode", "none",
+                ],
+            );
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            if output.status.success() || said.contains("already exists") {
+                return index;
+            }
+            last = format!("c{index}: {said}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no coordinator created {name}; last answer: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or_doubled() {
+    let cluster = EtcdCluster::start(3);
+    let endpoints = cluster.endpoints();
+    let mut coordinators: Vec<Daemon> = (0..3).map(|i| coordinator(i, &endpoints)).collect();
+    coordinators[0].run();
+    coordinators[1].run_standing_by();
+    coordinators[2].run_standing_by();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !coordinators[1].socket().exists() && !coordinators[2].socket().exists(),
+        "a standby coordinator serves the API"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let image = image_folder(work.path());
+    let imported = coordinators[0].hsev(
+        ADMIN,
+        [
+            "image",
+            "import",
+            "debian",
+            "--from",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        imported.status.success(),
+        "image import: {}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+
+    let mut acknowledged = Vec::new();
+    for n in 0..5 {
+        let name = format!("vm-{n:02}");
+        assert_eq!(create_somewhere(&mut coordinators, &name), 0);
+        acknowledged.push(name);
+    }
+    let killed = Instant::now();
+    coordinators[0].kill_9();
+    let mut failover = None;
+    for n in 5..15 {
+        let name = format!("vm-{n:02}");
+        let served_by = create_somewhere(&mut coordinators, &name);
+        failover.get_or_insert_with(|| (killed.elapsed(), served_by));
+        acknowledged.push(name);
+    }
+    let (failover, leader) = failover.unwrap();
+    println!(
+        "failover: c{leader} served the first create {failover:?} after kill -9 of c0 \
+         (lease TTL {TTL_S} s)"
+    );
+    assert!(
+        failover < Duration::from_secs(TTL_S + 5),
+        "failover took {failover:?}\n{}",
+        coordinators[leader].log()
+    );
+
+    let listed = coordinators[leader].json(ADMIN, ["vm", "list"]);
+    let mut names: Vec<String> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, acknowledged, "every acknowledged VM once");
+}
