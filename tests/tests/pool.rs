@@ -430,14 +430,20 @@ fn sha256_file(path: &std::path::Path) -> String {
         .to_owned()
 }
 
-/// Writes `marker` at a few places of the disk file at `path`.
+/// Writes `marker` at a few places of the disk file at `path`, up to 700 MiB
+/// in.
 fn mark_disk(path: &std::path::Path, marker: &[u8]) {
+    mark_disk_at(path, marker, &[0, 100 << 20, 700 << 20]);
+}
+
+/// Writes `marker` at each of `offsets` in the disk file at `path`.
+fn mark_disk_at(path: &std::path::Path, marker: &[u8], offsets: &[u64]) {
     use std::io::{Seek, SeekFrom, Write};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
-    for at in [0u64, 100 << 20, 700 << 20] {
+    for &at in offsets {
         file.seek(SeekFrom::Start(at)).expect("seek");
         file.write_all(marker).expect("write");
     }
@@ -535,6 +541,36 @@ fn a_migration_cut_by_the_coordinators_and_the_targets_deaths_leaves_the_vm_in_o
         .join("disk-data.qcow2");
     assert_eq!(sha256_file(&moved), before);
     assert!(files_of(pool.host("h2"), &id).is_empty());
+
+    // A VM on the coordinator's own host moves off it the same way: the
+    // target fetches the disk from the host agent beside the coordinator.
+    let vm = created(
+        pool.coordinator(),
+        "homebody",
+        &["--host", "h1", "--disk", "data:64"],
+    );
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let disk = pool
+        .host("h1")
+        .state_dir()
+        .join("vms")
+        .join(&id)
+        .join("disk-data.qcow2");
+    mark_disk_at(&disk, b"written on the coordinator's host", &[0, 32 << 20]);
+    let before = sha256_file(&disk);
+    let output = pool
+        .coordinator()
+        .hsev(ADMIN, ["vm", "migrate", "homebody", "--to", "h2"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(host_of(&pool, "homebody"), "h2");
+    let moved = pool
+        .host("h2")
+        .state_dir()
+        .join("vms")
+        .join(&id)
+        .join("disk-data.qcow2");
+    assert_eq!(sha256_file(&moved), before);
+    assert!(files_of(pool.host("h1"), &id).is_empty());
 }
 
 #[test]
