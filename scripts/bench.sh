@@ -41,3 +41,23 @@ kbs_verify=$(openssl speed -seconds "$seconds" ecdsap384 2>/dev/null | awk '/ecd
 awk -v ours="${kbs_rate:-0}" -v ref="${kbs_verify:-1}" -v p50="${kbs_p50:-0}" -v p99="${kbs_p99:-0}" 'BEGIN {
   printf "kbs releases: %.0f/s, openssl %.0f verify/s, ratio %.1f%% (target >= 40%%); one release p50 %.2f ms, p99 %.2f ms (target < 25 ms)\n", ours, ref, 100 * ours / ref, p50, p99
 }'
+
+echo "== pool placement: p50 / p99 of one placement decision at 10, 100 and 1000 hosts (100 VMs per host in the store), beside each other"
+placement=$(cargo bench --quiet -p hsev-xapi --bench placement 2>/dev/null)
+awk '
+  /^placement_[0-9]+_p(50|99)_ms/ { split($1, part, "_"); value[part[2] "_" part[3]] = $2 }
+  /^placement_cost_ratio/ { ratio = $2 }
+  /^coordinator_rss_mb/ { rss = $2 }
+  END {
+    for (hosts = 10; hosts <= 1000; hosts *= 10)
+      printf "placement at %d hosts: p50 %.3f ms, p99 %.3f ms\n", hosts, value[hosts "_p50"], value[hosts "_p99"]
+    printf "placement cost at 1000 hosts / at 10 hosts: %.1f (target <= 100); p99 at 1000 hosts target < 5 ms; coordinator RSS %s MB (target < 500)\n", ratio, rss
+  }' <<<"$placement"
+
+echo "== cold migration of a stopped VM with a 1 GiB disk (mTLS stream + SHA-256) beside a plain HTTP copy of the same file, between two test hosts"
+migration=$(cargo bench --quiet -p hsev-e2e --bench pool 2>/dev/null)
+awk '
+  /^migrate_1gib_median_s/ { ours = $2 }
+  /^plain_copy_1gib_median_s/ { plain = $2 }
+  /^migrate_to_plain_ratio/ { ratio = $2 }
+  END { printf "migration: hsev vm migrate %.2f s, plain copy %.2f s, ratio %.2f (target <= 1.3)\n", ours, plain, ratio }' <<<"$migration"

@@ -430,14 +430,28 @@ fn sha256_file(path: &std::path::Path) -> String {
         .to_owned()
 }
 
-/// Writes `marker` at a few places of the disk file at `path`.
+/// The data disk of VM `id` on `host` (local storage).
+fn data_disk(host: &Daemon, id: &str) -> std::path::PathBuf {
+    host.state_dir()
+        .join("vms")
+        .join(id)
+        .join("disk-data.qcow2")
+}
+
+/// Writes `marker` at a few places of the disk file at `path`, up to 700 MiB
+/// in.
 fn mark_disk(path: &std::path::Path, marker: &[u8]) {
+    mark_disk_at(path, marker, &[0, 100 << 20, 700 << 20]);
+}
+
+/// Writes `marker` at each of `offsets` in the disk file at `path`.
+fn mark_disk_at(path: &std::path::Path, marker: &[u8], offsets: &[u64]) {
     use std::io::{Seek, SeekFrom, Write};
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
-    for at in [0u64, 100 << 20, 700 << 20] {
+    for &at in offsets {
         file.seek(SeekFrom::Start(at)).expect("seek");
         file.write_all(marker).expect("write");
     }
@@ -453,12 +467,7 @@ fn a_migration_cut_by_the_coordinators_and_the_targets_deaths_leaves_the_vm_in_o
         &["--host", "h2", "--disk", "data:768", "--start"],
     );
     let id = vm["id"].as_str().expect("id").to_owned();
-    let disk = pool
-        .host("h2")
-        .state_dir()
-        .join("vms")
-        .join(&id)
-        .join("disk-data.qcow2");
+    let disk = data_disk(pool.host("h2"), &id);
     mark_disk(&disk, b"the tenant's data, before the move");
     let before = sha256_file(&disk);
 
@@ -512,12 +521,7 @@ fn a_migration_cut_by_the_coordinators_and_the_targets_deaths_leaves_the_vm_in_o
         std::thread::sleep(Duration::from_millis(300));
     };
     assert_eq!(home, "h2", "the copy was cut before the commit point");
-    let disk = pool
-        .host(&home)
-        .state_dir()
-        .join("vms")
-        .join(&id)
-        .join("disk-data.qcow2");
+    let disk = data_disk(pool.host(&home), &id);
     assert_eq!(sha256_file(&disk), before, "the disk on {home} is whole");
     assert!(files_of(pool.host(&other), &id).is_empty());
 
@@ -527,14 +531,29 @@ fn a_migration_cut_by_the_coordinators_and_the_targets_deaths_leaves_the_vm_in_o
         .hsev(ADMIN, ["vm", "migrate", "mover", "--to", "h3"]);
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(host_of(&pool, "mover"), "h3");
-    let moved = pool
-        .host("h3")
-        .state_dir()
-        .join("vms")
-        .join(&id)
-        .join("disk-data.qcow2");
+    let moved = data_disk(pool.host("h3"), &id);
     assert_eq!(sha256_file(&moved), before);
     assert!(files_of(pool.host("h2"), &id).is_empty());
+
+    // A VM on the coordinator's own host moves off it the same way: the
+    // target fetches the disk from the host agent beside the coordinator.
+    let vm = created(
+        pool.coordinator(),
+        "homebody",
+        &["--host", "h1", "--disk", "data:64"],
+    );
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let disk = data_disk(pool.host("h1"), &id);
+    mark_disk_at(&disk, b"written on the coordinator's host", &[0, 32 << 20]);
+    let before = sha256_file(&disk);
+    let output = pool
+        .coordinator()
+        .hsev(ADMIN, ["vm", "migrate", "homebody", "--to", "h2"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(host_of(&pool, "homebody"), "h2");
+    let moved = data_disk(pool.host("h2"), &id);
+    assert_eq!(sha256_file(&moved), before);
+    assert!(files_of(pool.host("h1"), &id).is_empty());
 }
 
 #[test]

@@ -181,6 +181,13 @@ impl Coordinator {
         &self.store
     }
 
+    /// The ASIDs the VMs placed on `host` hold, as placement counts them.
+    pub fn asids_held(&self, host: &str) -> u32 {
+        lock(&self.allocations)
+            .get(host)
+            .map_or(0, |load| load.sev_asids + load.es_snp_asids)
+    }
+
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

@@ -517,6 +517,17 @@ fn hosts(manager: &Coordinator) -> Result<Vec<v1::Host>, OpError> {
                 u32::try_from(placed.vms).unwrap_or(u32::MAX),
                 manager.down_reason(&host.name),
             );
+            // Free ASIDs as placement sees them: the firmware's count at the
+            // last probe does not follow the VMs placed since.
+            if let Some(sev) = shown
+                .capabilities
+                .as_mut()
+                .and_then(|capabilities| capabilities.sev.as_mut())
+            {
+                sev.asids_free = sev
+                    .asids_total
+                    .saturating_sub(manager.asids_held(&host.name));
+            }
             // The coordinator's own host has no agent address of its own.
             if host.address.is_empty() {
                 shown.coordinator = true;

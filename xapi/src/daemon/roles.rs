@@ -66,17 +66,23 @@ async fn serve_pool(
 }
 
 /// The coordinator's identity on the pool listener at `address`, issued
-/// once by the pool's CA and kept.
+/// by the pool's CA and kept; issued again when the kept one does not name
+/// this host (a pool made before the coordinator's certificate named it).
 fn coordinator_identity(
     dir: &std::path::Path,
     ca: &PoolCa,
+    host: &str,
     address: std::net::SocketAddr,
 ) -> anyhow::Result<Identity> {
     if dir.join("coordinator.pem").is_file() {
-        return Identity::load(dir, "coordinator").map_err(|error| anyhow::anyhow!("{error}"));
+        let kept =
+            Identity::load(dir, "coordinator").map_err(|error| anyhow::anyhow!("{error}"))?;
+        if crate::pool::pki::names_host(&kept.cert_pem, host) {
+            return Ok(kept);
+        }
     }
     let identity = ca
-        .issue_coordinator(Some(address.ip()))
+        .issue_coordinator(host, Some(address.ip()))
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     identity
         .save(dir, "coordinator")
@@ -176,7 +182,7 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
             .pool_name()
             .context("the pool's name")?;
         let ca = PoolCa::open_or_create(&dir, &pool).map_err(|error| anyhow::anyhow!("{error}"))?;
-        let identity = coordinator_identity(&dir, &ca, address)?;
+        let identity = coordinator_identity(&dir, &ca, &super::host_name(&config), address)?;
         let ca_pem = ca.cert_pem().to_owned();
         let membership = Membership {
             identity: identity.clone(),

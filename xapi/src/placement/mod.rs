@@ -181,6 +181,16 @@ pub struct Rejection {
     pub detail: String,
 }
 
+/// What the weigher compared: the chosen host's load with the VM, and the
+/// runner-up's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Weighed {
+    /// The chosen host's load with the VM.
+    pub load: f64,
+    /// The next best host and its load with the VM.
+    pub runner_up: Option<(String, f64)>,
+}
+
 /// A placement decision and its explanation.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
@@ -190,6 +200,10 @@ pub struct Decision {
     pub weigher: Weigher,
     /// How many hosts fit.
     pub fitting: usize,
+    /// The chosen host's load with the VM (the larger of its CPU and
+    /// memory shares, 0-1), and the next host the weigher would have
+    /// picked, with its own.
+    pub weighed: Option<Weighed>,
     /// Every other host and the filter that rejected it.
     pub rejected: Vec<Rejection>,
 }
@@ -199,15 +213,28 @@ impl Decision {
     pub fn explain(&self) -> String {
         let mut lines = Vec::new();
         match &self.chosen {
-            Some(host) => lines.push(format!(
-                "placed on {host} ({} of {} hosts fit, weigher {})",
-                self.fitting,
-                self.fitting + self.rejected.len(),
-                match self.weigher {
-                    Weigher::Spread => "spread",
-                    Weigher::Pack => "pack",
+            Some(host) => {
+                let mut line = format!(
+                    "placed on {host} ({} of {} hosts fit, weigher {}",
+                    self.fitting,
+                    self.fitting + self.rejected.len(),
+                    match self.weigher {
+                        Weigher::Spread => "spread",
+                        Weigher::Pack => "pack",
+                    }
+                );
+                if let Some(weighed) = &self.weighed {
+                    line.push_str(&format!(
+                        ": {host} {} loaded with it",
+                        percent(weighed.load)
+                    ));
+                    if let Some((next, load)) = &weighed.runner_up {
+                        line.push_str(&format!(", next {next} {}", percent(*load)));
+                    }
                 }
-            )),
+                line.push(')');
+                lines.push(line);
+            }
             None => lines.push(format!(
                 "no host fits ({} hosts, every one rejected)",
                 self.rejected.len()
@@ -256,18 +283,47 @@ pub fn place(request: &Request, candidates: &[Candidate<'_>], policy: &PoolPolic
             }),
         }
     }
-    let best = match policy.weigher {
-        Weigher::Spread => fitting.iter().min_by(|a, b| a.1.total_cmp(&b.1)),
-        Weigher::Pack => fitting
-            .iter()
-            .max_by(|a, b| a.1.total_cmp(&b.1).then(std::cmp::Ordering::Greater)),
-    };
+    let best = best_of(&fitting, policy.weigher, None);
+    let weighed = best.map(|(index, load)| Weighed {
+        load,
+        runner_up: best_of(&fitting, policy.weigher, Some(index))
+            .map(|(next, load)| (fitting[next].0.host.name.clone(), load)),
+    });
     Decision {
-        chosen: best.map(|(candidate, _)| candidate.host.name.clone()),
+        chosen: best.map(|(index, _)| fitting[index].0.host.name.clone()),
         weigher: policy.weigher,
         fitting: fitting.len(),
+        weighed,
         rejected,
     }
+}
+
+/// The index and load of the host `weigher` picks among `fitting`, leaving
+/// out `skip`; ties go to the first.
+fn best_of(
+    fitting: &[(Candidate<'_>, f64)],
+    weigher: Weigher,
+    skip: Option<usize>,
+) -> Option<(usize, f64)> {
+    let mut best: Option<(usize, f64)> = None;
+    for (index, (_, load)) in fitting.iter().enumerate() {
+        if Some(index) == skip {
+            continue;
+        }
+        let better = match (best, weigher) {
+            (None, _) => true,
+            (Some((_, current)), Weigher::Spread) => *load < current,
+            (Some((_, current)), Weigher::Pack) => *load > current,
+        };
+        if better {
+            best = Some((index, *load));
+        }
+    }
+    best
+}
+
+fn percent(load: f64) -> String {
+    format!("{:.0}%", load * 100.0)
 }
 
 type Verdict = Result<f64, (&'static str, String)>;

@@ -361,7 +361,7 @@ fn a_refusal_lists_every_host_and_why() {
     let placed = decide(&snp(1, 512), &idle(&["x", "y"]), &PoolPolicy::default());
     assert_eq!(
         placed.explain(),
-        "placed on x (2 of 2 hosts fit, weigher spread)"
+        "placed on x (2 of 2 hosts fit, weigher spread: x 3% loaded with it, next y 3%)"
     );
 }
 

@@ -22,6 +22,9 @@ use crate::model::DiskRecord;
 /// How much of a disk one chunk carries.
 pub const CHUNK: usize = 1 << 20;
 
+/// The HTTP/2 flow-control window of a disk copy: a few chunks in flight.
+const WINDOW: u32 = 8 << 20;
+
 /// Streams `disk` of this host from `offset`, then its SHA-256 (of the
 /// whole file, the part already sent included).
 pub fn send_disk(
@@ -103,7 +106,14 @@ pub async fn fetch_disk(
     let offset = std::fs::metadata(&partial)
         .map(|metadata| metadata.len())
         .unwrap_or(0);
+    // HTTP/2's default 64 KiB windows would have the sender wait for a
+    // window update every 64 KiB: a disk streams through wide ones.
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
+        .map(|endpoint| {
+            endpoint
+                .initial_stream_window_size(Some(WINDOW))
+                .initial_connection_window_size(Some(WINDOW))
+        })
         .and_then(|endpoint| {
             endpoint.tls_config(client_config(
                 &membership.identity,
@@ -133,6 +143,10 @@ pub async fn fetch_disk(
         .map_err(|error| {
             OpError::internal(format!("cannot write {}: {error}", partial.display()))
         })?;
+    // The checksum is computed as the copy is written (the part a resumed
+    // copy already holds read once first), so a disk is read only once.
+    let mut hasher = hash_prefix(&partial, offset)?;
+    let started = std::time::Instant::now();
     let mut size = 0;
     let mut copied = offset;
     let mut reported = 0;
@@ -142,8 +156,21 @@ pub async fn fetch_disk(
             size = chunk.size;
         }
         if !chunk.sha256.is_empty() {
+            let streamed = started.elapsed();
+            file.sync_all().map_err(|error| {
+                OpError::internal(format!("cannot write {}: {error}", partial.display()))
+            })?;
+            tracing::info!(
+                vm = %disk.vm,
+                disk = %disk.name,
+                from,
+                mib = (copied - offset) >> 20,
+                streamed_ms = streamed.as_millis(),
+                synced_ms = (started.elapsed() - streamed).as_millis(),
+                "disk copied"
+            );
             drop(file);
-            let local = sha256_file(&partial)?;
+            let local = hasher.finish().to_vec();
             if local != chunk.sha256 {
                 let _ = std::fs::remove_file(&partial);
                 return Err(OpError::internal(format!(
@@ -169,6 +196,7 @@ pub async fn fetch_disk(
         file.write_all(&chunk.data).map_err(|error| {
             OpError::internal(format!("cannot write {}: {error}", partial.display()))
         })?;
+        hasher.update(&chunk.data);
         copied += chunk.data.len() as u64;
         let percent = (copied * 100).checked_div(size).unwrap_or(100);
         if percent >= reported + 10 {
@@ -186,17 +214,23 @@ pub async fn fetch_disk(
     )))
 }
 
-fn sha256_file(path: &std::path::Path) -> Result<Vec<u8>, OpError> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|error| OpError::internal(format!("cannot read {}: {error}", path.display())))?;
+/// The SHA-256 state after the first `length` bytes of `path` (what a
+/// resumed copy already holds).
+fn hash_prefix(path: &std::path::Path, length: u64) -> Result<openssl::sha::Sha256, OpError> {
     let mut hasher = openssl::sha::Sha256::new();
+    if length == 0 {
+        return Ok(hasher);
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|error| OpError::internal(format!("cannot read {}: {error}", path.display())))?;
+    let mut reader = file.take(length);
     let mut buffer = vec![0u8; CHUNK];
     loop {
-        let read = file.read(&mut buffer).map_err(|error| {
+        let read = reader.read(&mut buffer).map_err(|error| {
             OpError::internal(format!("cannot read {}: {error}", path.display()))
         })?;
         if read == 0 {
-            return Ok(hasher.finish().to_vec());
+            return Ok(hasher);
         }
         hasher.update(&buffer[..read]);
     }

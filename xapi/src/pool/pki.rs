@@ -121,6 +121,23 @@ pub fn fingerprint(pem: &str) -> Result<String, PkiError> {
     Ok(fingerprint_der(der.contents()))
 }
 
+/// Whether the certificate `pem` names `host` (a DNS subject alternative
+/// name).
+pub fn names_host(pem: &str, host: &str) -> bool {
+    openssl::x509::X509::from_pem(pem.as_bytes())
+        .ok()
+        .and_then(|cert| cert.subject_alt_names())
+        .is_some_and(|names| names.iter().any(|name| name.dnsname() == Some(host)))
+}
+
+fn dns_name(name: &str) -> SanType {
+    SanType::DnsName(
+        name.to_owned()
+            .try_into()
+            .unwrap_or_else(|_| "invalid".try_into().expect("ASCII")),
+    )
+}
+
 /// [`fingerprint`] of DER bytes.
 pub fn fingerprint_der(der: &[u8]) -> String {
     format!("sha256:{}", hex::encode(openssl::sha::sha256(der)))
@@ -128,11 +145,7 @@ pub fn fingerprint_der(der: &[u8]) -> String {
 
 /// The names a certificate is valid for: the host's name and its address.
 fn subject_alt_names(name: &str, address: Option<IpAddr>) -> Vec<SanType> {
-    let mut names = vec![SanType::DnsName(
-        name.to_owned()
-            .try_into()
-            .unwrap_or_else(|_| "invalid".try_into().expect("ASCII")),
-    )];
+    let mut names = vec![dns_name(name)];
     if let Some(address) = address {
         names.push(SanType::IpAddress(address));
     }
@@ -212,11 +225,19 @@ impl PoolCa {
         Ok(params)
     }
 
-    /// The coordinator's own identity, for `address`.
-    pub fn issue_coordinator(&self, address: Option<IpAddr>) -> Result<Identity, PkiError> {
+    /// The coordinator's own identity, for `address`. It is also the
+    /// identity of the host agent beside it, so it names that host too:
+    /// another host fetching a disk from the coordinator's host checks the
+    /// host's name, as with any host.
+    pub fn issue_coordinator(
+        &self,
+        host: &str,
+        address: Option<IpAddr>,
+    ) -> Result<Identity, PkiError> {
         let key = KeyPair::generate()?;
-        let cert =
-            Self::leaf_params(COORDINATOR_NAME, address)?.signed_by(&key, &self.issuer()?)?;
+        let mut params = Self::leaf_params(COORDINATOR_NAME, address)?;
+        params.subject_alt_names.push(dns_name(host));
+        let cert = params.signed_by(&key, &self.issuer()?)?;
         Ok(Identity {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
