@@ -61,3 +61,16 @@ awk '
   /^plain_copy_1gib_median_s/ { plain = $2 }
   /^migrate_to_plain_ratio/ { ratio = $2 }
   END { printf "migration: hsev vm migrate %.2f s, plain copy %.2f s, ratio %.2f (target <= 1.3)\n", ours, plain, ratio }' <<<"$migration"
+
+echo "== highly available pools: store writes on a 3-member etcd cluster beside SQLite, coordinator failover beside the lease TTL"
+ha=$(cargo bench --quiet -p hsev-e2e --bench ha 2>/dev/null)
+awk '
+  /^store_writes_sqlite_per_s/ { sqlite = $2 }
+  /^store_writes_etcd_per_s/ { etcd = $2 }
+  /^store_etcd_to_sqlite_ratio/ { ratio = $2 }
+  /^failover_median_s/ { failover = $2 }
+  /^lease_ttl_s/ { ttl = $2 }
+  END {
+    printf "store writes: etcd %.0f/s, SQLite %.0f/s, ratio %.2f\n", etcd, sqlite, ratio
+    printf "coordinator failover: %.2f s after the leader died, lease TTL %d s (bound: TTL + a few s)\n", failover, ttl
+  }' <<<"$ha"
