@@ -140,6 +140,11 @@ impl From<StateArg> for VmState {
 pub struct CreateArgs {
     /// Name, unique among your VMs: 1-63 of [a-z0-9-], starting with a letter.
     name: String,
+    /// An id of yours for this create (default: a new one): run the same
+    /// command again with the same id after a lost answer, and the VM is
+    /// created once.
+    #[arg(long, value_name = "ID")]
+    request_id: Option<String>,
     /// Id or name of an imported image (`hsev image list`).
     #[arg(long, value_name = "IMAGE")]
     image: String,
@@ -592,6 +597,10 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                 }),
                 // With an ID block, started once it is set.
                 start: args.start && !args.id_block.given(),
+                request_id: args
+                    .request_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             };
             let vm = follow_progress(vms.create_vm(request).await?).await?;
             if args.explain {

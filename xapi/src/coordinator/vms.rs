@@ -91,14 +91,25 @@ impl Coordinator {
         Ok(self.decide(&spec, &allocations, &BTreeSet::new()))
     }
 
-    /// Creates a VM; starts it when asked.
+    /// Creates a VM; starts it when asked. With a `request_id`, a create
+    /// retried with the same id is applied once: the retry answers the VM
+    /// the first attempt made.
     pub fn create(
         &self,
         caller: &Caller,
         spec: VmSpec,
         start: bool,
+        request_id: Option<&str>,
         progress: Progress<'_>,
     ) -> Result<VmRecord, OpError> {
+        // Scoped by caller: one tenant's ids never find another's VMs.
+        let request = request_id.map(|id| format!("{}/{id}", caller.name));
+        if let Some(request) = &request {
+            if let Some(made) = self.store.vm_for_request(request)? {
+                progress("done", "created already by this request", 100);
+                return self.get(caller, &made.0);
+            }
+        }
         progress("validate", "checking the spec", 5);
         let mut spec = validate::validate(spec, &self.default_vcpu_type)?;
         let image = self
@@ -152,7 +163,10 @@ impl Coordinator {
                 created_at: now,
                 updated_at: now,
             };
-            self.store.insert_vm(&record, &disks)?;
+            match &request {
+                Some(request) => self.store.insert_vm_once(request, &record, &disks),
+                None => self.store.insert_vm(&record, &disks),
+            }?;
             add_load(allocations.entry(host).or_default(), &load_of(&spec));
             (record, decision)
         };

@@ -203,12 +203,21 @@ impl VmService for Api {
         )?;
         let span = tracing::info_span!("create_vm", caller = %caller.name, name = %spec.name);
         let start = request.start;
+        let request_id = Some(request.request_id).filter(|id| !id.is_empty());
+        if request_id
+            .as_ref()
+            .is_some_and(|id| id.chars().count() > 128)
+        {
+            return Err(Status::invalid_argument(
+                "request_id is longer than 128 characters",
+            ));
+        }
         Ok(Response::new(self.streamed(
             "CreateVm",
             span,
             move |manager, progress| {
                 manager
-                    .create(&caller, spec, start, progress)
+                    .create(&caller, spec, start, request_id.as_deref(), progress)
                     .map(|vm| finished(manager, &vm))
             },
         )))

@@ -128,6 +128,10 @@ store_interface! {
     fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>>;
     /// Records a new VM and its disks, atomically.
     fn insert_vm(&self, vm: &VmRecord, disks: &[DiskRecord]) -> Result<()>;
+    /// Records a new VM and the create request that made it, atomically.
+    fn insert_vm_once(&self, request: &str, vm: &VmRecord, disks: &[DiskRecord]) -> Result<()>;
+    /// The VM a create request made, if one did.
+    fn vm_for_request(&self, request: &str) -> Result<Option<VmId>>;
     /// One VM, by id or else by name, scoped to an owner if given.
     fn get_vm(&self, id_or_name: &str, owner: Option<&str>) -> Result<VmRecord>;
     /// The VMs matching a filter, by owner then name.

@@ -24,6 +24,8 @@ pub enum Entity {
     JoinToken,
     /// A migration in flight.
     Migration,
+    /// A create's request id.
+    Request,
 }
 
 impl fmt::Display for Entity {
@@ -36,6 +38,7 @@ impl fmt::Display for Entity {
             Entity::Disk => "disk",
             Entity::JoinToken => "join token",
             Entity::Migration => "migration",
+            Entity::Request => "create request",
         })
     }
 }

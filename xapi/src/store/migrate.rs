@@ -3,8 +3,9 @@
 //! target and comparing it with the source before declaring success.
 //!
 //! What it must never do: write into a target that already holds a pool,
-//! or change the source. Join tokens are not carried over: they are
-//! single-use and short-lived; create new ones on the new store.
+//! or change the source. Join tokens and create request ids are not
+//! carried over: tokens are single-use and short-lived (create new ones on
+//! the new store); request ids only matter while a create is retried.
 
 use std::fmt;
 

@@ -28,7 +28,7 @@
 //! process may open the same file: SQLite's locks and the busy timeout
 //! serialise them.
 //!
-//! The schema ([`SCHEMA_VERSION`], `schema_v1.sql`, `schema_v2.sql`) is
+//! The schema ([`SCHEMA_VERSION`], `schema_v1.sql` to `schema_v3.sql`) is
 //! migrated by SQLite's
 //! `user_version`: each entry of the migration list takes the database one
 //! version up, inside one transaction with the version bump.
@@ -67,7 +67,11 @@ pub use vms::VmFilter;
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The migrations: entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql"), include_str!("schema_v2.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("schema_v1.sql"),
+    include_str!("schema_v2.sql"),
+    include_str!("schema_v3.sql"),
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

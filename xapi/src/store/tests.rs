@@ -669,6 +669,37 @@ fn store_vm_insert_is_all_or_nothing() {
 }
 
 #[test]
+fn store_a_create_request_makes_one_vm() {
+    let (_fixture, store) = seeded();
+    let first = vm("vm-1", "alice", "web", "h1");
+    store
+        .insert_vm_once("alice/req-1", &first, &[disk(&first, "data")])
+        .unwrap();
+    assert_eq!(
+        store.vm_for_request("alice/req-1").unwrap(),
+        Some(first.id.clone())
+    );
+    // The same request again, as a retry would send it: refused, nothing added.
+    let retry = vm("vm-2", "alice", "web-again", "h1");
+    match store.insert_vm_once("alice/req-1", &retry, &[]) {
+        Err(StoreError::Conflict {
+            entity: Entity::Request,
+            ..
+        }) => {}
+        other => panic!("expected Conflict on the request, got {other:?}"),
+    }
+    assert!(matches!(
+        store.get_vm("vm-2", None),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(store.vm_for_request("alice/req-2").unwrap(), None);
+    // The request goes with its VM.
+    store.delete_vm(&first.id).unwrap();
+    assert_eq!(store.vm_for_request("alice/req-1").unwrap(), None);
+    store.insert_vm_once("alice/req-1", &retry, &[]).unwrap();
+}
+
+#[test]
 fn store_vm_needs_a_known_host_and_image() {
     let (_dir, store) = seeded();
     match store.insert_vm(&vm("vm-1", "alice", "web", "h9"), &[]) {

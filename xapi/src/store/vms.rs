@@ -49,6 +49,44 @@ impl SqliteStore {
     /// `i64::MAX`, or a path that is not UTF-8; [`StoreError::Constraint`]
     /// for an empty id, owner or name.
     pub fn insert_vm(&self, vm: &VmRecord, disks: &[DiskRecord]) -> Result<()> {
+        self.insert_vm_with(None, vm, disks)
+    }
+
+    /// Records a new VM as [`SqliteStore::insert_vm`] does, and `request`
+    /// (a create's request id, scoped by its caller) as having made it, in
+    /// the same transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`SqliteStore::insert_vm`]; [`StoreError::Conflict`] with
+    /// [`Entity::Request`] if `request` made a VM already.
+    pub fn insert_vm_once(&self, request: &str, vm: &VmRecord, disks: &[DiskRecord]) -> Result<()> {
+        self.insert_vm_with(Some(request), vm, disks)
+    }
+
+    /// The VM a create with `request` made, if one did.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`].
+    pub fn vm_for_request(&self, request: &str) -> Result<Option<VmId>> {
+        self.connection()
+            .prepare_cached("SELECT vm FROM create_request WHERE id = ?1")
+            .and_then(|mut statement| {
+                statement
+                    .query_row([request], |row| row.get::<_, String>(0))
+                    .optional()
+            })
+            .map(|vm| vm.map(VmId))
+            .map_err(StoreError::sql("read the create request"))
+    }
+
+    fn insert_vm_with(
+        &self,
+        request: Option<&str>,
+        vm: &VmRecord,
+        disks: &[DiskRecord],
+    ) -> Result<()> {
         let op = "record the VM";
         let spec = codec::json(&vm.spec, "VM spec")?;
         let runtime = vm
@@ -89,6 +127,14 @@ impl SqliteStore {
                     .and_then(|mut statement| statement.exists([key]))
                     .map_err(StoreError::sql(op))
             };
+            if let Some(request) = request {
+                if exists("SELECT 1 FROM create_request WHERE id = ?1", request)? {
+                    return Err(StoreError::Conflict {
+                        entity: Entity::Request,
+                        key: request.to_owned(),
+                    });
+                }
+            }
             if !exists("SELECT 1 FROM host WHERE name = ?1", &vm.host)? {
                 return Err(not_found(Entity::Host, &vm.host));
             }
@@ -162,6 +208,12 @@ impl SqliteStore {
                     }
                     Err(error) => return Err(StoreError::sql(op)(error)),
                 }
+            }
+            if let Some(request) = request {
+                transaction
+                    .prepare_cached("INSERT INTO create_request (id, vm) VALUES (?1, ?2)")
+                    .and_then(|mut statement| statement.execute((request, &vm.id.0)))
+                    .map_err(StoreError::sql(op))?;
             }
             Ok(())
         })

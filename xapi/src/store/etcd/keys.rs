@@ -12,6 +12,7 @@
 //! PREFIX token/SHA256               a join token (by its secret's hash)
 //! PREFIX revoked/FINGERPRINT        a revoked certificate
 //! PREFIX migration/VM               a migration in flight
+//! PREFIX request/ID                 -> the VM a create with this request id made
 //! PREFIX event/UUID                 an event (its seq: the key's create revision)
 //! PREFIX vm-event/VM/UUID           the same event, under its VM
 //! ```
@@ -106,6 +107,10 @@ impl Keys {
 
     pub(super) fn migration(&self, vm: &str) -> String {
         self.key(&["migration/", vm])
+    }
+
+    pub(super) fn request(&self, id: &str) -> String {
+        self.key(&["request/", id])
     }
 
     pub(super) fn events(&self) -> String {

@@ -42,6 +42,9 @@ type Planned<'a, T> = Pin<Box<dyn Future<Output = Result<Plan<T>>> + Send + 'a>>
 struct VmDoc {
     vm: VmRecord,
     disks: Vec<DiskRecord>,
+    /// The request id of the create that made it, if it had one.
+    #[serde(default)]
+    request: Option<String>,
 }
 
 /// A join token.
@@ -903,6 +906,32 @@ impl EtcdKv {
     // ---- VMs -----------------------------------------------------------
 
     pub(crate) async fn insert_vm(&self, vm: &VmRecord, disks: &[DiskRecord]) -> Result<()> {
+        self.insert_vm_with(None, vm, disks).await
+    }
+
+    pub(crate) async fn insert_vm_once(
+        &self,
+        request: &str,
+        vm: &VmRecord,
+        disks: &[DiskRecord],
+    ) -> Result<()> {
+        required("create request id", request)?;
+        self.insert_vm_with(Some(request), vm, disks).await
+    }
+
+    pub(crate) async fn vm_for_request(&self, request: &str) -> Result<Option<VmId>> {
+        Ok(self
+            .get_kv("read the create request", &self.keys.request(request))
+            .await?
+            .map(|kv| VmId(String::from_utf8_lossy(kv.value()).into_owned())))
+    }
+
+    async fn insert_vm_with(
+        &self,
+        request: Option<&str>,
+        vm: &VmRecord,
+        disks: &[DiskRecord],
+    ) -> Result<()> {
         let op = "record the VM";
         required("VM id", &vm.id.0)?;
         required("VM owner", &vm.owner)?;
@@ -940,6 +969,7 @@ impl EtcdKv {
             &VmDoc {
                 vm: vm.clone(),
                 disks: sorted,
+                request: request.map(str::to_owned),
             },
             "VM",
         )?;
@@ -958,6 +988,14 @@ impl EtcdKv {
                         entity: Entity::Vm,
                         key: vm.id.0.clone(),
                     });
+                }
+                if let Some(request) = request {
+                    if self.exists(op, &self.keys.request(request)).await? {
+                        return Err(StoreError::Conflict {
+                            entity: Entity::Request,
+                            key: request.to_owned(),
+                        });
+                    }
                 }
                 let name_key = self.keys.vm_name(&vm.owner, &vm.spec.name);
                 if self.exists(op, &name_key).await? {
@@ -979,6 +1017,12 @@ impl EtcdKv {
                         });
                     }
                     operations.push(put(key, vm.id.0.clone().into_bytes()));
+                }
+                if let Some(request) = request {
+                    operations.push(put(
+                        self.keys.request(request),
+                        vm.id.0.clone().into_bytes(),
+                    ));
                 }
                 Ok((operations, ()))
             })
@@ -1164,6 +1208,9 @@ impl EtcdKv {
                     if let Some(path) = disk.path.to_str() {
                         operations.push(delete(self.keys.disk_path(path)));
                     }
+                }
+                if let Some(request) = &doc.request {
+                    operations.push(delete(self.keys.request(request)));
                 }
                 Ok((operations, ()))
             })
