@@ -200,3 +200,83 @@ fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or
         .len();
     assert_eq!(count, acknowledged.len());
 }
+
+#[test]
+fn without_an_etcd_quorum_writes_are_refused_and_the_same_hsevd_resumes_when_it_is_back() {
+    let mut cluster = EtcdCluster::start(3);
+    let mut daemon = coordinator(0, &cluster.endpoints());
+    daemon.run();
+    let pid = daemon.pid();
+    let work = tempfile::tempdir().unwrap();
+    let image = image_folder(work.path());
+    let imported = daemon.hsev(
+        ADMIN,
+        [
+            "image",
+            "import",
+            "debian",
+            "--from",
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(imported.status.success());
+    let create = |daemon: &Daemon, name: &str| {
+        daemon.hsev(
+            ALICE,
+            [
+                "vm", "create", name, "--image", "debian", "--vcpus", "1", "--memory", "256",
+                "--mode", "none",
+            ],
+        )
+    };
+    assert!(create(&daemon, "before").status.success());
+
+    // One member down: the pool goes on.
+    cluster.kill(2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !create(&daemon, "one-down").status.success() {
+        assert!(Instant::now() < deadline, "no create with one member down");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Two down: refused as unavailable, with the reason; hsevd keeps running.
+    cluster.kill(1);
+    let started = Instant::now();
+    let refused = create(&daemon, "no-quorum");
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    println!("without quorum ({:?}): {said}", started.elapsed());
+    assert!(!refused.status.success());
+    assert!(
+        said.contains("etcd cluster is unavailable") || said.contains("does not lead the pool now"),
+        "{said}"
+    );
+    std::thread::sleep(Duration::from_secs(TTL_S + 1));
+    assert!(daemon.is_running(), "hsevd exited: {}", daemon.log());
+
+    // Back: the same process resumes.
+    cluster.restart(1);
+    cluster.restart(2);
+    let back = Instant::now();
+    while !create(&daemon, "after").status.success() {
+        assert!(
+            back.elapsed() < Duration::from_secs(40),
+            "no create after the members came back: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "writes again {:?} after the members came back",
+        back.elapsed()
+    );
+    assert_eq!(daemon.pid(), pid);
+    let listed = daemon.json(ADMIN, ["vm", "list"]);
+    let mut names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["name"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["after", "before", "one-down"]);
+}

@@ -231,10 +231,13 @@ impl Campaign {
         }
         self.set(Standing::Follower(None));
         let mut client = self.client.clone();
-        let _ = client
-            .resign(Some(ResignOptions::new().with_leader(key)))
-            .await;
-        let _ = client.lease_revoke(lease).await;
+        // Best effort, bounded: etcd may be the reason for stepping down.
+        let _ = tokio::time::timeout(
+            self.ttl,
+            client.resign(Some(ResignOptions::new().with_leader(key))),
+        )
+        .await;
+        let _ = tokio::time::timeout(self.ttl, client.lease_revoke(lease)).await;
         outcome
     }
 

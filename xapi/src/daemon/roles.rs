@@ -93,9 +93,54 @@ fn coordinator_identity(
 /// hsevd's exit status when it stops leading the pool.
 pub const EXIT_NOT_LEADER: i32 = 75;
 
+/// Follows this coordinator's leadership once it led: while it does not
+/// lead (etcd without a quorum, renewals late), it keeps serving and its
+/// writes are refused; when it leads again and nobody else wrote in
+/// between, it goes on as it was; when another coordinator leads or wrote,
+/// it exits (its supervisor starts it again as a candidate): what it keeps
+/// in memory is no longer the pool's.
+fn watch_leadership(candidacy: Candidacy, address: String, store: Arc<crate::store::Store>) {
+    let lost = std::sync::atomic::AtomicBool::new(false);
+    serve::every(Duration::from_millis(200), move || {
+        use std::sync::atomic::Ordering;
+        match candidacy.standing() {
+            Standing::Leader(_) if lost.load(Ordering::SeqCst) => {
+                let others = store
+                    .as_etcd()
+                    .map_or(Ok(true), crate::store::EtcdStore::written_by_others);
+                if others.as_ref().is_ok_and(|others| *others) {
+                    tracing::error!(
+                        "leading again, but another coordinator wrote the pool meanwhile: \
+                         exiting to start afresh"
+                    );
+                    std::process::exit(EXIT_NOT_LEADER);
+                }
+                if others.is_ok() {
+                    tracing::info!("leading the pool again; nobody else wrote meanwhile");
+                    lost.store(false, Ordering::SeqCst);
+                }
+            }
+            Standing::Leader(_) => {}
+            Standing::Follower(Some(leader)) if leader != address => {
+                tracing::error!(%leader, "another coordinator leads the pool: exiting");
+                std::process::exit(EXIT_NOT_LEADER);
+            }
+            Standing::Follower(_) => {
+                if !lost.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        "not leading the pool now (its lease could not be renewed): writes \
+                         are refused until it leads again"
+                    );
+                }
+            }
+        }
+    });
+}
+
 /// Campaigns to lead the pool on `store` and waits until it does; this
-/// coordinator serves nothing meanwhile (clients use the leader).
-async fn lead(config: &Config, store: &Arc<crate::store::Store>) -> Candidacy {
+/// coordinator serves nothing meanwhile (clients use the leader). Answers
+/// the candidacy and the address it stands as.
+async fn lead(config: &Config, store: &Arc<crate::store::Store>) -> (Candidacy, String) {
     let address = config
         .listen
         .map(|address| address.to_string())
@@ -115,7 +160,7 @@ async fn lead(config: &Config, store: &Arc<crate::store::Store>) -> Candidacy {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::info!(%address, "leading the pool");
-    candidacy
+    (candidacy, address)
 }
 
 /// The coordinator, with this host's agent in-process.
@@ -135,23 +180,13 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
                 })
                 .await??
             };
-            let candidacy = lead(&config, &store).await;
-            let config = config.clone();
-            let roles = tokio::task::spawn_blocking(move || super::roles_on(&config, store, agent))
-                .await??;
-            // Fail-stop: a coordinator that stopped leading exits, and its
-            // supervisor starts it again as a candidate. Its writes were
-            // refused from the moment it stepped down (see
-            // coordinator::election).
-            serve::every(Duration::from_millis(200), move || {
-                if !candidacy.is_leader() {
-                    tracing::error!(
-                        "no longer the pool's leader (its lease could not be renewed in time); \
-                         exiting so that only the new leader acts"
-                    );
-                    std::process::exit(EXIT_NOT_LEADER);
-                }
-            });
+            let (candidacy, address) = lead(&config, &store).await;
+            let roles = {
+                let (config, store) = (config.clone(), Arc::clone(&store));
+                tokio::task::spawn_blocking(move || super::roles_on(&config, store, agent))
+                    .await??
+            };
+            watch_leadership(candidacy, address, store);
             roles
         }
     };

@@ -207,7 +207,10 @@ pub enum StoreError {
         reason: String,
     },
     /// A write of a coordinator whose leadership ended: it did not land.
-    #[error("cannot {op}: this coordinator is no longer the pool's leader")]
+    #[error(
+        "cannot {op}: this coordinator does not lead the pool now (it could not renew its \
+         lease with etcd in time, or another coordinator leads)"
+    )]
     NotLeader {
         /// The operation.
         op: &'static str,

@@ -163,6 +163,17 @@ impl EtcdStore {
             .unwrap_or_else(PoisonError::into_inner) = guard;
     }
 
+    /// Whether records were written since this process last wrote one:
+    /// a coordinator that stopped leading and leads again may trust what it
+    /// keeps in memory only if nobody else did.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`].
+    pub fn written_by_others(&self) -> Result<bool> {
+        self.block(self.kv.written_by_others())
+    }
+
     /// The guard writes carry now.
     pub fn leader_guard(&self) -> Option<LeaderGuard> {
         self.kv.guard()

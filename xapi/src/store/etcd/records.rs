@@ -295,6 +295,17 @@ impl EtcdKv {
         })
     }
 
+    /// Whether a record was written since this process's last write (the
+    /// serial key moved on): another coordinator led in between.
+    pub(crate) async fn written_by_others(&self) -> Result<bool> {
+        let known = *self.serial.lock().await;
+        let now = self
+            .get_kv("read the serial key", &self.keys.serial())
+            .await?
+            .map_or(0, |kv| kv.mod_revision());
+        Ok(now != known)
+    }
+
     /// One transaction: `operations` and a bump of the serial key, if the
     /// serial key is still at `serial` and the leader guard holds. Returns
     /// whether it committed; on a stale serial, `serial` is refreshed.
