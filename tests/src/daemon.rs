@@ -462,6 +462,15 @@ impl Daemon {
             .unwrap_or_else(|error| panic!("hsev {args:?}: not JSON ({error})"))
     }
 
+    /// Appends `toml` to its configuration (new tables, such as `[store]`),
+    /// for its next start.
+    pub fn append_config(&self, toml: &str) {
+        let mut text = std::fs::read_to_string(&self.config).expect("its configuration");
+        text.push('\n');
+        text.push_str(toml);
+        std::fs::write(&self.config, text).expect("configuration written");
+    }
+
     /// Runs one SQL statement on its store, behind its back (as a rogue
     /// operator could).
     pub fn edit_store(&self, sql: &str) {
@@ -535,4 +544,34 @@ impl Daemon {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
     }
+}
+
+fn sha256(path: &Path) -> String {
+    let output = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("hashing an artifact");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum prints a digest")
+        .to_owned()
+}
+
+/// A guest image folder for the fake driver (which boots nothing): Debian's
+/// OVMF and a stand-in kernel, with their manifest, in `dir`.
+pub fn stand_in_image(dir: &Path) -> PathBuf {
+    let image = dir.join("image");
+    std::fs::create_dir_all(&image).expect("the image folder");
+    std::fs::copy("/usr/share/ovmf/OVMF.fd", image.join("OVMF.fd"))
+        .expect("/usr/share/ovmf/OVMF.fd (Debian package ovmf, `make deps`)");
+    std::fs::write(image.join("vmlinuz"), vec![0x5a; 4096]).expect("the kernel written");
+    let manifest = serde_json::json!({
+        "firmware": {"path": "OVMF.fd", "sha256": sha256(&image.join("OVMF.fd"))},
+        "kernel": {"path": "vmlinuz", "sha256": sha256(&image.join("vmlinuz"))},
+        "cmdline": "console=ttyS0",
+    });
+    std::fs::write(image.join("manifest.json"), manifest.to_string())
+        .expect("the manifest written");
+    image
 }

@@ -7,41 +7,13 @@
 
 #![allow(clippy::unwrap_used)] // tests
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{Daemon, Driver, ADMIN, ALICE};
+use hsev_e2e::daemon::{stand_in_image, Daemon, Driver, ADMIN, ALICE};
 use hsev_e2e::etcd::EtcdCluster;
 
 /// The coordinators' lease TTL.
 const TTL_S: u64 = 3;
-
-fn sha256(path: &Path) -> String {
-    let output = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-/// A guest image folder the fake driver can "boot": Debian's OVMF and a
-/// stand-in kernel, with their manifest.
-fn image_folder(dir: &Path) -> std::path::PathBuf {
-    let image = dir.join("image");
-    std::fs::create_dir_all(&image).unwrap();
-    std::fs::copy("/usr/share/ovmf/OVMF.fd", image.join("OVMF.fd"))
-        .expect("/usr/share/ovmf/OVMF.fd (Debian package ovmf, `make deps`)");
-    std::fs::write(image.join("vmlinuz"), vec![0x5a; 4096]).unwrap();
-    let manifest = serde_json::json!({
-        "firmware": {"path": "OVMF.fd", "sha256": sha256(&image.join("OVMF.fd"))},
-        "kernel": {"path": "vmlinuz", "sha256": sha256(&image.join("vmlinuz"))},
-        "cmdline": "console=ttyS0",
-    });
-    std::fs::write(image.join("manifest.json"), manifest.to_string()).unwrap();
-    image
-}
 
 fn coordinator(index: usize, endpoints: &[String]) -> Daemon {
     let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
@@ -120,7 +92,7 @@ fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or
         "a standby coordinator serves the API"
     );
     let work = tempfile::tempdir().unwrap();
-    let image = image_folder(work.path());
+    let image = stand_in_image(work.path());
     let imported = coordinators[0].hsev(
         ADMIN,
         [
@@ -208,7 +180,7 @@ fn without_an_etcd_quorum_writes_are_refused_and_the_same_hsevd_resumes_when_it_
     daemon.run();
     let pid = daemon.pid();
     let work = tempfile::tempdir().unwrap();
-    let image = image_folder(work.path());
+    let image = stand_in_image(work.path());
     let imported = daemon.hsev(
         ADMIN,
         [
