@@ -190,6 +190,8 @@ fn vm(n: usize, host: &str, hosts: usize, now: OffsetDateTime) -> VmRecord {
             key_broker: None,
             id_block: None,
             placement: Default::default(),
+            ha: Default::default(),
+            ha_priority: 0,
         },
         state: VmState::Stopped,
         state_reason: "bench".to_owned(),

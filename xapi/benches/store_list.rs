@@ -110,6 +110,8 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
             key_broker: None,
             id_block: None,
             placement: Default::default(),
+            ha: Default::default(),
+            ha_priority: 0,
         },
         state: if running {
             VmState::Running

@@ -62,11 +62,15 @@ pub enum VmState {
     Failed,
     /// Being deleted.
     Deleting,
+    /// Its host was declared failed while it ran, and it is not restarted
+    /// elsewhere (not HA, or no host could take it): `state_reason` says
+    /// why. Never restarted on its own.
+    Lost,
 }
 
 impl VmState {
     /// Every state.
-    pub const ALL: [VmState; 7] = [
+    pub const ALL: [VmState; 8] = [
         VmState::Creating,
         VmState::Stopped,
         VmState::Starting,
@@ -74,6 +78,7 @@ impl VmState {
         VmState::Stopping,
         VmState::Failed,
         VmState::Deleting,
+        VmState::Lost,
     ];
 
     /// The name stored and shown.
@@ -86,6 +91,7 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Failed => "failed",
             VmState::Deleting => "deleting",
+            VmState::Lost => "lost",
         }
     }
 
@@ -157,6 +163,34 @@ pub struct VmSpec {
     /// Where it may be placed.
     #[serde(default)]
     pub placement: PlacementRules,
+    /// What the pool does when its host fails.
+    #[serde(default)]
+    pub ha: HaPolicy,
+    /// Among HA VMs restarted after a host failure, higher first.
+    #[serde(default)]
+    pub ha_priority: i32,
+}
+
+/// What the pool does with a VM whose host fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HaPolicy {
+    /// Nothing: the VM is marked lost.
+    #[default]
+    None,
+    /// Its host fences it and the coordinator starts it on another host (a
+    /// fresh launch).
+    Restart,
+}
+
+impl HaPolicy {
+    /// The name shown and accepted.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HaPolicy::None => "none",
+            HaPolicy::Restart => "restart",
+        }
+    }
 }
 
 /// What a VM asks of the host it is placed on.

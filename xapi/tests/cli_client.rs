@@ -173,6 +173,13 @@ impl VmService for CannedHsevd {
     ) -> Result<Response<Vm>, Status> {
         unimplemented()
     }
+
+    async fn set_vm_ha(
+        &self,
+        _: Request<hsev_proto::v1::SetVmHaRequest>,
+    ) -> Result<Response<Vm>, Status> {
+        unimplemented()
+    }
 }
 
 fn debian_image() -> Image {
@@ -287,6 +294,13 @@ impl HostService for CannedHsevd {
         &self,
         _: Request<hsev_proto::v1::MigrateVmRequest>,
     ) -> Result<Response<Canned<Progress>>, Status> {
+        unimplemented()
+    }
+
+    async fn plan_ha(
+        &self,
+        _: Request<hsev_proto::v1::HaPlanRequest>,
+    ) -> Result<Response<hsev_proto::v1::HaPlanResponse>, Status> {
         unimplemented()
     }
 }

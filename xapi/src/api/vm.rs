@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use crate::daemon::error::OpError;
 use crate::daemon::host::HostCapabilities;
 use crate::model::{
-    Attestation, ConfidentialMode, DiskSpec, HostRecord, ImageRecord, KeyBrokerBinding,
+    Attestation, ConfidentialMode, DiskSpec, HaPolicy, HostRecord, ImageRecord, KeyBrokerBinding,
     OwnerIdBlock, PlacementRules, PortForward, VmRecord, VmSpec, VmState,
 };
 use hsev_attestation::id_block::SignedIdBlock;
@@ -50,6 +50,7 @@ pub fn state_from_proto(state: i32) -> Result<Option<VmState>, OpError> {
         Ok(v1::VmState::Stopping) => Some(VmState::Stopping),
         Ok(v1::VmState::Failed) => Some(VmState::Failed),
         Ok(v1::VmState::Deleting) => Some(VmState::Deleting),
+        Ok(v1::VmState::Lost) => Some(VmState::Lost),
         Ok(v1::VmState::Unknown) => {
             return Err(OpError::invalid(
                 "unknown is reported for VMs whose host is down, never stored: filter on \
@@ -69,6 +70,7 @@ fn state_to_proto(state: VmState) -> v1::VmState {
         VmState::Stopping => v1::VmState::Stopping,
         VmState::Failed => v1::VmState::Failed,
         VmState::Deleting => v1::VmState::Deleting,
+        VmState::Lost => v1::VmState::Lost,
     }
 }
 
@@ -114,7 +116,27 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
         }),
         id_block: id_block_from_proto(&spec.id_block, &spec.id_auth)?,
         placement: placement_from_proto(spec.placement.unwrap_or_default())?,
+        ha: ha_from_proto(spec.ha)?,
+        ha_priority: spec.ha_priority,
     })
+}
+
+/// The domain HA policy of an API one.
+pub fn ha_from_proto(ha: i32) -> Result<HaPolicy, OpError> {
+    match v1::HaPolicy::try_from(ha) {
+        Ok(v1::HaPolicy::None) => Ok(HaPolicy::None),
+        Ok(v1::HaPolicy::Restart) => Ok(HaPolicy::Restart),
+        Err(_) => Err(OpError::invalid(format!(
+            "ha {ha}: HA_POLICY_NONE or HA_POLICY_RESTART"
+        ))),
+    }
+}
+
+fn ha_to_proto(ha: HaPolicy) -> v1::HaPolicy {
+    match ha {
+        HaPolicy::None => v1::HaPolicy::None,
+        HaPolicy::Restart => v1::HaPolicy::Restart,
+    }
 }
 
 fn non_empty(text: String) -> Option<String> {
@@ -250,6 +272,8 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
                 .map(|id_block| id_block.signed.auth_bytes().to_vec())
                 .unwrap_or_default(),
             placement: Some(placement_to_proto(&spec.placement)),
+            ha: ha_to_proto(spec.ha).into(),
+            ha_priority: spec.ha_priority,
         }),
         state: state_to_proto(vm.state).into(),
         state_reason: vm.state_reason.clone(),
@@ -294,7 +318,8 @@ pub fn host_to_proto(
     let capabilities: Option<HostCapabilities> = serde_json::from_str(&host.capabilities_json).ok();
     v1::Host {
         name: host.name.clone(),
-        status: if down.is_some() {
+        // A failed host is down as well, and says more.
+        status: if down.is_some() && host.status != crate::coordinator::ha::FAILED {
             "down".to_owned()
         } else {
             host.status.clone()

@@ -1,10 +1,11 @@
-//! `hsev pool`: the pool itself (admins): the tokens new hosts join with.
+//! `hsev pool`: the pool itself (admins): the tokens new hosts join with,
+//! and whether its HA VMs survive host failures.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use hsev_proto::v1::CreateJoinTokenRequest;
+use hsev_proto::v1::{CreateJoinTokenRequest, HaPlanRequest};
 use serde_json::json;
 
 use super::client::{self, print_json, print_stdout, Connection, ConnectionArgs, RemoteError};
@@ -25,6 +26,24 @@ pub enum PoolCommand {
     /// Join tokens.
     #[command(subcommand, name = "join-token")]
     JoinToken(JoinTokenCommand),
+    /// High availability.
+    #[command(subcommand)]
+    Ha(HaCommand),
+}
+
+/// `hsev pool ha ...`.
+#[derive(Debug, Subcommand)]
+pub enum HaCommand {
+    /// Whether every running HA VM could be restarted, by priority within
+    /// the other hosts' capacity, if any N hosts failed; exit 1 if not.
+    Plan {
+        /// How many hosts may fail at once.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        host_failures: u32,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
 }
 
 /// `hsev pool join-token ...`.
@@ -71,7 +90,66 @@ pub fn run(args: &PoolArgs) -> ExitCode {
 }
 
 async fn execute(connection: &Connection, command: &PoolCommand) -> Result<ExitCode, RemoteError> {
-    let PoolCommand::JoinToken(JoinTokenCommand::Create { ttl, output }) = command;
+    match command {
+        PoolCommand::JoinToken(JoinTokenCommand::Create { ttl, output }) => {
+            join_token(connection, *ttl, *output).await
+        }
+        PoolCommand::Ha(HaCommand::Plan {
+            host_failures,
+            output,
+        }) => ha_plan(connection, *host_failures, *output).await,
+    }
+}
+
+async fn ha_plan(
+    connection: &Connection,
+    host_failures: u32,
+    output: OutputFormat,
+) -> Result<ExitCode, RemoteError> {
+    let plan = connection
+        .hosts()
+        .plan_ha(HaPlanRequest { host_failures })
+        .await?
+        .into_inner();
+    match output {
+        OutputFormat::Json => print_json(&json!({
+            "host_failures": host_failures,
+            "restartable": plan.restartable,
+            "scenarios": plan.scenarios,
+            "shortfalls": plan.shortfalls,
+        }))?,
+        OutputFormat::Text => {
+            let mut text = if plan.restartable {
+                format!(
+                    "every HA VM can be restarted if any {host_failures} hosts fail ({} cases)\n",
+                    plan.scenarios
+                )
+            } else {
+                format!(
+                    "NOT every HA VM can be restarted if {host_failures} hosts fail ({} of {} \
+                     cases fall short):\n",
+                    plan.shortfalls.len(),
+                    plan.scenarios
+                )
+            };
+            for shortfall in &plan.shortfalls {
+                text.push_str(&format!("  {shortfall}\n"));
+            }
+            print_stdout(&text)?;
+        }
+    }
+    Ok(if plan.restartable {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn join_token(
+    connection: &Connection,
+    ttl: Option<Duration>,
+    output: OutputFormat,
+) -> Result<ExitCode, RemoteError> {
     let request = CreateJoinTokenRequest {
         ttl_seconds: ttl
             .map(|ttl| u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX))

@@ -16,9 +16,9 @@ use hsev_attestation::{tenant_attest, HexBytes};
 use hsev_proto::v1::attestation_status::State as AttestationState;
 use hsev_proto::v1::{
     AttestVmRequest, AttestationStatus, AttestationVerdict, ConfidentialMode, ConsoleRequest,
-    CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, MigrateVmRequest,
-    MinimumTcb, Placement, PortForward, RootOrigin, SetVmIdBlockRequest, StopVmRequest, Vm, VmRef,
-    VmSpec, VmState, WaitVmRequest,
+    CreateVmRequest, DeleteVmRequest, DiskSpec, HaPolicy, KeyBroker, ListVmsRequest,
+    MigrateVmRequest, MinimumTcb, Placement, PortForward, RootOrigin, SetVmHaRequest,
+    SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
 };
 use serde_json::{json, Value};
 
@@ -76,6 +76,50 @@ pub enum VmCommand {
     /// Set the owner's SNP ID block of a stopped sev-snp VM (signed here
     /// with your ID key over the measurement computed here), or remove it.
     IdBlock(IdBlockArgs),
+    /// Set what the pool does with a VM that is not running when its host
+    /// fails: restart it elsewhere (`--ha restart`) or not (`--ha none`).
+    Set(SetArgs),
+}
+
+/// What the pool does with a VM whose host fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum HaArg {
+    /// Nothing: the VM is marked lost.
+    #[default]
+    None,
+    /// Its host fences it and the pool starts it on another host (a fresh
+    /// launch, a fresh attestation).
+    Restart,
+}
+
+impl From<HaArg> for HaPolicy {
+    fn from(ha: HaArg) -> Self {
+        match ha {
+            HaArg::None => HaPolicy::None,
+            HaArg::Restart => HaPolicy::Restart,
+        }
+    }
+}
+
+/// `hsev vm set`.
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    /// Id or name of a VM that is not running.
+    vm: String,
+    /// What the pool does when its host fails.
+    #[arg(long, value_enum)]
+    ha: HaArg,
+    /// Among HA VMs restarted after a host failure, higher first.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    ha_priority: i32,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
 }
 
 /// How a VM's memory is protected.
@@ -119,6 +163,8 @@ pub enum StateArg {
     Failed,
     /// Being deleted.
     Deleting,
+    /// Its host failed and it was not restarted elsewhere.
+    Lost,
 }
 
 impl From<StateArg> for VmState {
@@ -131,6 +177,7 @@ impl From<StateArg> for VmState {
             StateArg::Stopping => VmState::Stopping,
             StateArg::Failed => VmState::Failed,
             StateArg::Deleting => VmState::Deleting,
+            StateArg::Lost => VmState::Lost,
         }
     }
 }
@@ -176,6 +223,18 @@ pub struct CreateArgs {
     id_block: IdBlockSource,
     #[command(flatten)]
     placement: PlacementArgs,
+    /// What the pool does when its host fails: `restart` it on another host
+    /// (a fresh launch), or `none` (it is marked lost).
+    #[arg(long, value_enum, default_value_t)]
+    ha: HaArg,
+    /// Among HA VMs restarted after a host failure, higher first.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    ha_priority: i32,
     /// Print why the VM went to its host and why every other host was not
     /// chosen.
     #[arg(long)]
@@ -594,6 +653,8 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                     id_block: Vec::new(),
                     id_auth: Vec::new(),
                     placement: Some(args.placement.to_proto()),
+                    ha: HaPolicy::from(args.ha).into(),
+                    ha_priority: args.ha_priority,
                 }),
                 // With an ID block, started once it is set.
                 start: args.start && !args.id_block.given(),
@@ -676,6 +737,16 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                         .into(),
                 ));
             };
+            print_vm(&vm, args.output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Set(args) => {
+            let request = SetVmHaRequest {
+                vm: args.vm.clone(),
+                ha: HaPolicy::from(args.ha).into(),
+                ha_priority: args.ha_priority,
+            };
+            let vm = vms.set_vm_ha(request).await?.into_inner();
             print_vm(&vm, args.output)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -1076,6 +1147,8 @@ pub fn vm_json(vm: &Vm) -> Value {
             "port_forwards": forwards_json(&spec.port_forwards),
             "encrypted_disk_mib": spec.encrypted_disk_mib,
             "key_resource": spec.key_resource,
+            "ha": ha_name(spec.ha),
+            "ha_priority": spec.ha_priority,
         },
         "expected_measurement": hex_or_none(&vm.expected_measurement),
         "launch_digest": hex_or_none(&vm.launch_digest),
@@ -1093,6 +1166,14 @@ pub fn vm_json(vm: &Vm) -> Value {
     })
 }
 
+/// An HA policy as flags name it.
+fn ha_name(ha: i32) -> &'static str {
+    match HaPolicy::try_from(ha) {
+        Ok(HaPolicy::Restart) => "restart",
+        _ => "none",
+    }
+}
+
 /// Every field of a VM, for people.
 pub fn render_vm(vm: &Vm) -> String {
     let spec = vm.spec.clone().unwrap_or_default();
@@ -1107,6 +1188,9 @@ pub fn render_vm(vm: &Vm) -> String {
     fields.add("state", state_name(vm.state));
     fields.add_nonempty("state reason", &vm.state_reason);
     fields.add("host", if vm.host.is_empty() { "-" } else { &vm.host });
+    if spec.ha == HaPolicy::Restart as i32 {
+        fields.add("ha", format!("restart (priority {})", spec.ha_priority));
+    }
     fields.add("image", &spec.image);
     let vcpu_type = if spec.vcpu_type.is_empty() {
         "the host's vCPU type".to_owned()
@@ -1298,6 +1382,8 @@ mod tests {
                 id_block: Vec::new(),
                 id_auth: Vec::new(),
                 placement: None,
+                ha: HaPolicy::None.into(),
+                ha_priority: 0,
             }),
             state: VmState::Running.into(),
             state_reason: String::new(),

@@ -36,8 +36,8 @@ pub struct PoolAuthority {
     pub identity: Identity,
     /// The runtime remote calls run on.
     pub runtime: tokio::runtime::Handle,
-    /// A host not heard from for this long is down.
-    pub down_after: Duration,
+    /// How long a host may be silent, and what fencing waits.
+    pub fence: super::ha::FenceTiming,
 }
 
 /// What a join token holds.
@@ -230,7 +230,7 @@ impl Coordinator {
         })
     }
 
-    fn event_pool(&self, detail: &str) {
+    pub(super) fn event_pool(&self, detail: &str) {
         if let Err(error) = self.store.append_event(None, "pool", detail) {
             tracing::warn!(%error, "cannot record a pool event");
         }
@@ -305,7 +305,16 @@ impl Coordinator {
             tracing::info!(host = %record.name, vms = running.len(), "host heard from");
             let client = self.host(&record.name)?;
             self.reconcile(&record.name, client.recover()?)?;
-            self.event_pool(&format!("host {} is up", record.name));
+            if record.status == super::ha::FAILED {
+                self.store.set_host_status(&record.name, "up")?;
+                self.refresh_host(&record.name);
+                self.event_pool(&format!(
+                    "host {} is back after it failed, reconciled",
+                    record.name
+                ));
+            } else {
+                self.event_pool(&format!("host {} is up", record.name));
+            }
         }
         Ok(self.store.revoked_certificates()?)
     }
@@ -337,7 +346,7 @@ impl Coordinator {
     pub(super) fn down_after(&self) -> Duration {
         self.authority
             .get()
-            .map_or(Duration::from_secs(5), |authority| authority.down_after)
+            .map_or(Duration::from_secs(5), |authority| authority.fence.lease)
     }
 
     /// Why `host` is down, or `None` while it is heard from (the

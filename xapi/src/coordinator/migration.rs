@@ -220,7 +220,7 @@ impl Coordinator {
 
     /// The disks a host removes with the copy of a VM it no longer holds:
     /// none in a shared pool, where the one copy stays with the VM.
-    fn disks_to_remove<'a>(
+    pub(super) fn disks_to_remove<'a>(
         &self,
         disks: &'a [crate::model::DiskRecord],
     ) -> &'a [crate::model::DiskRecord] {

@@ -9,6 +9,7 @@
 //! host agents do. What it knows of a running VM is what its host reported.
 
 pub mod election;
+pub mod ha;
 mod hosts;
 mod migration;
 mod validate;
@@ -75,6 +76,9 @@ pub struct Coordinator {
     /// Every host as placement sees it, kept beside the store so that a
     /// placement reads no row and parses nothing.
     known: RwLock<BTreeMap<String, KnownHost>>,
+    /// When this coordinator started: a host it has not heard from yet
+    /// counts as last heard from then.
+    started: Instant,
 }
 
 /// A host as the coordinator keeps it in memory.
@@ -85,6 +89,8 @@ struct KnownHost {
     /// Reached over the pool (so it can be down); the coordinator's own
     /// host is not.
     remote: bool,
+    /// Declared failed, not back yet.
+    failed: bool,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -168,6 +174,7 @@ impl Coordinator {
             authority: OnceLock::new(),
             liveness: Mutex::new(HashMap::new()),
             known: RwLock::new(BTreeMap::new()),
+            started: Instant::now(),
         };
         for record in coordinator.store.list_hosts()? {
             coordinator.remember_host(&record);
@@ -275,6 +282,7 @@ impl Coordinator {
                 KnownHost {
                     view: host_view(record),
                     remote: !record.address.is_empty(),
+                    failed: record.status == ha::FAILED,
                 },
             );
     }
@@ -318,6 +326,8 @@ impl Coordinator {
                     }
                     self.event(&record.id, "adopted", &runtime.vmm());
                 }
+                // Reported again after it was recorded (a fenced VM's folder).
+                (Some(Recovered::Gone(_)), VmState::Stopped | VmState::Failed) => {}
                 (Some(Recovered::Gone(reason)), _) => self.mark_dead(&record.id, &reason),
                 (None, VmState::Running | VmState::Stopping) => self.mark_dead(
                     &record.id,
@@ -330,13 +340,58 @@ impl Coordinator {
                         "interrupted by a daemon restart",
                     )?;
                 }
+                (None, VmState::Lost) => self.store.update_vm_state(
+                    &record.id,
+                    VmState::Failed,
+                    &format!("{host} came back without it"),
+                )?,
                 (None, VmState::Stopped | VmState::Failed) => {}
             }
         }
-        for (vm, _) in found {
-            tracing::warn!(vm = %vm, host, "a VM the pool does not know runs on this host");
+        for (vm, what) in found {
+            self.remove_orphan(host, &vm, what);
         }
         Ok(())
+    }
+
+    /// What `host` holds of a VM the pool places elsewhere (restarted there
+    /// after `host` failed) goes: its VMM is stopped, its copy removed. A VM
+    /// the pool has no record of is left alone and reported.
+    fn remove_orphan(&self, host: &str, vm: &VmId, what: Recovered) {
+        let record = match self.store.get_vm(&vm.0, None) {
+            Ok(record) => record,
+            Err(_) => {
+                tracing::warn!(vm = %vm, host, "a VM the pool does not know runs on this host");
+                return;
+            }
+        };
+        let Ok(client) = self.host(host) else {
+            return;
+        };
+        let progress = |_: &str, _: &str, _: u32| {};
+        if let Recovered::Running(runtime) = &what {
+            if let Err(error) = client.stop(vm, runtime, crate::hypervisor::StopMode::Force) {
+                tracing::error!(vm = %vm, host, %error, "cannot stop an orphan VMM");
+                return;
+            }
+        }
+        let disks = self.store.disks(vm).unwrap_or_default();
+        let removed = client.destroy(vm, self.disks_to_remove(&disks), false, &progress);
+        let detail = match (&what, &removed) {
+            (_, Err(error)) => format!("{host}'s old copy could not be removed: {}", error.message),
+            (Recovered::Running(runtime), Ok(())) => format!(
+                "{host} came back still running an old instance ({}): stopped and removed; the \
+                 VM is on {}",
+                runtime.vmm(),
+                record.host
+            ),
+            (Recovered::Gone(_), Ok(())) => format!(
+                "{host} came back: its old copy removed; the VM is on {}",
+                record.host
+            ),
+        };
+        self.event(vm, "orphan-removed", &detail);
+        tracing::info!(vm = %vm, host, "{detail}");
     }
 
     /// Records that a VM's VMM is gone.

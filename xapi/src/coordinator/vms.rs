@@ -37,7 +37,7 @@ impl Coordinator {
 
     /// Runs `operation` holding the VM's lock, on the record read under it:
     /// another operation may have changed the VM before the lock was had.
-    fn locked<T>(
+    pub(super) fn locked<T>(
         &self,
         caller: &Caller,
         vm: &str,

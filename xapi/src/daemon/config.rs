@@ -39,7 +39,9 @@
 //! storage = "local"                     # local | shared (the coordinator's)
 //! shared_dir = "/srv/hsev"              # every host: where a shared pool's disks are
 //! heartbeat_ms = 1000
-//! down_after_ms = 5000                  # not heard from this long: down
+//! down_after_ms = 5000                  # not heard from this long: down (a host's lease)
+//! fence_after_ms = 5000                 # a host unanswered this long stops its HA VMs (default: down_after_ms)
+//! fence_margin_ms = 2000                # HA restart waits down_after + this
 //!
 //! [store]                               # the coordinator's pool state
 //! kind = "sqlite"                       # sqlite (<state_dir>/hsevd.db) | etcd
@@ -172,8 +174,17 @@ pub struct PoolConfig {
     pub shared_dir: Option<PathBuf>,
     /// How often a host tells the coordinator it is alive, milliseconds.
     pub heartbeat_ms: u64,
-    /// A host not heard from for this long is down, milliseconds.
+    /// A host not heard from for this long is down, milliseconds: the TTL
+    /// of its liveness lease.
     pub down_after_ms: u64,
+    /// A host whose heartbeats the coordinator has not answered for this
+    /// long hard-stops its HA VMs, milliseconds; at most `down_after_ms`,
+    /// which it is when not set.
+    pub fence_after_ms: Option<u64>,
+    /// How much longer than `down_after_ms` the coordinator waits before it
+    /// restarts a silent host's HA VMs elsewhere, milliseconds (see
+    /// `coordinator::ha` for why it is safe).
+    pub fence_margin_ms: u64,
 }
 
 impl Default for PoolConfig {
@@ -184,6 +195,8 @@ impl Default for PoolConfig {
             shared_dir: None,
             heartbeat_ms: 1000,
             down_after_ms: 5000,
+            fence_after_ms: None,
+            fence_margin_ms: 2000,
         }
     }
 }
@@ -342,6 +355,9 @@ impl Config {
                     self.pool.down_after_ms, self.pool.heartbeat_ms
                 ),
             ));
+        }
+        if let Err((key, reason)) = crate::coordinator::ha::FenceTiming::from_config(&self.pool) {
+            return Err(invalid(key, reason));
         }
         for (key, value) in [
             ("placement.cpu_overcommit", self.placement.cpu_overcommit),

@@ -152,7 +152,10 @@ fn view(coordinator: &Coordinator, vm: &VmRecord) -> v1::Vm {
         .unwrap_or_default();
     // What runs on a host not heard from is not known: never shown running.
     if let Some(reason) = coordinator.down_reason(&vm.host) {
-        if vm.state != crate::model::VmState::Stopped {
+        if !matches!(
+            vm.state,
+            crate::model::VmState::Stopped | crate::model::VmState::Lost
+        ) {
             shown.state = v1::VmState::Unknown.into();
             shown.state_reason = format!("{reason}; last known: {}", vm.state);
         }
@@ -443,6 +446,21 @@ impl VmService for Api {
             .await?;
         Ok(Response::new(self.vm(&record)))
     }
+
+    async fn set_vm_ha(
+        &self,
+        request: Request<v1::SetVmHaRequest>,
+    ) -> Result<Response<v1::Vm>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let ha = crate::api::vm::ha_from_proto(request.ha)?;
+        let record = self
+            .blocking("SetVmHa", move |manager| {
+                manager.set_ha(&caller, &request.vm, ha, request.ha_priority)
+            })
+            .await?;
+        Ok(Response::new(self.vm(&record)))
+    }
 }
 
 #[tonic::async_trait]
@@ -703,5 +721,21 @@ impl HostService for Api {
                     .map(|vm| finished(coordinator, &vm))
             },
         )))
+    }
+
+    async fn plan_ha(
+        &self,
+        request: Request<v1::HaPlanRequest>,
+    ) -> Result<Response<v1::HaPlanResponse>, Status> {
+        self.admin(&request)?;
+        let failures = request.into_inner().host_failures;
+        let plan = self
+            .blocking("PlanHa", move |coordinator| coordinator.ha_plan(failures))
+            .await?;
+        Ok(Response::new(v1::HaPlanResponse {
+            restartable: plan.shortfalls.is_empty(),
+            scenarios: plan.scenarios,
+            shortfalls: plan.shortfalls,
+        }))
     }
 }

@@ -13,6 +13,7 @@ use hsev_proto::internal::host_agent_server::HostAgentServer;
 use super::config::Config;
 use super::{auth, grpc, host_agent, metrics, roles, serve};
 use crate::coordinator::election::{Candidacy, Standing};
+use crate::coordinator::ha::FenceTiming;
 use crate::coordinator::PoolAuthority;
 use crate::pool::coordinator_service::CoordinatorService;
 use crate::pool::host_service::{HostService, Membership};
@@ -232,7 +233,8 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
             ca,
             identity: identity.clone(),
             runtime: tokio::runtime::Handle::current(),
-            down_after: Duration::from_millis(config.pool.down_after_ms),
+            fence: FenceTiming::from_config(&config.pool)
+                .map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}"))?,
         });
         {
             let coordinator = Arc::clone(&roles.coordinator);
@@ -244,6 +246,12 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
             Arc::clone(&roles.coordinator),
             Arc::clone(&membership.revoked),
         );
+        {
+            let coordinator = Arc::clone(&roles.coordinator);
+            serve::every(FenceTiming::WATCHDOG_PERIOD * 2, move || {
+                coordinator.check_hosts()
+            });
+        }
         serve::every(Duration::from_secs(5), move || {
             coordinator.resume_migrations();
             if let Ok(list) = coordinator.store().revoked_certificates() {
@@ -292,6 +300,12 @@ pub async fn run_member(config: Config, member: MemberState) -> anyhow::Result<(
         Arc::clone(&agent),
         membership.clone(),
         Duration::from_millis(config.pool.heartbeat_ms),
+        Duration::from_millis(
+            config
+                .pool
+                .fence_after_ms
+                .unwrap_or(config.pool.down_after_ms),
+        ),
     ));
     let address: std::net::SocketAddr = member
         .listen

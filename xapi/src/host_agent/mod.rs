@@ -32,7 +32,7 @@ use crate::hypervisor::{
     RuntimeState, StopMode, StopOutcome,
 };
 use crate::launch::{guest_cmdline, host_data, ImageBytes};
-use crate::model::{ConfidentialMode, DiskRecord, VmId, VmRuntime, ENCRYPTED_DISK_NAME};
+use crate::model::{ConfidentialMode, DiskRecord, HaPolicy, VmId, VmRuntime, ENCRYPTED_DISK_NAME};
 use crate::pool::host_service::Membership;
 use crate::pool::{
     disk_copy, ConsoleChunk, HostClient, ImageSource, LaunchRequest, Launched, PoolSink, Progress,
@@ -63,6 +63,14 @@ impl Firmware {
 
 /// The file in a VM's folder that records its running VMM.
 const RUNTIME_FILE: &str = "runtime.json";
+
+/// The file in a VM's folder present while it runs as an HA VM: what
+/// [`HostAgent::fence`] stops.
+const HA_FILE: &str = "ha-restart";
+
+/// The file in a VM's folder left by [`HostAgent::fence`], saying why: the
+/// coordinator learns of the fenced VM when this host is back.
+const FENCED_FILE: &str = "fenced";
 
 /// A VM that runs here.
 #[derive(Debug)]
@@ -450,6 +458,38 @@ impl HostAgent {
         Ok((launch, simulated_guest))
     }
 
+    /// Hard-stops every VM this host launched as HA, as a watchdog would:
+    /// the pool may start them elsewhere soon (see `coordinator::ha`).
+    /// Answers how many it stopped.
+    pub fn fence(&self, reason: &str) -> usize {
+        let vms: Vec<(VmId, VmRuntime)> = self
+            .running()
+            .iter()
+            .filter(|(vm, _)| self.run_dir(vm).join(HA_FILE).is_file())
+            .map(|(vm, running)| (vm.clone(), running.runtime.clone()))
+            .collect();
+        for (vm, runtime) in &vms {
+            let guard = self.lock(vm);
+            let _held = guard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Err(error) = self.driver.stop(runtime, StopMode::Force) {
+                tracing::error!(vm = %vm, %error, "cannot fence an HA VM");
+                continue;
+            }
+            let fenced = self.run_dir(vm).join(FENCED_FILE);
+            if let Err(error) = std::fs::write(&fenced, reason) {
+                tracing::error!(vm = %vm, %error, "cannot record a fenced VM");
+            }
+            self.forget(vm);
+            tracing::warn!(vm = %vm, reason, "HA VM fenced");
+            if let Some(sink) = self.sink() {
+                sink.vm_exited(vm, false, &format!("fenced by its host: {reason}"));
+            }
+        }
+        vms.len()
+    }
+
     /// One pass of the monitor: every VMM that runs here is checked, and
     /// one that ended on its own is reported.
     pub fn monitor_tick(&self) {
@@ -564,7 +604,19 @@ impl HostClient for HostAgent {
         progress("qemu", "starting the VMM", 60);
         let mut runtime = self.driver.start(&spec)?;
         runtime.sim_launch_id = simulated.as_ref().map(LaunchedGuest::id);
-        if let Err(error) = self.remember(&request.vm, &runtime) {
+        let _ = std::fs::remove_file(self.run_dir(&request.vm).join(FENCED_FILE));
+        let ha_file = self.run_dir(&request.vm).join(HA_FILE);
+        let marked = if request.spec.ha == HaPolicy::Restart {
+            std::fs::write(&ha_file, b"").map_err(|error| io_error("write", &ha_file, &error))
+        } else {
+            match std::fs::remove_file(&ha_file) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io_error("remove", &ha_file, &error))
+                }
+                _ => Ok(()),
+            }
+        };
+        if let Err(error) = marked.and_then(|()| self.remember(&request.vm, &runtime)) {
             let _ = self.driver.stop(&runtime, StopMode::Force);
             return Err(error);
         }
@@ -683,11 +735,14 @@ impl HostClient for HostAgent {
             Err(error) => return Err(io_error("read", &self.vms_dir, &error)),
         };
         for entry in entries.flatten() {
+            let vm = VmId(entry.file_name().to_string_lossy().into_owned());
             let record = entry.path().join(RUNTIME_FILE);
             let Ok(text) = std::fs::read(&record) else {
+                if let Ok(reason) = std::fs::read_to_string(entry.path().join(FENCED_FILE)) {
+                    found.push((vm, Recovered::Gone(format!("fenced by its host: {reason}"))));
+                }
                 continue;
             };
-            let vm = VmId(entry.file_name().to_string_lossy().into_owned());
             let runtime: VmRuntime = match serde_json::from_slice(&text) {
                 Ok(runtime) => runtime,
                 Err(error) => {

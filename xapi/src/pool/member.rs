@@ -6,8 +6,8 @@
 //! coordinator, so that a client may use any host.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -22,6 +22,7 @@ use super::pki::{host_request, Identity, COORDINATOR_NAME};
 use super::tls::{client_config, fetch_pool_ca, joining_config};
 use super::wire::{op_error, PoolReport};
 use super::{LaunchImage, PoolSink};
+use crate::coordinator::ha::FenceTiming;
 use crate::coordinator::JoinTokenContents;
 use crate::daemon::error::OpError;
 use crate::host_agent::HostAgent;
@@ -177,27 +178,43 @@ pub fn coordinator_channel(
 /// Tells the coordinator, every `interval`, that this host is alive, with
 /// its capabilities and the VMs it runs; keeps the pool's revocations the
 /// coordinator answers. An outage is logged once, its end once.
+///
+/// The heartbeat is this host's liveness lease: a watchdog thread of its
+/// own (it needs neither the runtime nor the coordinator) hard-stops the
+/// VMs it launched as HA once no heartbeat has been answered for
+/// `fence_after`, measured from when the last answered one was sent. Why
+/// that is soon enough is argued in `coordinator::ha`.
 pub async fn heartbeats(
     channel: Channel,
     agent: Arc<HostAgent>,
     membership: Membership,
     interval: Duration,
+    fence_after: Duration,
 ) {
+    let answered = Arc::new(Mutex::new(Instant::now()));
+    watchdog(Arc::clone(&agent), Arc::clone(&answered), fence_after);
     let mut client = CoordinatorClient::new(channel);
     let mut ticker = tokio::time::interval(interval);
-    let mut out_since: Option<std::time::Instant> = None;
+    let mut out_since: Option<Instant> = None;
     loop {
         ticker.tick().await;
         let capabilities = serde_json::to_vec(&agent.capabilities()).unwrap_or_default();
         let running = serde_json::to_vec(&agent.running_vms()).unwrap_or_default();
-        match client
-            .beat(Heartbeat {
-                capabilities,
-                running,
-            })
-            .await
-        {
+        let sent = Instant::now();
+        let beat = client.beat(Heartbeat {
+            capabilities,
+            running,
+        });
+        let outcome = match tokio::time::timeout(interval * 2, beat).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(tonic::Status::deadline_exceeded("no answer in time")),
+        };
+        match outcome {
             Ok(reply) => {
+                {
+                    let mut last = answered.lock().unwrap_or_else(PoisonError::into_inner);
+                    *last = (*last).max(sent);
+                }
                 if let Some(since) = out_since.take() {
                     tracing::info!(
                         after_s = since.elapsed().as_secs(),
@@ -207,17 +224,49 @@ pub async fn heartbeats(
                 *membership
                     .revoked
                     .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    .unwrap_or_else(PoisonError::into_inner) =
                     reply.into_inner().revoked.into_iter().collect();
             }
             Err(status) => {
                 if out_since.is_none() {
-                    out_since = Some(std::time::Instant::now());
+                    out_since = Some(Instant::now());
                     tracing::warn!(error = %status.message(), "the coordinator does not answer; its VMs run on");
                 }
             }
         }
     }
+}
+
+/// Fences this host's HA VMs while its last answered heartbeat is older
+/// than `fence_after`; checks every [`FenceTiming::WATCHDOG_PERIOD`].
+fn watchdog(agent: Arc<HostAgent>, answered: Arc<Mutex<Instant>>, fence_after: Duration) {
+    std::thread::spawn(move || {
+        let mut fenced = false;
+        loop {
+            std::thread::sleep(FenceTiming::WATCHDOG_PERIOD);
+            let silent = answered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .elapsed();
+            if silent <= fence_after {
+                fenced = false;
+                continue;
+            }
+            let stopped = agent.fence(&format!(
+                "no heartbeat answered for {} ms (fence_after_ms {})",
+                silent.as_millis(),
+                fence_after.as_millis()
+            ));
+            if !fenced {
+                fenced = true;
+                tracing::warn!(
+                    silent_ms = silent.as_millis() as u64,
+                    stopped,
+                    "the pool is out of reach: this host's HA VMs are stopped"
+                );
+            }
+        }
+    });
 }
 
 /// What this host reports on its own, sent to the coordinator (and retried

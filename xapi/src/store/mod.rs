@@ -28,7 +28,7 @@
 //! process may open the same file: SQLite's locks and the busy timeout
 //! serialise them.
 //!
-//! The schema ([`SCHEMA_VERSION`], `schema_v1.sql` to `schema_v3.sql`) is
+//! The schema ([`SCHEMA_VERSION`], `schema_v1.sql` to `schema_v4.sql`) is
 //! migrated by SQLite's
 //! `user_version`: each entry of the migration list takes the database one
 //! version up, inside one transaction with the version bump.
@@ -71,6 +71,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("schema_v1.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
+    include_str!("schema_v4.sql"),
 ];
 
 /// The schema version this build writes.

@@ -14,8 +14,8 @@ use time::OffsetDateTime;
 use super::etcd::test_server::EtcdServer;
 use super::*;
 use crate::model::{
-    Attestation, ConfidentialMode, DiskRecord, DiskSpec, HostRecord, ImageRecord, KeyBrokerBinding,
-    PortForward, VmId, VmRecord, VmRuntime, VmSpec, VmState,
+    Attestation, ConfidentialMode, DiskRecord, DiskSpec, HaPolicy, HostRecord, ImageRecord,
+    KeyBrokerBinding, PortForward, VmId, VmRecord, VmRuntime, VmSpec, VmState,
 };
 
 // ---- fixtures ----------------------------------------------------------
@@ -80,6 +80,8 @@ pub(crate) fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
             }),
             id_block: None,
             placement: Default::default(),
+            ha: HaPolicy::Restart,
+            ha_priority: 3,
         },
         state: VmState::Stopped,
         state_reason: "created".to_owned(),
@@ -233,6 +235,42 @@ fn store_opens_with_wal_full_sync_foreign_keys_and_a_private_file() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     println!("SQLite {}", rusqlite::version());
+}
+
+#[test]
+fn store_schema_v4_lets_existing_vms_be_lost_and_still_refuses_unknown_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool.db");
+    {
+        // A v3 database with a VM in it, as the previous build left it.
+        let mut connection = rusqlite::Connection::open(&path).unwrap();
+        let transaction = connection.transaction().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            transaction.execute_batch(sql).unwrap();
+        }
+        transaction.pragma_update(None, "user_version", 3).unwrap();
+        transaction.commit().unwrap();
+    }
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.init_pool("p").unwrap();
+        store.upsert_host(&host("h1")).unwrap();
+        store.insert_image(&image("img-1", "debian")).unwrap();
+        store
+            .insert_vm(&vm("vm-1", "alice", "web", "h1"), &[])
+            .unwrap();
+        store
+            .update_vm_state(&id("vm-1"), VmState::Lost, "host h1 failed")
+            .unwrap();
+        assert_eq!(store.get_vm("vm-1", None).unwrap().state, VmState::Lost);
+    }
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    let refused = connection.execute("UPDATE vm SET state = 'vanished' WHERE id = 'vm-1'", []);
+    assert!(refused.is_err(), "an unknown state must stay refused");
+    let check: String = connection
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
 }
 
 #[test]
@@ -812,6 +850,28 @@ fn store_lists_vms_by_state_host_and_owner() {
         ..VmFilter::all()
     })
     .is_empty());
+}
+
+#[test]
+fn store_vm_lost_with_its_host_is_a_state_of_its_own() {
+    let (_dir, store) = seeded();
+    let record = vm("vm-1", "alice", "web", "h1");
+    store.insert_vm(&record, &[]).unwrap();
+    store
+        .update_vm_state(&record.id, VmState::Lost, "host h1 failed: not HA")
+        .unwrap();
+    let read = store.get_vm("vm-1", None).unwrap();
+    assert_eq!(read.state, VmState::Lost);
+    assert_eq!(read.state_reason, "host h1 failed: not HA");
+    assert_eq!((read.spec.ha, read.spec.ha_priority), (HaPolicy::Restart, 3));
+    let lost = store
+        .list_vms(VmFilter {
+            owner: None,
+            state: Some(VmState::Lost),
+            host: None,
+        })
+        .unwrap();
+    assert_eq!(names(&lost), vec!["alice/web"]);
 }
 
 #[test]
