@@ -254,7 +254,8 @@ impl Daemon {
     }
 
     /// Starts it without waiting for its socket (a coordinator standing
-    /// by for the pool's leadership opens none until it leads).
+    /// by for the pool's leadership opens it once its store and agent are
+    /// ready, and forwards the API to the leader).
     pub fn run_standing_by(&mut self) {
         assert!(self.child.is_none(), "the daemon already runs");
         self.spawn_process();

@@ -97,6 +97,25 @@ impl Candidacy {
     pub fn is_leader(&self) -> bool {
         matches!(self.standing(), Standing::Leader(_))
     }
+
+    /// A view of where it stands, for what forwards to the leader.
+    pub fn view(&self) -> StandingView {
+        StandingView(Arc::clone(&self.standing))
+    }
+}
+
+/// Where a candidacy stands, shared with what forwards to the leader.
+#[derive(Debug, Clone)]
+pub struct StandingView(Arc<Mutex<Standing>>);
+
+impl StandingView {
+    /// The leader's address while this candidacy follows one.
+    pub fn leader(&self) -> Option<String> {
+        match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            Standing::Follower(leader) => leader.clone(),
+            Standing::Leader(_) => None,
+        }
+    }
 }
 
 impl Drop for Candidacy {

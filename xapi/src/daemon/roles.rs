@@ -3,7 +3,7 @@
 //! hosts join and talk to), or a member host (its agent commanded over the
 //! pool listener, its public API forwarded to the coordinator).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -138,10 +138,9 @@ fn watch_leadership(candidacy: Candidacy, address: String, store: Arc<crate::sto
     });
 }
 
-/// Campaigns to lead the pool on `store` and waits until it does; this
-/// coordinator serves nothing meanwhile (clients use the leader). Answers
-/// the candidacy and the address it stands as.
-async fn lead(config: &Config, store: &Arc<crate::store::Store>) -> (Candidacy, String) {
+/// Stands for the pool's leadership on `store`; answers the candidacy and
+/// the address it stands as (what standby coordinators forward to).
+fn stand(config: &Config, store: &Arc<crate::store::Store>) -> (Candidacy, String) {
     let address = config
         .listen
         .map(|address| address.to_string())
@@ -150,6 +149,12 @@ async fn lead(config: &Config, store: &Arc<crate::store::Store>) -> (Candidacy, 
     let ttl = Duration::from_secs(config.store.lease_ttl_s);
     let candidacy = Candidacy::start(store, &address, ttl);
     tracing::info!(%address, ttl_s = config.store.lease_ttl_s, "standing for the pool's leadership");
+    (candidacy, address)
+}
+
+/// Waits until `candidacy` leads; meanwhile this coordinator's public API
+/// goes to the leader ([`serve::standby_routes`]).
+async fn wait_to_lead(candidacy: &Candidacy, address: &str) {
     let mut reported = None;
     while !candidacy.is_leader() {
         if let Standing::Follower(leader) = candidacy.standing() {
@@ -161,15 +166,24 @@ async fn lead(config: &Config, store: &Arc<crate::store::Store>) -> (Candidacy, 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::info!(%address, "leading the pool");
-    (candidacy, address)
+}
+
+/// A standby coordinator's public API, served from the start: what it
+/// serves once it leads is set into `local`.
+struct StandbyApi {
+    local: Arc<OnceLock<axum::Router>>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 /// The coordinator, with this host's agent in-process.
 pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
-    let roles = match config.store.kind {
+    let (roles, standby) = match config.store.kind {
         StoreKind::Sqlite => {
             let config = config.clone();
-            tokio::task::spawn_blocking(move || roles(&config)).await??
+            (
+                tokio::task::spawn_blocking(move || roles(&config)).await??,
+                None,
+            )
         }
         StoreKind::Etcd => {
             // A hot standby: everything that needs no leadership is ready
@@ -181,14 +195,27 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
                 })
                 .await??
             };
-            let (candidacy, address) = lead(&config, &store).await;
+            let (candidacy, address) = stand(&config, &store);
+            let local: Arc<OnceLock<axum::Router>> = Arc::default();
+            let routes = serve::standby_routes(
+                &config,
+                candidacy.view(),
+                address.clone(),
+                Arc::clone(&local),
+            )
+            .await?;
+            let served = {
+                let config = config.clone();
+                tokio::spawn(async move { serve::serve_public(&config, routes).await })
+            };
+            wait_to_lead(&candidacy, &address).await;
             let roles = {
                 let (config, store) = (config.clone(), Arc::clone(&store));
                 tokio::task::spawn_blocking(move || super::roles_on(&config, store, agent))
                     .await??
             };
             watch_leadership(candidacy, address, store);
-            roles
+            (roles, Some(StandbyApi { local, served }))
         }
     };
     if config.tokens.is_empty() {
@@ -273,7 +300,15 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
         serve_pool(address, &identity, &ca_pem, true, routes).await?;
     }
     serve_metrics(&config, metrics).await?;
-    serve::serve_public(&config, serve::api_routes(api).await?).await
+    match standby {
+        Some(standby) => {
+            let _ = standby
+                .local
+                .set(serve::api_routes(api).await?.into_axum_router());
+            standby.served.await?
+        }
+        None => serve::serve_public(&config, serve::api_routes(api).await?).await,
+    }
 }
 
 /// A member host: its agent, commanded by the coordinator.

@@ -1,9 +1,10 @@
 //! The public API's listeners: the Unix socket and, when configured, TCP
 //! with TLS, serving the `hsev.v1` services (on the coordinator) or
-//! forwarding every call to the coordinator (on any other host), with the
+//! forwarding every call to the coordinator (on any other host, and on a
+//! coordinator that stands by for the pool's leadership), with the
 //! health service and server reflection (v1 and v1alpha) either way.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use anyhow::Context;
 use hsev_proto::v1::host_service_server::HostServiceServer;
@@ -15,6 +16,7 @@ use tonic::transport::Channel;
 
 use super::config::Config;
 use super::{grpc, tls};
+use crate::coordinator::election::StandingView;
 
 /// Health and reflection, which every host answers itself.
 async fn common_routes() -> anyhow::Result<Routes> {
@@ -59,32 +61,138 @@ pub async fn api_routes(api: grpc::Api) -> anyhow::Result<Routes> {
 /// coordinator as it came (the caller's token with it), over the pool's
 /// mTLS channel.
 pub async fn forwarding_routes(coordinator: Channel) -> anyhow::Result<Routes> {
+    let router = common_routes()
+        .await?
+        .into_axum_router()
+        .fallback(move |request: axum::extract::Request| forward(coordinator.clone(), request));
+    Ok(Routes::from(router))
+}
+
+/// Sends `request` on `channel` as it came; a channel that cannot carry it
+/// answers `Unavailable`.
+async fn forward(
+    mut channel: Channel,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use tower::{Service, ServiceExt};
+    let request = request.map(tonic::body::Body::new);
+    // `ready` first: the channel's buffer takes a request only once it has
+    // a slot for it.
+    let forwarded = match channel.ready().await {
+        Ok(ready) => ready.call(request).await,
+        Err(error) => Err(error),
+    };
+    match forwarded {
+        Ok(response) => response.map(axum::body::Body::new),
+        Err(error) => tonic::Status::unavailable(format!(
+            "this host forwards the API to the pool's coordinator, which does not answer: \
+             {error}"
+        ))
+        .into_http::<axum::body::Body>(),
+    }
+}
+
+/// A coordinator's public API on etcd: while it stands by, every call but
+/// health and reflection goes to the leader, as a member's goes to its
+/// coordinator; once `local` is set (it leads, its API is ready), every
+/// call is served here.
+///
+/// The leader is reached at the address it stands as: its Unix socket
+/// (coordinators on one machine) or its TLS listener, trusted by this
+/// coordinator's own API certificate (coordinators of one pool serve the
+/// same one, `[tls]`).
+pub async fn standby_routes(
+    config: &Config,
+    leader: StandingView,
+    own: String,
+    local: Arc<OnceLock<axum::Router>>,
+) -> anyhow::Result<Routes> {
+    let trust = tls::identity(config).context("the TLS identity")?.cert_pem;
+    let channels: Arc<Mutex<Option<(String, Channel)>>> = Arc::default();
     let router = common_routes().await?.into_axum_router().fallback(
         move |request: axum::extract::Request| {
-            let mut channel = coordinator.clone();
+            let (leader, own, local, trust, channels) = (
+                leader.clone(),
+                own.clone(),
+                Arc::clone(&local),
+                trust.clone(),
+                Arc::clone(&channels),
+            );
             async move {
-                use tower::{Service, ServiceExt};
-                let request = request.map(tonic::body::Body::new);
-                // `ready` first: the channel's buffer takes a request only
-                // once it has a slot for it.
-                let forwarded = match channel.ready().await {
-                    Ok(ready) => ready.call(request).await,
-                    Err(error) => Err(error),
-                };
-                match forwarded {
-                    Ok(response) => response.map(axum::body::Body::new),
-                    Err(error) => {
-                        let status = tonic::Status::unavailable(format!(
-                            "this host forwards the API to the pool's coordinator, which does \
-                             not answer: {error}"
-                        ));
-                        status.into_http::<axum::body::Body>()
+                use tower::ServiceExt;
+                // A call during an election waits for its outcome, a while.
+                let deadline = tokio::time::Instant::now() + ELECTION_WAIT;
+                let address = loop {
+                    if let Some(router) = local.get() {
+                        return match router.clone().oneshot(request).await {
+                            Ok(response) => response,
+                            Err(never) => match never {},
+                        };
                     }
+                    if let Some(address) = leader.leader().filter(|address| *address != own) {
+                        break address;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return tonic::Status::unavailable(format!(
+                            "no coordinator has led the pool for the last {} s (an election \
+                             is under way): try again in a few seconds",
+                            ELECTION_WAIT.as_secs()
+                        ))
+                        .into_http::<axum::body::Body>();
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                };
+                let channel = {
+                    let mut cached = channels.lock().unwrap_or_else(PoisonError::into_inner);
+                    match cached.as_ref() {
+                        Some((to, channel)) if *to == address => Ok(channel.clone()),
+                        _ => leader_channel(&address, &trust).inspect(|channel| {
+                            *cached = Some((address.clone(), channel.clone()));
+                        }),
+                    }
+                };
+                match channel {
+                    Ok(channel) => forward(channel, request).await,
+                    Err(error) => tonic::Status::unavailable(format!(
+                        "this coordinator stands by and cannot reach the leader at {address}: \
+                         {error}"
+                    ))
+                    .into_http::<axum::body::Body>(),
                 }
             }
         },
     );
     Ok(Routes::from(router))
+}
+
+/// How long a call to a standby coordinator waits for a leader.
+const ELECTION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A lazy channel to the leader at `address`: a Unix socket path, or
+/// `host:port` over TLS trusting `trust`.
+fn leader_channel(address: &str, trust: &[u8]) -> Result<Channel, tonic::transport::Error> {
+    if address.starts_with('/') {
+        let path = std::path::PathBuf::from(address);
+        // The URI only fills in the HTTP/2 `:authority`; the connector
+        // dials the socket.
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(&path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        return Ok(tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector_lazy(connector));
+    }
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(trust));
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("https://{address}"))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .tls_config(tls)?
+            .connect_lazy(),
+    )
 }
 
 /// Serves `routes` on the Unix socket and, when configured, over TLS,
