@@ -62,7 +62,7 @@ awk '
   /^migrate_to_plain_ratio/ { ratio = $2 }
   END { printf "migration: hsev vm migrate %.2f s, plain copy %.2f s, ratio %.2f (target <= 1.3)\n", ours, plain, ratio }' <<<"$migration"
 
-echo "== highly available pools: store writes on a 3-member etcd cluster beside SQLite, coordinator failover beside the lease TTL"
+echo "== highly available pools: store writes on a 3-member etcd cluster beside SQLite, coordinator failover beside the lease TTL, HA restart beside the host lease and fence margin"
 ha=$(cargo bench --quiet -p hsev-e2e --bench ha 2>/dev/null)
 awk '
   /^store_writes_sqlite_per_s/ { sqlite = $2 }
@@ -70,7 +70,11 @@ awk '
   /^store_etcd_to_sqlite_ratio/ { ratio = $2 }
   /^failover_median_s/ { failover = $2 }
   /^lease_ttl_s/ { ttl = $2 }
+  /^ha_restart_s/ { restart = $2 }
+  /^host_lease_s/ { lease = $2 }
+  /^fence_margin_s/ { margin = $2 }
   END {
     printf "store writes: etcd %.0f/s, SQLite %.0f/s, ratio %.2f\n", etcd, sqlite, ratio
     printf "coordinator failover: %.2f s after the leader died, lease TTL %d s (bound: TTL + a few s)\n", failover, ttl
+    printf "HA restart: %.2f s from the host cut to its VM running elsewhere, host lease %.1f s + fence margin %.1f s: the restart waits %.1f s after the last heartbeat heard\n", restart, lease, margin, lease + margin
   }' <<<"$ha"

@@ -2,22 +2,106 @@
 //! writes per second on SQLite (one file, full fsync) beside a 3-member
 //! etcd cluster on loopback, and the coordinator failover time (a leading
 //! candidate dies without resigning; the time until another leads) beside
-//! the lease TTL.
+//! the lease TTL, and the HA restart time (a host's link cut, in a pool of
+//! hsevd hosts in network namespaces on the fake driver, until its HA VM
+//! runs on another host) beside the host lease and the fence margin.
 //!
 //! Prints `store_writes_sqlite_per_s`, `store_writes_etcd_per_s`,
-//! `store_etcd_to_sqlite_ratio`, `failover_median_s`, `lease_ttl_s`.
+//! `store_etcd_to_sqlite_ratio`, `failover_median_s`, `lease_ttl_s`,
+//! `ha_restart_s`, `host_lease_s`, `fence_margin_s`.
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure is fatal anyway
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hsev_e2e::daemon::{stand_in_image, Driver, ADMIN, ALICE};
 use hsev_e2e::etcd::EtcdCluster;
+use hsev_e2e::pool::{HostSpec, Pool};
 use hsev_xapi::coordinator::election::Candidacy;
 use hsev_xapi::model::HostRecord;
 use hsev_xapi::store::{Store, StoreConfig};
 
 const LEASE_TTL: Duration = Duration::from_secs(3);
+
+/// The test pool's host lease (`down_after_ms` in tests/src/pool.rs).
+const HOST_LEASE: Duration = Duration::from_millis(2500);
+/// The fence margin the benchmark's pool is configured with.
+const FENCE_MARGIN: Duration = Duration::from_millis(1000);
+
+/// Cuts the link of the host running an HA VM; answers the time until the
+/// VM runs on the other host.
+fn ha_restart() -> Duration {
+    let keys = format!("fence_margin_ms = {}", FENCE_MARGIN.as_millis());
+    let pool = Pool::start(
+        &[
+            HostSpec::new("h1", Driver::Fake).pool_keys(&keys),
+            HostSpec::new("h2", Driver::Fake).pool_keys(&keys),
+            HostSpec::new("h3", Driver::Fake).pool_keys(&keys),
+        ],
+        "",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let image = stand_in_image(work.path());
+    let via = pool.coordinator();
+    let run = |token: &str, args: &[&str]| {
+        let output = via.hsev(token, args);
+        assert!(
+            output.status.success(),
+            "hsev {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(
+        ADMIN,
+        &[
+            "image",
+            "import",
+            "debian",
+            "--from",
+            image.to_str().unwrap(),
+        ],
+    );
+    // Created on h2, the others disabled meanwhile.
+    run(ADMIN, &["host", "disable", "h1"]);
+    run(ADMIN, &["host", "disable", "h3"]);
+    run(
+        ALICE,
+        &[
+            "vm",
+            "create",
+            "protected",
+            "--image",
+            "debian",
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+            "--mode",
+            "none",
+            "--ha",
+            "restart",
+            "--start",
+        ],
+    );
+    run(ADMIN, &["host", "enable", "h1"]);
+    run(ADMIN, &["host", "enable", "h3"]);
+    let placed = via.json(ALICE, ["vm", "show", "protected"]);
+    assert_eq!(placed["host"], "h2", "{placed}");
+    let cut = Instant::now();
+    pool.net().cut(pool.host("h2").net_host());
+    loop {
+        let shown = via.json(ALICE, ["vm", "show", "protected"]);
+        if shown["state"] == "running" && shown["host"] != "h2" {
+            return cut.elapsed();
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "no HA restart: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 fn host(name: String) -> HostRecord {
     HostRecord {
@@ -92,4 +176,9 @@ fn main() {
     times.sort();
     println!("failover_median_s {:.2}", times[1].as_secs_f64());
     println!("lease_ttl_s {}", LEASE_TTL.as_secs());
+
+    let restart = ha_restart();
+    println!("ha_restart_s {:.2}", restart.as_secs_f64());
+    println!("host_lease_s {:.1}", HOST_LEASE.as_secs_f64());
+    println!("fence_margin_s {:.1}", FENCE_MARGIN.as_secs_f64());
 }

@@ -96,10 +96,12 @@ impl TestNet {
         format!("hsev-{net}-h{index}")
     }
 
-    /// Removes whatever a network `net` left: its namespaces and bridge.
+    /// Removes whatever a network `net` left: its namespaces, the veths of
+    /// a host added only half-way (both ends still here), and its bridge.
     fn remove_net(net: u8) {
         for index in 1..=16 {
             let _ = ip(&["netns", "delete", &Self::namespace_name(net, index)]);
+            let _ = ip(&["link", "delete", &format!("hs{net}h{index}")]);
         }
         let _ = ip(&["link", "delete", &Self::bridge_name(net)]);
     }

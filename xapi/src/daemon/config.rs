@@ -400,6 +400,8 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, String> {
@@ -443,6 +445,41 @@ mod tests {
         for (text, key) in cases {
             let error = parse(text).expect_err(text);
             assert!(error.contains(key), "{key} not named in {error}");
+        }
+    }
+    #[test]
+    fn fencing_settings_that_break_the_argument_are_refused() {
+        let pool = |keys: &str| format!("state_dir = \"/x\"\n[pool]\n{keys}");
+        // The defaults, and a host that fences a little before its lease ends.
+        let config = parse(&pool("")).expect("the defaults");
+        let timing = crate::coordinator::ha::FenceTiming::from_config(&config.pool)
+            .expect("the defaults keep the argument");
+        assert_eq!(timing.restart_after(), Duration::from_secs(7));
+        parse(&pool("fence_after_ms = 4000")).expect("fencing sooner is fine");
+        for (keys, key, says) in [
+            (
+                "fence_after_ms = 6000",
+                "pool.fence_after_ms",
+                "at most pool.down_after_ms",
+            ),
+            (
+                "fence_after_ms = 900",
+                "pool.fence_after_ms",
+                "above pool.heartbeat_ms",
+            ),
+            ("fence_margin_ms = 600", "pool.fence_margin_ms", "too short"),
+            // A longer lease needs a longer margin (its clocks' drift).
+            (
+                "down_after_ms = 60000\nfence_margin_ms = 2000",
+                "pool.fence_margin_ms",
+                "too short",
+            ),
+        ] {
+            let error = parse(&pool(keys)).expect_err(keys);
+            assert!(
+                error.contains(key) && error.contains(says),
+                "{keys}: {error}"
+            );
         }
     }
 }
