@@ -147,6 +147,53 @@ fn origin_name(origin: RootOrigin) -> &'static str {
     }
 }
 
+/// The claims of the token of an attestation: what the broker verified,
+/// never a secret, and `jti`, the grant it stands for.
+fn token_claims(
+    grant: Uuid,
+    issued: i64,
+    ttl: i64,
+    runtime_data: &RuntimeData,
+    evidence: &AttestedEvidence,
+) -> Value {
+    let report = evidence.signed().report();
+    let mut claims = json!({
+        "iss": ISSUER,
+        "iat": issued,
+        "exp": issued.saturating_add(ttl),
+        "jti": grant.to_string(),
+        "tee-pubkey": serde_json::to_value(&runtime_data.tee_pubkey).unwrap_or(Value::Null),
+        "tee": tee_name(Tee::Snp),
+        "origin": origin_name(evidence.origin()),
+        "product": evidence.product().to_string(),
+        "measurement": hex_value(&report.measurement),
+        "host_data": hex_value(&report.host_data),
+        "chip_id": hex_value(&report.chip_id),
+        "policy": format!("{:#x}", report.policy.raw()),
+        "vmpl": report.vmpl,
+        "reported_tcb": serde_json::to_value(report.reported_tcb).unwrap_or(Value::Null),
+    });
+    if let Some(document) = evidence.init_data() {
+        claims["init_data"] = document.claims();
+    }
+    claims
+}
+
+/// Why an attestation's session gives no nonce, for a person.
+fn nonce_problem_text(problem: SessionProblem) -> &'static str {
+    match problem {
+        SessionProblem::Expired => {
+            "the challenge expired before the attestation: call /kbs/v0/auth again"
+        }
+        SessionProblem::Spent | SessionProblem::NotAttested => {
+            "the session's nonce was already used: a nonce attests once; call /kbs/v0/auth again"
+        }
+        SessionProblem::Unknown => {
+            "unknown session (expired and forgotten, or the broker restarted): call /kbs/v0/auth again"
+        }
+    }
+}
+
 /// Why a resource request's session gives no attestation, for a person.
 fn session_problem_text(problem: SessionProblem) -> &'static str {
     match problem {
@@ -273,17 +320,7 @@ impl Broker {
         let nonce = match self.sessions.take_nonce(id) {
             Ok(nonce) => nonce,
             Err(problem) => {
-                let error = BrokerError::Attestation(match problem {
-                    SessionProblem::Expired => {
-                        "the challenge expired before the attestation: call /kbs/v0/auth again"
-                    }
-                    SessionProblem::Spent | SessionProblem::NotAttested => {
-                        "the session's nonce was already used: a nonce attests once; call /kbs/v0/auth again"
-                    }
-                    SessionProblem::Unknown => {
-                        "unknown session (expired and forgotten, or the broker restarted): call /kbs/v0/auth again"
-                    }
-                }.into());
+                let error = BrokerError::Attestation(nonce_problem_text(problem).into());
                 return self.refuse(refusal, error).await;
             }
         };
@@ -350,27 +387,8 @@ impl Broker {
         };
         let grant = Uuid::new_v4();
         let report = evidence.signed().report();
-        let issued = now.unix_timestamp();
         let ttl = i64::try_from(self.sessions.ttl().as_secs()).unwrap_or(i64::MAX);
-        let mut claims = json!({
-            "iss": ISSUER,
-            "iat": issued,
-            "exp": issued.saturating_add(ttl),
-            "jti": grant.to_string(),
-            "tee-pubkey": serde_json::to_value(&runtime_data.tee_pubkey).unwrap_or(Value::Null),
-            "tee": tee_name(Tee::Snp),
-            "origin": origin_name(evidence.origin()),
-            "product": evidence.product().to_string(),
-            "measurement": hex_value(&report.measurement),
-            "host_data": hex_value(&report.host_data),
-            "chip_id": hex_value(&report.chip_id),
-            "policy": format!("{:#x}", report.policy.raw()),
-            "vmpl": report.vmpl,
-            "reported_tcb": serde_json::to_value(report.reported_tcb).unwrap_or(Value::Null),
-        });
-        if let Some(document) = evidence.init_data() {
-            claims["init_data"] = document.claims();
-        }
+        let claims = token_claims(grant, now.unix_timestamp(), ttl, &runtime_data, &evidence);
         let token = self
             .signer
             .sign(&claims)
