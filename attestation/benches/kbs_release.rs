@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hsev_attestation::kbs::client::{AdminClient, KbsClient, KeyAlgorithm, ResourcePath};
+use hsev_attestation::kbs::client::{KbsClient, KeyAlgorithm, ResourcePath};
 use hsev_attestation::policy::AppraisalPolicy;
-use kbs_support::{evidence, Kbs, KbsMode, SimPlatform, ADMIN_TOKEN, GUEST_POLICY};
+use kbs_support::{admin_client, evidence, guest_client, Kbs, KbsMode, SimPlatform, GUEST_POLICY};
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -52,12 +52,10 @@ fn main() {
     let measurement = [0x42; 48];
     let guest = Arc::new(platform.launch(measurement, GUEST_POLICY, [0; 32]));
     let server = Kbs::start_with(KbsMode::Development, &[platform.dir.path()], "");
-    let url = server.url();
 
-    let timeout = Duration::from_secs(30);
-    let admin = AdminClient::new(&url, ADMIN_TOKEN, timeout).expect("admin");
+    let admin = admin_client(&server, "bench");
     admin
-        .put_reference_values("bench", &[measurement])
+        .put_reference_values("bench", "bench", &[measurement])
         .expect("reference values");
     let path: ResourcePath = "bench/disk-key/vm-1".parse().expect("path");
     let policy = AppraisalPolicy {
@@ -66,7 +64,7 @@ fn main() {
     };
     let secret = [0x5a; 32];
     admin
-        .put_resource(&path, &secret, &policy.into(), &["bench".to_owned()])
+        .put_resource(&path, Some(&secret), &policy.into(), &["bench".to_owned()])
         .expect("resource");
 
     let release = |client: &KbsClient| {
@@ -79,7 +77,7 @@ fn main() {
     };
 
     // Warm up (chain cache, connections).
-    let warm = KbsClient::new(&url, timeout).expect("client");
+    let warm = guest_client(&server);
     for _ in 0..20 {
         release(&warm);
     }
@@ -100,7 +98,7 @@ fn main() {
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
-                let client = KbsClient::new(&url, timeout).expect("client");
+                let client = guest_client(&server);
                 while Instant::now() < deadline {
                     release(&client);
                     releases.fetch_add(1, Ordering::Relaxed);

@@ -23,7 +23,7 @@ use hsev_attestation::firmware::LaunchedGuest;
 use hsev_attestation::kbs::client::ResourcePath;
 use hsev_attestation::kbs::release_policy::ReleasePolicy;
 use hsev_attestation::policy::AppraisalPolicy;
-use kbs_support::{admin_client, evidence, Kbs, KbsMode, SimPlatform, GUEST_POLICY};
+use kbs_support::{admin_client, evidence, raw_agent, Kbs, KbsMode, SimPlatform, GUEST_POLICY};
 use kbs_types_client::{
     Attestation, Challenge, CompositeEvidence, ErrorInformation, HashAlgorithm, InitData,
     ProtectedHeader, Request, Response, RuntimeData, Tee, TeePubKey,
@@ -351,11 +351,16 @@ impl TrusteeClient {
     fn new(kbs: &Kbs, kind: KeyKind) -> Self {
         TrusteeClient {
             url: kbs.url(),
-            agent: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(Duration::from_secs(60)))
-                .build()
-                .into(),
+            // Trustee's client trusts the broker's certificate it is given
+            // (`--cert-file`); this one pins its key, which the broker's
+            // TLS answers alike.
+            agent: raw_agent(
+                kbs,
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(60)))
+                    .build(),
+            ),
             cookie: None,
             key: TeeKey::new(kind),
         }
@@ -508,16 +513,16 @@ fn claims(token: &str) -> Value {
 /// under `policy` accepting [`MEASUREMENT`].
 fn broker(platform: &SimPlatform, extra_config: &str) -> Kbs {
     let kbs = Kbs::start_with(KbsMode::Development, &[platform.dir.path()], extra_config);
-    admin_client(&kbs)
-        .put_reference_values("vm", &[MEASUREMENT])
+    admin_client(&kbs, "default")
+        .put_reference_values("default", "vm", &[MEASUREMENT])
         .expect("reference values");
     kbs
 }
 
 fn put(kbs: &Kbs, path: &str, policy: &ReleasePolicy) {
     let path: ResourcePath = path.parse().expect("path");
-    admin_client(kbs)
-        .put_resource(&path, SECRET, policy, &["vm".into()])
+    admin_client(kbs, "default")
+        .put_resource(&path, Some(SECRET), policy, &["vm".into()])
         .expect("resource");
 }
 

@@ -32,7 +32,7 @@ fn pool(mode: KbsMode, extra: &str) -> (Kbs, Daemon) {
 /// [`pool`] with its hsevd on `driver`.
 fn pool_on(driver: Driver, mode: KbsMode, extra: &str) -> (Kbs, Daemon) {
     let kbs = Kbs::start(mode);
-    let daemon = Daemon::with_key_broker_on(driver, extra, &kbs);
+    let daemon = Daemon::on_platform_trusted_by_on(driver, extra, &kbs);
     daemon.import_image();
     (kbs, daemon)
 }
@@ -223,7 +223,7 @@ fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot(driver: Dr
     // Deleting the VM revokes the key at the key broker.
     let deleted = daemon.hsev(ALICE, ["vm", "delete", "vault", "--yes"]);
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
-    let listed = kbs.resources();
+    let listed = kbs.resources("alice");
     assert!(!listed.contains(resource), "revoked: {listed}");
     kbs.verify_audit();
 }
@@ -371,7 +371,11 @@ fn without_its_key_broker_hsevd_neither_creates_nor_deletes_encrypted_disks() {
     kbs.restart();
     let deleted = daemon.hsev(ALICE, ["vm", "delete", "kept", "--yes"]);
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
-    assert!(!kbs.resources().contains("disk-key"), "{}", kbs.resources());
+    assert!(
+        !kbs.resources("alice").contains("disk-key"),
+        "{}",
+        kbs.resources("alice")
+    );
 }
 
 /// The conformance part, once per driver that runs guests.

@@ -12,7 +12,10 @@
 //! - [`init_data`]: Trustee's init-data document and its HOST_DATA digest;
 //! - [`release_policy`]: a resource's release policy;
 //! - [`jwe`]: the JWE the resource travels in;
-//! - [`client`]: the blocking client the guest agent and `hsevd` use;
+//! - [`tls`]: the broker's key as its clients pin it, and the pinned
+//!   connection;
+//! - [`client`]: the blocking clients of the guest agent and the tenant's
+//!   CLI;
 //! - `server` (feature `kbs-server`): the broker itself.
 //!
 //! The protocol and client build without the server's dependencies (the
@@ -26,3 +29,4 @@ pub mod protocol;
 pub mod release_policy;
 #[cfg(feature = "kbs-server")]
 pub mod server;
+pub mod tls;

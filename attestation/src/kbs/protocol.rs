@@ -329,7 +329,7 @@ pub fn check_name(name: &str) -> Result<(), ProtocolError> {
     }
 }
 
-/// `PUT /admin/v0/reference-values/<name>` body.
+/// `PUT /admin/v0/reference-values/<repository>/<name>` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReferenceValuesBody {
@@ -341,13 +341,17 @@ pub struct ReferenceValuesBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceBody {
-    /// The secret, base64 (standard alphabet, padded).
-    pub data: String,
+    /// The secret, base64 (standard alphabet, padded). Absent: the
+    /// resource keeps the secret it has, or, new, gets one the broker
+    /// generates at its first release (32 random bytes), which no one
+    /// outside the broker and the attested guest ever sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
     /// The release policy, a [`super::release_policy::ReleasePolicy`] in
     /// TOML.
     pub policy: String,
-    /// Names of reference-value sets whose measurements the resource
-    /// also accepts.
+    /// Names of the repository's reference-value sets whose measurements
+    /// the resource also accepts.
     #[serde(default)]
     pub reference_values: Vec<String>,
 }
@@ -362,6 +366,42 @@ pub struct ResourceSummary {
     pub policy: String,
     /// The reference-value sets it accepts.
     pub reference_values: Vec<String>,
+    /// Whether it holds a secret yet (false: generated at the first
+    /// release).
+    #[serde(default)]
+    pub has_data: bool,
+}
+
+/// `PUT /admin/v0/announcements/<repository>/<vm>` body: what the
+/// operator says it runs for a tenant. Information for the tenant only:
+/// it never changes what the broker releases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnouncementBody {
+    /// The image id the VM boots (hex SHA-256 of its manifest).
+    pub image: String,
+    /// The launch measurement the operator expects, 96 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_measurement: Option<String>,
+}
+
+/// One entry of `GET /admin/v0/announcements`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Announcement {
+    /// The tenant's repository.
+    pub repository: String,
+    /// The VM's id.
+    pub vm: String,
+    /// The image id it boots, as announced.
+    pub image: String,
+    /// The operator's expected measurement, as announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_measurement: Option<String>,
+    /// The admin token's holder that announced it.
+    pub announced_by: String,
+    /// When (RFC 3339).
+    pub updated: String,
 }
 
 #[cfg(test)]

@@ -6,7 +6,9 @@
 //! that names nothing. The admin API is this broker's own: its bad request
 //! bodies answer 400. A failure of the broker itself (store, audit log,
 //! encryption) answers 500, and a full session table 503, so that a client
-//! knows a retry can help; Trustee answers those 401 too.
+//! knows a retry can help; Trustee answers those 401 too. A valid admin
+//! token outside its scope answers 403 (`AdminAuthAccess`, as Trustee names
+//! every admin refusal).
 //!
 //! An error's message is its RFC 7807 `detail`: it names what is wrong and
 //! never carries a secret.
@@ -40,6 +42,11 @@ pub enum BrokerError {
     /// The admin API's bearer token is missing or unknown.
     #[error("{0}")]
     AdminAuth(String),
+    /// A valid admin token whose scope does not cover the call (another
+    /// tenant's repository, or anything but an announcement for the
+    /// operator).
+    #[error("{0}")]
+    Forbidden(String),
     /// An admin request body that does not deserialize or make sense.
     #[error("{0}")]
     InvalidBody(String),
@@ -70,7 +77,7 @@ impl BrokerError {
             BrokerError::PolicyDeny(_) => ErrorKind::PolicyDeny,
             BrokerError::NotFound(_) => ErrorKind::InvalidRequestPath,
             BrokerError::NoEndpoint(_) => ErrorKind::PluginNotFound,
-            BrokerError::AdminAuth(_) => ErrorKind::AdminAuthAccess,
+            BrokerError::AdminAuth(_) | BrokerError::Forbidden(_) => ErrorKind::AdminAuthAccess,
             BrokerError::InvalidBody(_) => ErrorKind::SerdeError,
             BrokerError::InvalidPolicy(_) => ErrorKind::ParsePolicyError,
             BrokerError::InvalidReferenceValues(_) => ErrorKind::RvpsError,
@@ -85,6 +92,7 @@ impl BrokerError {
             BrokerError::InvalidBody(_)
             | BrokerError::InvalidPolicy(_)
             | BrokerError::InvalidReferenceValues(_) => 400,
+            BrokerError::Forbidden(_) => 403,
             BrokerError::Busy(_) => 503,
             BrokerError::Jwe(_) | BrokerError::Internal(_) => 500,
             other => other.kind().trustee_status(),
@@ -137,6 +145,9 @@ mod tests {
             assert_eq!(error.kind().trustee_status(), status, "{name}");
         }
         assert_eq!(BrokerError::InvalidBody(String::new()).status(), 400);
+        let forbidden = BrokerError::Forbidden(String::new());
+        assert_eq!(forbidden.status(), 403);
+        assert_eq!(forbidden.kind().name(), "AdminAuthAccess");
         assert!(BrokerError::Internal(String::new()).is_failure());
         assert!(BrokerError::Busy(String::new()).is_failure());
         assert!(!BrokerError::PolicyDeny(String::new()).is_failure());

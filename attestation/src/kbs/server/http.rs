@@ -16,7 +16,7 @@ use axum::Router;
 use serde::Serialize;
 use tracing::Instrument;
 
-use super::broker::Broker;
+use super::broker::{Admin, Broker};
 use super::error::BrokerError;
 use crate::kbs::protocol::SESSION_COOKIE;
 
@@ -34,9 +34,11 @@ pub fn router(broker: Arc<Broker>) -> Router {
             put(put_resource).delete(delete_resource),
         )
         .route(
-            "/admin/v0/reference-values/{name}",
+            "/admin/v0/reference-values/{*route}",
             put(put_reference_values).delete(delete_reference_values),
         )
+        .route("/admin/v0/announcements", get(list_announcements))
+        .route("/admin/v0/announcements/{*route}", put(announce))
         .fallback(no_route)
         .method_not_allowed_fallback(no_route)
         .with_state(broker)
@@ -145,7 +147,7 @@ async fn admin_call<F, Fut>(
     work: F,
 ) -> Response
 where
-    F: FnOnce(Arc<Broker>, String) -> Fut,
+    F: FnOnce(Arc<Broker>, Admin) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
     let span = tracing::info_span!("admin", call);
@@ -170,8 +172,33 @@ fn done(result: Result<(), BrokerError>) -> Response {
 }
 
 async fn list_resources(State(broker): Shared, headers: HeaderMap) -> Response {
-    admin_call(broker, &headers, "list_resources", |broker, _| async move {
-        json(StatusCode::OK, &broker.list_resources())
+    admin_call(
+        broker,
+        &headers,
+        "list_resources",
+        |broker, admin| async move { answer(broker.list_resources(&admin).await) },
+    )
+    .await
+}
+
+async fn list_announcements(State(broker): Shared, headers: HeaderMap) -> Response {
+    admin_call(
+        broker,
+        &headers,
+        "list_announcements",
+        |broker, admin| async move { answer(broker.announcements(&admin).await) },
+    )
+    .await
+}
+
+async fn announce(
+    State(broker): Shared,
+    headers: HeaderMap,
+    Path(route): Path<String>,
+    body: Bytes,
+) -> Response {
+    admin_call(broker, &headers, "announce", |broker, admin| async move {
+        done(broker.announce(&admin, &route, &body).await)
     })
     .await
 }
@@ -208,11 +235,11 @@ async fn delete_resource(
 async fn put_reference_values(
     State(broker): Shared,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(route): Path<String>,
     body: Bytes,
 ) -> Response {
     admin_call(broker, &headers, "put_reference_values", |broker, admin| async move {
-        done(broker.put_reference_values(&admin, &name, &body).await)
+        done(broker.put_reference_values(&admin, &route, &body).await)
     })
     .await
 }
@@ -220,13 +247,13 @@ async fn put_reference_values(
 async fn delete_reference_values(
     State(broker): Shared,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(route): Path<String>,
 ) -> Response {
     admin_call(
         broker,
         &headers,
         "delete_reference_values",
-        |broker, admin| async move { done(broker.delete_reference_values(&admin, &name).await) },
+        |broker, admin| async move { done(broker.delete_reference_values(&admin, &route).await) },
     )
     .await
 }
@@ -235,7 +262,7 @@ async fn delete_reference_values(
 /// does not serve; elsewhere, a path that names nothing.
 async fn no_route(method: Method, uri: Uri) -> Response {
     let path = uri.path();
-    let served = "this broker serves POST /kbs/v0/auth, POST /kbs/v0/attest, GET /kbs/v0/resource/<repository>/<type>/<tag> and /admin/v0/...";
+    let served = "this broker serves POST /kbs/v0/auth, POST /kbs/v0/attest, GET /kbs/v0/resource/<repository>/<type>/<tag> and /admin/v0/{resources,reference-values,announcements}/...";
     let error = if path.starts_with("/kbs/v0/") {
         BrokerError::NoEndpoint(format!("{method} {path}: not served ({served})"))
     } else {
