@@ -1180,8 +1180,21 @@ fn a_secret_is_generated_at_the_first_release_once_and_survives_policy_changes()
     .expect("released");
     assert_eq!(after, first);
 
+    // The broker's owner reads it offline, once the broker is stopped.
+    let busy = kbs
+        .export("alice/disk-key/vm-1")
+        .expect_err("the broker runs");
+    assert!(busy.contains("owns this state folder"), "{busy}");
+    kbs.kill_9();
+    assert_eq!(kbs.export("alice/disk-key/vm-1").expect("exported"), first);
+    let none = kbs
+        .export("alice/disk-key/none")
+        .expect_err("no such resource");
+    assert!(none.contains("no resource"), "{none}");
+
     let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
     assert_eq!(log.matches("\"event\":\"generate\"").count(), 1, "{log}");
+    assert_eq!(log.matches("\"event\":\"export\"").count(), 1, "{log}");
     assert!(
         !log.contains(&hex::encode(&first)),
         "the audit log holds no secret"

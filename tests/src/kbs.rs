@@ -76,21 +76,22 @@ impl Kbs {
         Self::start_in(dir, mode, roots, "", false, "127.0.0.1:0")
     }
 
-    /// [`Kbs::start`] listening on `address` (`127.0.0.1:PORT`): a broker of
-    /// its own, with its own TLS key, where another one listened.
-    pub fn start_at(mode: KbsMode, address: &str) -> Kbs {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sim_dir = dir.path().join("sim");
-        run_ok(
-            Command::new(binary("hsev"))
-                .args(["firmware", "sim", "init", "--dir"])
-                .arg(&sim_dir),
-        );
-        let roots = match mode {
-            KbsMode::Development => vec![sim_dir],
-            KbsMode::Production => Vec::new(),
-        };
-        Self::start_in(dir, mode, roots, "", false, address)
+    /// A development broker of its own (its own state, its own TLS key)
+    /// listening on `address` (`127.0.0.1:PORT`, where another one may have
+    /// listened), trusting `simulated_roots`.
+    pub fn start_at(simulated_roots: &[&Path], address: &str) -> Kbs {
+        let roots = simulated_roots
+            .iter()
+            .map(|root| root.to_path_buf())
+            .collect();
+        Self::start_in(
+            tempfile::tempdir().expect("tempdir"),
+            KbsMode::Development,
+            roots,
+            "",
+            false,
+            address,
+        )
     }
 
     /// A broker in `mode` trusting `simulated_roots` (platform folders or
@@ -384,6 +385,33 @@ impl Kbs {
         );
         assert_eq!(status, 200, "GET /admin/v0/resources: {body}");
         body
+    }
+
+    /// `hsev-kbs resource export` of `resource`: its secret, read offline
+    /// from the broker's store by its owner (the broker must be stopped),
+    /// or why not.
+    pub fn export(&self, resource: &str) -> Result<Vec<u8>, String> {
+        let out = self.dir.path().join(format!(
+            "export-{}-{}",
+            resource.replace('/', "_"),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos())
+                .unwrap_or_default()
+        ));
+        let output = Command::new(binary("hsev-kbs"))
+            .args(["resource", "export", "--config"])
+            .arg(self.config_path())
+            .args(["--resource", resource, "--out"])
+            .arg(&out)
+            .output()
+            .expect("hsev-kbs runs");
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        let secret = std::fs::read(&out).expect("the exported secret");
+        std::fs::remove_file(&out).expect("removed");
+        Ok(secret)
     }
 
     /// `hsev-kbs audit verify` of its state folder.

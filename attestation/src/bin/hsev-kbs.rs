@@ -4,6 +4,8 @@
 //! hsev-kbs init --state-dir DIR        state folder, KEK, token key, TLS pair, sample config
 //! hsev-kbs serve --config FILE         serve HTTPS until SIGTERM
 //! hsev-kbs fingerprint --config FILE   the pin of its TLS key: sha256:<hex>
+//! hsev-kbs resource export --config FILE --resource PATH --out FILE
+//!                                      a secret, offline, by the broker's owner
 //! hsev-kbs hash-token [--token-file F] SHA-256 of an admin token (stdin by default)
 //! hsev-kbs audit verify --state-dir DIR
 //! ```
@@ -14,9 +16,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use hsev_attestation::kbs::protocol::ResourcePath;
 use hsev_attestation::kbs::server::audit::{self, AuditError, AUDIT_FILE};
 use hsev_attestation::kbs::server::config::KbsConfig;
-use hsev_attestation::kbs::server::{init, serve, tls};
+use hsev_attestation::kbs::server::{export_resource, init, serve, tls};
 use zeroize::Zeroizing;
 
 /// HyperSEV's key broker: verifies SEV-SNP evidence and releases each
@@ -75,6 +78,27 @@ enum Command {
     /// Audit log commands.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Resource commands, offline, for the broker's owner.
+    #[command(subcommand)]
+    Resource(ResourceCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ResourceCommand {
+    /// Write a resource's secret to a new file (mode 0600), recorded in the
+    /// audit log: a backup, or a check of what a host holds. Only while no
+    /// broker serves the state folder.
+    Export {
+        /// The broker's configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The resource, REPOSITORY/TYPE/TAG.
+        #[arg(long, value_name = "PATH")]
+        resource: ResourcePath,
+        /// The file to create (never over an existing one).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,6 +187,31 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let token = text.lines().next().unwrap_or_default().trim();
             anyhow::ensure!(!token.is_empty(), "the token is empty");
             println!("{}", hex::encode(openssl::sha::sha256(token.as_bytes())));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resource(ResourceCommand::Export {
+            config,
+            resource,
+            out,
+        }) => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let config = KbsConfig::load(&config)?;
+            let secret = export_resource(&config, &resource)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            file.write_all(&secret)
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", out.display()))?;
+            eprintln!(
+                "wrote the {} bytes of {resource} to {}",
+                secret.len(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCommand::Verify { state_dir }) => {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hsev_xapi::cli::{attest, completions, firmware, host, idkey, image, measure, output, vm};
+use hsev_xapi::cli::{attest, completions, firmware, host, idkey, image, kbs, measure, output, vm};
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
 #[derive(Debug, Parser)]
@@ -36,6 +36,9 @@ enum Command {
     Host(host::HostArgs),
     /// Guest images: import (admins), list, show.
     Image(image::ImageArgs),
+    /// Your key broker: pin your VMs' release policies (tenants), announce
+    /// a VM (the operator).
+    Kbs(kbs::KbsArgs),
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completions(completions::CompletionsArgs),
 }
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Vm(args) => vm::run(&args),
         Command::Host(args) => host::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Kbs(args) => kbs::run(&args),
         Command::Completions(args) => completions::run(&args, &mut Cli::command()),
     }
 }

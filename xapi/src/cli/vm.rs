@@ -205,6 +205,17 @@ pub struct KeyBrokerArgs {
 }
 
 impl KeyBrokerArgs {
+    /// The binding as the launch code measures it.
+    fn binding(&self) -> Result<Option<crate::model::KeyBrokerBinding>, RemoteError> {
+        Ok(self
+            .to_proto()?
+            .map(|broker| crate::model::KeyBrokerBinding {
+                guest_url: broker.url,
+                pin: broker.pin,
+                repository: broker.repository,
+            }))
+    }
+
     fn to_proto(&self) -> Result<Option<KeyBroker>, RemoteError> {
         match (&self.url, &self.repository) {
             (None, None) if self.pin.is_none() => Ok(None),
@@ -264,6 +275,10 @@ pub struct MeasureVmArgs {
     /// Your copy of the VM's image (its manifest.json or folder).
     #[arg(long, value_name = "FILE")]
     image_manifest: PathBuf,
+    /// The key broker you gave the VM (measured on its command line);
+    /// without it, the host's word is measured.
+    #[command(flatten)]
+    key_broker: KeyBrokerArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -278,6 +293,11 @@ pub struct AttestArgs {
     /// is the one the evidence must carry.
     #[arg(long, value_name = "FILE")]
     image_manifest: Option<PathBuf>,
+    /// The key broker you gave the VM (measured on its command line, so a
+    /// host that points the guest elsewhere fails the measurement); without
+    /// it, the host's word is measured.
+    #[command(flatten)]
+    key_broker: KeyBrokerArgs,
     /// Your appraisal policy (TOML); its report_data and host_data are set
     /// here to the nonce's binding and the VM's id.
     #[arg(long, value_name = "FILE")]
@@ -503,7 +523,8 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                 return finish(vm, args.output);
             }
             let vm = vm.ok_or_else(|| RemoteError::Failed("hsevd sent no VM".into()))?;
-            let mut vm = set_id_block(connection, &vm, &args.id_block).await?;
+            let mut vm =
+                set_id_block(connection, &vm, &args.id_block, args.key_broker.binding()?).await?;
             if args.start {
                 vm = follow_progress(vms.start_vm(vm_ref(&vm.id)).await?)
                     .await?
@@ -513,8 +534,12 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
         }
         VmCommand::Measure(args) => {
             let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
-            let ours = measure_vm(&vm, &args.image_manifest)
-                .map_err(|error| RemoteError::Input(error.0))?;
+            let ours = measure_vm(
+                &vm,
+                &args.image_manifest,
+                tenants_binding(&vm, &args.key_broker)?,
+            )
+            .map_err(|error| RemoteError::Input(error.0))?;
             let equal = ours.measurement == vm.expected_measurement;
             match args.output {
                 OutputFormat::Json => print_json(&json!({
@@ -551,7 +576,7 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                 };
                 vms.set_vm_id_block(request).await?.into_inner()
             } else if args.source.given() {
-                set_id_block(connection, &vm, &args.source).await?
+                set_id_block(connection, &vm, &args.source, None).await?
             } else {
                 return Err(RemoteError::Input(
                     "give --id-key (with --image-manifest), --id-block and --id-auth, or --remove"
@@ -644,7 +669,8 @@ async fn attest(connection: &Connection, args: &AttestArgs) -> Result<ExitCode, 
         None => AppraisalPolicy::default(),
     };
     if let Some(manifest) = &args.image_manifest {
-        let ours = measure_vm(&vm, manifest).map_err(input)?;
+        let ours =
+            measure_vm(&vm, manifest, tenants_binding(&vm, &args.key_broker)?).map_err(input)?;
         let measurement: [u8; 48] = ours.measurement.as_slice().try_into().map_err(|_| {
             RemoteError::Input(format!("VM {} is not an sev-snp VM", ours.spec.name))
         })?;
@@ -739,11 +765,33 @@ fn save_evidence(
     Ok(())
 }
 
-/// Signs (or reads) `vm`'s ID block and sets it.
+/// The key broker binding to measure `vm` with: the tenant's flags, or, with
+/// a warning, the host's word.
+fn tenants_binding(
+    vm: &Vm,
+    flags: &KeyBrokerArgs,
+) -> Result<Option<crate::model::KeyBrokerBinding>, RemoteError> {
+    let binding = flags.binding()?;
+    let host_names_one = vm
+        .spec
+        .as_ref()
+        .is_some_and(|spec| spec.key_broker.is_some());
+    if binding.is_none() && host_names_one {
+        eprintln!(
+            "hsev: warning: measuring the key broker the host says the guest uses; give \
+             --key-broker, --key-broker-pin and --key-broker-repository (yours) to check it"
+        );
+    }
+    Ok(binding)
+}
+
+/// Signs (or reads) `vm`'s ID block and sets it; with `key_broker`, the
+/// measurement it signs names that broker.
 async fn set_id_block(
     connection: &Connection,
     vm: &Vm,
     source: &IdBlockSource,
+    key_broker: Option<crate::model::KeyBrokerBinding>,
 ) -> Result<Vm, RemoteError> {
     let input = |error: InputError| RemoteError::Input(error.0);
     let (block, auth) = match (&source.id_key, &source.id_block, &source.id_auth) {
@@ -752,7 +800,7 @@ async fn set_id_block(
                 .image_manifest
                 .as_deref()
                 .ok_or_else(|| RemoteError::Input("--id-key needs --image-manifest".into()))?;
-            let ours = measure_vm(vm, manifest).map_err(input)?;
+            let ours = measure_vm(vm, manifest, key_broker).map_err(input)?;
             let launch_digest: [u8; 48] = ours.measurement.as_slice().try_into().map_err(|_| {
                 RemoteError::Input(format!("VM {} is not an sev-snp VM", ours.spec.name))
             })?;

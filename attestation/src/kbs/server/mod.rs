@@ -14,7 +14,9 @@
 //! - [`token`]: the ES256 attestation token (passport mode's bearer).
 //!
 //! The state folder holds `kbs.db` (+ WAL), `audit.jsonl`,
-//! `token-signing-key.pem` and, by default, `kek.bin` and `tls/`.
+//! `token-signing-key.pem`, `kbs.lock` and, by default, `kek.bin` and
+//! `tls/`. One process at a time owns it ([`StateLock`]): a serving broker,
+//! or the broker owner's offline [`export_resource`].
 //!
 //! It serves HTTPS; plain HTTP only with `insecure_http_dev` (development
 //! mode), said loudly at start.
@@ -68,6 +70,15 @@ pub enum ServeError {
     /// The TLS certificate or key.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Another process owns the state folder.
+    #[error(
+        "{0}: another hsev-kbs owns this state folder (a broker serving it, or an export): stop \
+         it first"
+    )]
+    Busy(String),
+    /// The resource to export does not exist or holds no secret yet.
+    #[error("{0}")]
+    NoSecret(String),
     /// A file, folder or socket operation.
     #[error("{what}: {source}")]
     Io {
@@ -83,19 +94,53 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { what, source }
 }
 
-/// Opens everything the broker needs, refusing to start on any doubt
-/// (KEK missing or too open, altered store, broken audit tail).
-pub fn open_broker(config: &KbsConfig) -> Result<Broker, ServeError> {
-    config.validate()?;
-    if !config.state_dir.is_dir() {
-        return Err(ServeError::Io {
-            what: format!("state_dir {}", config.state_dir.display()),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "not a folder (hsev-kbs init --state-dir creates it)",
-            ),
-        });
+/// The lock file in the state folder.
+pub const LOCK_FILE: &str = "kbs.lock";
+
+/// The state folder's exclusive lock (released when dropped, or when the
+/// process dies): the audit log has one writer, the store one owner.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    /// Takes the lock of `state_dir`, or says who holds it.
+    pub fn acquire(state_dir: &Path) -> Result<Self, ServeError> {
+        if !state_dir.is_dir() {
+            return Err(ServeError::Io {
+                what: format!("state_dir {}", state_dir.display()),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "not a folder (hsev-kbs init --state-dir creates it)",
+                ),
+            });
+        }
+        let path = state_dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(format!("opening {}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                Err(ServeError::Busy(state_dir.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(source)) => Err(ServeError::Io {
+                what: format!("locking {}", path.display()),
+                source,
+            }),
+        }
     }
+}
+
+/// Opens everything the broker needs, refusing to start on any doubt
+/// (KEK missing or too open, altered store, broken audit tail). The lock
+/// must be held for as long as the broker runs.
+pub fn open_broker(config: &KbsConfig, _lock: &StateLock) -> Result<Broker, ServeError> {
+    config.validate()?;
     let kek = Kek::load(&config.kek_path())?;
     let signer = TokenSigner::load(&config.state_dir)?;
     let anchors = config
@@ -127,7 +172,8 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 /// `http://ADDR`) on stdout once it accepts connections (the real port
 /// when the configuration says port 0).
 pub fn serve(config: &KbsConfig) -> Result<(), ServeError> {
-    let broker = Arc::new(open_broker(config)?);
+    let lock = StateLock::acquire(&config.state_dir)?;
+    let broker = Arc::new(open_broker(config, &lock)?);
     let tls = if config.insecure_http_dev {
         tracing::warn!(
             "PLAIN HTTP (insecure_http_dev, development only): admin tokens travel in clear, and \
@@ -227,6 +273,36 @@ async fn serve_tls(
     {
         tracing::warn!("open connections did not finish within 10 s");
     }
+}
+
+/// The secret of `resource`, read offline by the broker's owner (a backup,
+/// an audit of what a host holds), recorded in the audit log first. Only
+/// while no broker serves the state folder: the audit log has one writer.
+pub fn export_resource(
+    config: &KbsConfig,
+    resource: &crate::kbs::protocol::ResourcePath,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, ServeError> {
+    config.validate()?;
+    let _lock = StateLock::acquire(&config.state_dir)?;
+    let kek = Kek::load(&config.kek_path())?;
+    let store = Store::open(&config.state_dir, kek)?;
+    let stored = store
+        .resource(resource)
+        .ok_or_else(|| ServeError::NoSecret(format!("no resource {resource}")))?;
+    if !stored.has_data() {
+        return Err(ServeError::NoSecret(format!(
+            "{resource} holds no secret yet: the broker generates it at its first release"
+        )));
+    }
+    let audit = AuditLog::open(&config.state_dir)?;
+    audit
+        .record(
+            audit::AuditEvent::new("export")
+                .field("resource", resource.to_string())
+                .field("by", "hsev-kbs resource export (offline)"),
+        )
+        .wait()?;
+    Ok(store.unseal(&stored)?)
 }
 
 async fn shutdown_signal() {
