@@ -178,57 +178,64 @@ pub struct AnnounceArgs {
 
 /// Runs a key broker command.
 pub fn run(args: &KbsArgs) -> ExitCode {
-    if let KbsCommand::Policy(PolicyCommand::List(list)) = &args.command {
-        // No hsevd involved.
-        return match policy_list(list) {
+    match &args.command {
+        // The tenant's own repository: no hsevd involved.
+        KbsCommand::Policy(PolicyCommand::List(list)) => match policy_list(list) {
             Ok(code) => code,
             Err(error) => {
                 eprintln!("hsev: error: {error}");
                 ExitCode::from(error.exit_code())
             }
-        };
+        },
+        command => client::run(&args.connection, async |connection| {
+            with_hsevd(connection, command).await
+        }),
     }
-    client::run(&args.connection, async |connection| {
-        let vm_of = async |vm: &str| -> Result<Vm, RemoteError> {
-            Ok(connection
-                .vms()
-                .get_vm(VmRef { vm: vm.to_owned() })
-                .await?
-                .into_inner())
-        };
-        match &args.command {
-            KbsCommand::Policy(PolicyCommand::Set(set)) => {
-                let vm = vm_of(&set.vm).await?;
-                policy_set(set, &vm)
-            }
-            KbsCommand::Policy(PolicyCommand::Delete(delete)) => {
-                let resource = match (&delete.resource, &delete.vm, &delete.repository) {
-                    (Some(resource), _, _) => resource.clone(),
-                    (None, Some(vm), Some(repository)) => {
-                        let vm = vm_of(vm).await?;
-                        disk_key_resource(repository, &vm.id)?
-                    }
-                    _ => {
-                        return Err(RemoteError::Input(
-                            "give --repository and --vm, or --resource".into(),
-                        ))
-                    }
-                };
-                admin(&delete.broker)?
-                    .delete_resource(&resource)
-                    .map_err(|error| broker_error(&delete.broker, &error))?;
-                print_stdout(&format!(
-                    "deleted {resource}: that disk can no longer be opened\n"
-                ))?;
-                Ok(ExitCode::SUCCESS)
-            }
-            KbsCommand::Announce(announce) => {
-                let vm = vm_of(&announce.vm).await?;
-                announce_vm(announce, &vm)
-            }
-            KbsCommand::Policy(PolicyCommand::List(_)) => Ok(ExitCode::SUCCESS),
+}
+
+/// The commands that read the VM from hsevd first.
+async fn with_hsevd(
+    connection: &client::Connection,
+    command: &KbsCommand,
+) -> Result<ExitCode, RemoteError> {
+    let vm_of = async |vm: &str| -> Result<Vm, RemoteError> {
+        Ok(connection
+            .vms()
+            .get_vm(VmRef { vm: vm.to_owned() })
+            .await?
+            .into_inner())
+    };
+    match command {
+        KbsCommand::Policy(PolicyCommand::Set(set)) => {
+            let vm = vm_of(&set.vm).await?;
+            policy_set(set, &vm)
         }
-    })
+        KbsCommand::Policy(PolicyCommand::List(list)) => policy_list(list),
+        KbsCommand::Policy(PolicyCommand::Delete(delete)) => {
+            let resource = match (&delete.resource, &delete.vm, &delete.repository) {
+                (Some(resource), _, _) => resource.clone(),
+                (None, Some(vm), Some(repository)) => {
+                    disk_key_resource(repository, &vm_of(vm).await?.id)?
+                }
+                _ => {
+                    return Err(RemoteError::Input(
+                        "give --repository and --vm, or --resource".into(),
+                    ))
+                }
+            };
+            admin(&delete.broker)?
+                .delete_resource(&resource)
+                .map_err(|error| broker_error(&delete.broker, &error))?;
+            print_stdout(&format!(
+                "deleted {resource}: that disk can no longer be opened\n"
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        KbsCommand::Announce(announce) => {
+            let vm = vm_of(&announce.vm).await?;
+            announce_vm(announce, &vm)
+        }
+    }
 }
 
 /// The broker client of `args`, its token read from its file.

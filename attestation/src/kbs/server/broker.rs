@@ -37,7 +37,7 @@ use uuid::Uuid;
 
 pub use self::admin::{Admin, Scope, MAX_RESOURCE_BYTES};
 use super::audit::{AuditError, AuditEvent, AuditLog, AuditTicket};
-use super::config::{AdminToken, KbsConfig};
+use super::config::KbsConfig;
 use super::error::BrokerError;
 use super::evidence::{describe_failures, AttestedEvidence, EvidenceError, EvidenceVerifier};
 use super::sessions::{SessionProblem, Sessions};
@@ -105,7 +105,8 @@ pub struct Broker {
     store: Store,
     audit: AuditLog,
     signer: TokenSigner,
-    admin_tokens: Vec<AdminToken>,
+    /// Each admin token's SHA-256 and holder.
+    admin_tokens: Vec<([u8; 32], Admin)>,
     sessions: Sessions<Attested>,
     /// Orders first releases: one secret generated, one audit entry.
     generation: tokio::sync::Mutex<()>,
@@ -228,7 +229,11 @@ impl Broker {
             store,
             audit,
             signer,
-            admin_tokens: config.admin_tokens.clone(),
+            admin_tokens: config
+                .admin_tokens
+                .iter()
+                .filter_map(|token| Some((token.sha256.0, Admin::of_token(token)?)))
+                .collect(),
             sessions: Sessions::new(
                 std::time::Duration::from_secs(config.session_ttl_seconds),
                 config.max_sessions,

@@ -21,7 +21,7 @@ use crate::kbs::protocol::{
     ResourceSummary,
 };
 use crate::kbs::release_policy::ReleasePolicy;
-use crate::kbs::server::config::AdminRole;
+use crate::kbs::server::config::{AdminRole, AdminToken};
 use crate::kbs::server::store::{Store, StoreError};
 use crate::HexBytes;
 
@@ -50,6 +50,22 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The holder of a configured token; none for a tenant token without
+    /// a repository (which the configuration's validation refuses).
+    pub fn of_token(token: &AdminToken) -> Option<Admin> {
+        let scope = match (token.role, &token.repository) {
+            (AdminRole::Tenant, Some(repository)) => Scope::Tenant {
+                repository: repository.clone(),
+            },
+            (AdminRole::Operator, _) => Scope::Operator,
+            (AdminRole::Tenant, None) => return None,
+        };
+        Some(Admin {
+            name: token.name.clone(),
+            scope,
+        })
+    }
+
     fn role(&self) -> &'static str {
         match self.scope {
             Scope::Tenant { .. } => "tenant",
@@ -129,19 +145,9 @@ impl Broker {
         let holder = self
             .admin_tokens
             .iter()
-            .find(|known| openssl::memcmp::eq(&known.sha256.0, &digest));
+            .find(|(known, _)| openssl::memcmp::eq(known, &digest));
         match holder {
-            Some(known) => Ok(Admin {
-                name: known.name.clone(),
-                scope: match (known.role, &known.repository) {
-                    (AdminRole::Tenant, Some(repository)) => Scope::Tenant {
-                        repository: repository.clone(),
-                    },
-                    // The configuration's validation gives every tenant a
-                    // repository; a token without one touches nothing.
-                    (AdminRole::Tenant, None) | (AdminRole::Operator, _) => Scope::Operator,
-                },
-            }),
+            Some((_, admin)) => Ok(admin.clone()),
             None => {
                 let error = BrokerError::AdminAuth("the admin token is not valid".into());
                 self.refuse(refusal, error).await
