@@ -405,6 +405,8 @@ pub struct ConnectorConfig {
     pub token: (String, String),
     /// `node.partitions`, when set.
     pub partitions: Option<u32>,
+    /// `node.pass_interval_seconds`.
+    pub pass_interval_seconds: u32,
     /// `node.allow_simulated_firmware`.
     pub allow_simulated_firmware: bool,
     /// `[key_broker]`: its URL and admin token file.
@@ -421,6 +423,7 @@ impl ConnectorConfig {
             socket: daemon.socket(),
             token: (crate::daemon::ADMIN.to_owned(), "ops".to_owned()),
             partitions: None,
+            pass_interval_seconds: 1,
             allow_simulated_firmware: true,
             key_broker: None,
         }
@@ -434,13 +437,14 @@ impl ConnectorConfig {
         let mut text = format!(
             "[master]\nurl = {:?}\ncomputer_guid = {COMPUTER:?}\nsoftware_release = {:?}\n{}\n\
              [hsev]\nendpoint = {:?}\ntoken_file = \"hsev.token\"\nowner = {:?}\n\n\
-             [node]\npass_interval_seconds = 1\nstop_timeout_seconds = 20\n\
+             [node]\npass_interval_seconds = {}\nstop_timeout_seconds = 20\n\
              allow_simulated_firmware = {}\n",
             self.master_url,
             software_release(),
             self.master_extra,
             format!("unix://{}", self.socket.display()),
             self.token.1,
+            self.pass_interval_seconds,
             self.allow_simulated_firmware,
         );
         if let Some(partitions) = self.partitions {

@@ -232,6 +232,36 @@ fn stop_start_and_destroy_converge_and_destroying_wipes_the_disk_and_frees_the_s
 }
 
 #[test]
+fn sigusr1_asks_for_a_pass_at_once() {
+    let master = Slapproxy::start();
+    let daemon = Daemon::start_on(Driver::Fake, "");
+    daemon.import_image();
+    let config = ConnectorConfig {
+        pass_interval_seconds: 600,
+        ..ConnectorConfig::new(&master, &daemon)
+    };
+    let connector = Connector::start(&config);
+    eventually("the first pass", CONVERGE, || {
+        master.partitions().len() == FAKE_SLOTS
+    });
+    master.request("vm1", "default", &json!({"ram-size": 1024}), None);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(vms(&daemon).is_empty(), "the next pass is 10 minutes away");
+    let signalled = std::process::Command::new("kill")
+        .args(["-USR1", &connector.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(signalled.success());
+    master.wait_for(
+        &instance_guid("vm1"),
+        Duration::from_secs(10),
+        "running",
+        running,
+    );
+    assert_eq!(connector.logged("pass asked for (SIGUSR1)"), 1);
+}
+
+#[test]
 fn a_parameter_change_is_applied_or_re_creates_the_vm() {
     let (master, daemon, connector) = fake_node();
     let guid = instance_guid("vm1");

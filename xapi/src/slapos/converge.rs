@@ -10,7 +10,7 @@ use serde_json::Value;
 use tonic::Code;
 
 use super::hosts;
-use super::master::{InstanceSummary, RequestedState};
+use super::master::{InstanceSummary, MasterError, RequestedState};
 use super::naming::VmNames;
 use super::node::{transitional, vm_name, Node, PassError};
 use super::parameters::{self, Request, SoftwareType};
@@ -125,7 +125,14 @@ impl Node {
         let guid = summary.instance_guid.as_str();
         let instance = {
             let guid = guid.to_owned();
-            self.on_master(move |master| master.instance(&guid)).await?
+            match self.on_master(move |master| master.instance(&guid)).await {
+                Ok(instance) => instance,
+                // Gone since the listing: the next pass no longer lists it.
+                Err(MasterError::Refused {
+                    status: 403 | 404, ..
+                }) => return Ok(()),
+                Err(error) => return Err(error.into()),
+            }
         };
         let parsed = SoftwareType::parse(&instance.software_type).and_then(|software_type| {
             let decoded = parameters::decode(&instance.parameters)?;
