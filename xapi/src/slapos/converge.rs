@@ -9,6 +9,7 @@ use hsev_proto::v1::{Vm, VmState};
 use serde_json::Value;
 use tonic::Code;
 
+use super::encrypted_disk::{self, Vouched};
 use super::hosts;
 use super::master::{InstanceSummary, MasterError, RequestedState};
 use super::naming::VmNames;
@@ -159,10 +160,8 @@ impl Node {
             }
             None => {}
         }
-        if request.encrypted_disk_size.is_some() && self.key_broker.is_none() {
-            let message = "encrypted-disk-size: this node has no key broker for its requesters' \
-                           disk keys ([key_broker] in the connector's config)";
-            return self.refuse(guid, message, vm.as_ref()).await;
+        if let Some(message) = encrypted_disk::unservable(&request, self.key_broker.as_deref()) {
+            return self.refuse(guid, &message, vm.as_ref()).await;
         }
         let image_id = match self.pool.image_id(&request.image).await {
             Ok(id) => id,
@@ -411,36 +410,16 @@ impl Node {
                 return Ok(Err(Vetting::Refused(format!("minimum-tcb: {problem}"))));
             }
         }
-        let encrypted = vm
-            .spec
-            .as_ref()
-            .is_some_and(|spec| spec.encrypted_disk_mib > 0);
-        if encrypted {
-            let Some(key_broker) = self.key_broker.clone() else {
-                return Ok(Err(Vetting::Refused(
-                    "encrypted-disk-size: this node has no key broker for its requesters' disk keys"
-                        .to_owned(),
-                )));
-            };
-            let (checked, allow_simulated) =
-                (vm.clone(), self.config.node.allow_simulated_firmware);
-            let outcome =
-                tokio::task::spawn_blocking(move || key_broker.check(&checked, allow_simulated))
-                    .await
-                    .map_err(|error| {
-                        PassError::Setup(format!("the key broker check failed: {error}"))
-                    })?;
-            match outcome {
-                Ok(()) => {}
-                Err(error @ super::encrypted_disk::KeyCheckError::Unreachable { .. }) => {
-                    return Ok(Err(Vetting::Later(format!("encrypted-disk-size: {error}"))))
-                }
-                Err(error) => {
-                    return Ok(Err(Vetting::Refused(format!(
-                        "encrypted-disk-size: {error}"
-                    ))))
-                }
-            }
+        match encrypted_disk::vouch(
+            self.key_broker.clone(),
+            vm,
+            self.config.node.allow_simulated_firmware,
+        )
+        .await
+        {
+            Vouched::Yes => {}
+            Vouched::Refused(message) => return Ok(Err(Vetting::Refused(message))),
+            Vouched::Later(message) => return Ok(Err(Vetting::Later(message))),
         }
         Ok(Ok(()))
     }

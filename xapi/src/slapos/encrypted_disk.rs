@@ -11,6 +11,7 @@
 //! cannot ask, and the VM does not start: no key is released on doubt.
 //! This module only reads the broker; it never sees a key.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hsev_attestation::kbs::client::{AdminClient, ClientError};
@@ -19,6 +20,7 @@ use hsev_proto::v1::Vm;
 use zeroize::Zeroizing;
 
 use super::config::KeyBrokerConfig;
+use super::parameters::Request;
 
 /// How long one call to the broker may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,6 +44,59 @@ pub enum KeyCheckError {
         /// What is wrong.
         problem: String,
     },
+}
+
+/// Why a node without a key broker of its requesters serves no encrypted disk.
+const NO_KEY_BROKER: &str = "encrypted-disk-size: this node has no key broker for its requesters' \
+                             disk keys ([key_broker] in the connector's config)";
+
+/// Why this node cannot serve `request`'s encrypted disk at all, known
+/// before any VM is made.
+pub fn unservable(request: &Request, key_broker: Option<&TenantKeyBroker>) -> Option<String> {
+    (request.encrypted_disk_size.is_some() && key_broker.is_none())
+        .then(|| NO_KEY_BROKER.to_owned())
+}
+
+/// What the requesters' broker says of a VM's disk key; the messages name
+/// `encrypted-disk-size`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vouched {
+    /// Held as the requester needs, or no encrypted disk to vouch for.
+    Yes,
+    /// Not held as the requester needs: the VM must never run.
+    Refused(String),
+    /// The broker cannot be asked now.
+    Later(String),
+}
+
+/// Checks `vm`'s disk key at `key_broker`, when `vm` has an encrypted disk
+/// (the broker is asked off the async threads).
+pub async fn vouch(
+    key_broker: Option<Arc<TenantKeyBroker>>,
+    vm: &Vm,
+    allow_simulated: bool,
+) -> Vouched {
+    let encrypted = vm
+        .spec
+        .as_ref()
+        .is_some_and(|spec| spec.encrypted_disk_mib > 0);
+    if !encrypted {
+        return Vouched::Yes;
+    }
+    let Some(key_broker) = key_broker else {
+        return Vouched::Refused(NO_KEY_BROKER.to_owned());
+    };
+    let checked = vm.clone();
+    match tokio::task::spawn_blocking(move || key_broker.check(&checked, allow_simulated)).await {
+        Ok(Ok(())) => Vouched::Yes,
+        Ok(Err(error @ KeyCheckError::Unreachable { .. })) => {
+            Vouched::Later(format!("encrypted-disk-size: {error}"))
+        }
+        Ok(Err(error)) => Vouched::Refused(format!("encrypted-disk-size: {error}")),
+        Err(error) => Vouched::Later(format!(
+            "encrypted-disk-size: the key broker check did not finish: {error}"
+        )),
+    }
 }
 
 /// The requesters' key broker, read with its admin API.

@@ -43,13 +43,10 @@ fn code_name(code: Code) -> String {
 }
 
 impl PoolError {
-    /// Whether hsevd itself is away (as opposed to refusing one call).
+    /// Whether hsevd itself is away (as opposed to refusing one call, or
+    /// answering that something it needs is: its key broker, say).
     pub fn is_outage(&self) -> bool {
-        match self {
-            PoolError::Unreachable { .. } => true,
-            PoolError::Refused { code, .. } => *code == Code::Unavailable,
-            PoolError::Setup(_) => false,
-        }
+        matches!(self, PoolError::Unreachable { .. })
     }
 
     /// Whether the request itself is at fault (bad or unservable values),
@@ -69,6 +66,22 @@ impl PoolError {
         match self {
             PoolError::Refused { message, .. } => message.clone(),
             other => other.to_string(),
+        }
+    }
+}
+
+/// A status hsevd sent, or one the client made up for a call that never
+/// reached it: those carry the transport's error as their source.
+fn classify(status: &Status, endpoint: String, message: String) -> PoolError {
+    if std::error::Error::source(status).is_some() {
+        PoolError::Unreachable {
+            endpoint,
+            detail: message,
+        }
+    } else {
+        PoolError::Refused {
+            code: status.code(),
+            message,
         }
     }
 }
@@ -134,14 +147,11 @@ impl Pool {
     }
 
     fn status(&self, status: &Status) -> PoolError {
-        let message = self.settings.redact(status.message());
-        match status.code() {
-            Code::Unavailable => PoolError::Unreachable {
-                endpoint: self.endpoint(),
-                detail: message,
-            },
-            code => PoolError::Refused { code, message },
-        }
+        classify(
+            status,
+            self.endpoint(),
+            self.settings.redact(status.message()),
+        )
     }
 
     fn failed(&mut self, status: Status) -> PoolError {
@@ -305,5 +315,25 @@ impl Pool {
                 code: Code::Internal,
                 message: format!("hsevd ended the {what} without sending the VM"),
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_call_that_never_reached_hsevd_is_an_outage() {
+        let transport = Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )));
+        assert!(classify(&transport, "unix:///s".into(), "refused".into()).is_outage());
+        // hsevd answered: its key broker is away, hsevd is not.
+        let answered = Status::unavailable("cannot register the disk key: key broker unreachable");
+        let error = classify(&answered, "unix:///s".into(), answered.message().into());
+        assert!(!error.is_outage() && !error.is_request_fault(), "{error}");
+        let invalid = Status::invalid_argument("vcpus must be at least 1");
+        assert!(classify(&invalid, "unix:///s".into(), String::new()).is_request_fault());
     }
 }
