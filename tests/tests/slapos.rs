@@ -518,6 +518,31 @@ fn a_connector_killed_with_9_and_restarted_makes_no_second_vm_and_converges() {
 }
 
 #[test]
+fn a_connector_told_the_wrong_owner_says_so_and_makes_no_second_vm() {
+    let master = Slapproxy::start();
+    let daemon = Daemon::start_on(Driver::Fake, "");
+    daemon.import_image();
+    // The admin token is `ops` in hsevd.toml, not `slapos`.
+    let config = ConnectorConfig {
+        token: (ADMIN.to_owned(), "slapos".to_owned()),
+        ..ConnectorConfig::new(&master, &daemon)
+    };
+    let connector = Connector::start(&config);
+    master.request("vm1", "default", &json!({"ram-size": 1024}), None);
+    connector.wait_for_log("hsev.owner is \"slapos\", but hsevd made the VM", CONVERGE);
+    connector.wait_for_log("that the VMs of \"slapos\" do not include", CONVERGE);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(vms(&daemon).len(), 1, "one VM, never a second");
+    assert_eq!(events(&daemon, "started"), 0, "and not started for anyone");
+    assert_eq!(
+        connector.logged("do not include"),
+        1,
+        "said once: {}",
+        connector.log()
+    );
+}
+
+#[test]
 fn a_master_or_hsevd_that_is_down_is_retried_with_backoff_and_reported_once() {
     let (mut master, mut daemon, connector) = fake_node();
     let guid = instance_guid("vm1");

@@ -242,11 +242,20 @@ impl Node {
             Err(PoolError::Refused {
                 code: Code::AlreadyExists,
                 ..
-            }) => Err(PassError::Setup(format!(
-                "hsevd has a VM named {name} that the VMs of {:?} do not include: set hsev.owner \
-                 to the connector token's name in hsevd.toml",
-                self.config.hsev.owner
-            ))),
+            }) => {
+                // Made meanwhile by a creation an earlier run of the
+                // connector asked for: that VM serves this instance.
+                let owner = self.config.hsev.owner.clone();
+                let made = self.pool.vms(&owner).await?;
+                match made.into_iter().find(|vm| vm_name(vm) == name) {
+                    Some(vm) if transitional(&vm) => Ok(None),
+                    Some(vm) => Ok(Some(vm)),
+                    None => Err(PassError::Setup(format!(
+                        "hsevd has a VM named {name} that the VMs of {owner:?} do not include: \
+                         set hsev.owner to the connector token's name in hsevd.toml"
+                    ))),
+                }
+            }
             Err(error) if error.is_outage() => Err(error.into()),
             Err(error) if error.is_request_fault() => {
                 let message = hsevd_refusal(&error.message());
