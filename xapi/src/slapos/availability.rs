@@ -43,11 +43,6 @@ impl Availability {
             .map(|since| Change::CameBack(since.elapsed()))
     }
 
-    /// Whether the peer is down now.
-    pub fn is_down(&self) -> bool {
-        self.down_since.is_some()
-    }
-
     /// How long to wait before the next try, from the pass `interval`.
     pub fn backoff(&self, interval: Duration) -> Duration {
         let doublings = self.failures.saturating_sub(1).min(16);
@@ -74,7 +69,6 @@ mod tests {
             assert_eq!(peer.failed(), None);
         }
         assert_eq!(peer.backoff(interval), MAX_BACKOFF);
-        assert!(peer.is_down());
         assert!(matches!(peer.succeeded(), Some(Change::CameBack(_))));
         assert_eq!(peer.succeeded(), None);
         assert_eq!(peer.backoff(interval), interval);

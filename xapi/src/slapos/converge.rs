@@ -144,8 +144,11 @@ impl Node {
             // A bad change leaves a VM made from earlier parameters as it is.
             Err(error) => return self.refuse(guid, &error.to_string(), vm.as_ref()).await,
         };
+        // What a refusal after work holds for: these parameters, until
+        // they change or the master's timestamp moves (a bang asks again).
         let fingerprint = format!(
-            "{}|{}",
+            "{}|{}|{}",
+            instance.processing_timestamp,
             instance.software_type,
             Value::Object(instance.parameters.clone())
         );

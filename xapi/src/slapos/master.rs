@@ -114,8 +114,6 @@ pub struct InstanceSummary {
 pub struct Instance {
     /// Its id (opaque).
     pub instance_guid: String,
-    /// Its title.
-    pub title: String,
     /// Its software release.
     pub software_release: String,
     /// Its software type (`default`, `sev-snp`, ...).
@@ -126,7 +124,8 @@ pub struct Instance {
     pub parameters: Map<String, Value>,
     /// The partition it is on.
     pub partition: String,
-    /// Moves whenever the requester changes something.
+    /// Moves whenever the requester changes something, or asks for the
+    /// instance to be processed again (a bang).
     pub processing_timestamp: i64,
 }
 
@@ -156,8 +155,6 @@ struct RawSummary {
 #[derive(Deserialize)]
 struct RawInstance {
     instance_guid: String,
-    #[serde(default)]
-    title: String,
     #[serde(default)]
     software_release_uri: Option<String>,
     #[serde(default)]
@@ -339,7 +336,6 @@ impl Master {
         Ok(Instance {
             state: requested_state(method, &raw.state)?,
             instance_guid: raw.instance_guid,
-            title: raw.title,
             software_release: raw.software_release_uri.unwrap_or_default(),
             software_type: raw.software_type.unwrap_or_default(),
             parameters: raw.parameters,

@@ -180,15 +180,6 @@ impl Pool {
         }
     }
 
-    /// One VM, by id.
-    pub async fn vm(&mut self, id: &str) -> Result<Vm, PoolError> {
-        let connection = self.connection().await?;
-        match connection.vms().get_vm(VmRef { vm: id.to_owned() }).await {
-            Ok(response) => Ok(response.into_inner()),
-            Err(status) => Err(self.failed(status)),
-        }
-    }
-
     /// The id of the image named (or with the id) `image`.
     pub async fn image_id(&mut self, image: &str) -> Result<String, PoolError> {
         let connection = self.connection().await?;
