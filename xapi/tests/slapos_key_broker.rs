@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use hsev_attestation::kbs::client::AdminClient;
+use hsev_attestation::kbs::release_policy::ReleasePolicy;
 use hsev_attestation::policy::AppraisalPolicy;
 use hsev_attestation::HexBytes;
 use hsev_e2e::kbs::{Kbs, KbsMode, KBS_ADMIN};
@@ -48,7 +49,12 @@ fn a_disk_key_is_vouched_for_only_when_its_release_policy_binds_it_to_the_vm() {
             Vec::new()
         };
         admin
-            .put_resource(&resource.parse().expect("a path"), b"key", policy, &values)
+            .put_resource(
+                &resource.parse().expect("a path"),
+                b"key",
+                &ReleasePolicy::from(policy.clone()),
+                &values,
+            )
             .expect("registered");
     };
     register("hsev/disk-key/good", &bound_to("good"), true);

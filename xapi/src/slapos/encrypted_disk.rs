@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hsev_attestation::kbs::client::{AdminClient, ClientError};
-use hsev_attestation::policy::AppraisalPolicy;
+use hsev_attestation::kbs::release_policy::ReleasePolicy;
 use hsev_proto::v1::Vm;
 use zeroize::Zeroizing;
 
@@ -161,9 +161,9 @@ impl TenantKeyBroker {
             .iter()
             .find(|summary| summary.path.to_string() == resource)
             .ok_or_else(|| refused(format!("is not registered at {}", self.url)))?;
-        let policy = AppraisalPolicy::from_toml(&summary.policy).map_err(|error| {
-            refused(format!("has a release policy that does not parse: {error}"))
-        })?;
+        let policy = ReleasePolicy::from_toml(&summary.policy)
+            .map_err(|error| refused(format!("has a release policy that does not parse: {error}")))?
+            .appraisal;
         let host_data = openssl::sha::sha256(vm.id.as_bytes());
         match policy.host_data {
             Some(bound) if bound.0 == host_data => {}
