@@ -17,8 +17,8 @@ use hsev_attestation::kbs::release_policy::ReleasePolicy;
 use hsev_attestation::policy::AppraisalPolicy;
 use hsev_attestation::HexBytes;
 use kbs_support::{
-    admin_client, evidence, guest_client, raw_agent, tenant_token, Kbs, KbsMode, SimPlatform,
-    DEBUG_GUEST_POLICY, GUEST_POLICY, KBS_OPERATOR,
+    admin_client, evidence, guest_client, raw_agent, reader_client, reader_token, tenant_token,
+    Kbs, KbsMode, SimPlatform, DEBUG_GUEST_POLICY, GUEST_POLICY, KBS_OPERATOR,
 };
 
 const MEASUREMENT: [u8; 48] = [0x42; 48];
@@ -949,7 +949,8 @@ fn admin_as(kbs: &Kbs, token: &str, method: &str, route: &str, body: &str) -> (u
 }
 
 #[test]
-fn each_tenant_token_is_scoped_to_its_repository_and_the_operator_only_announces() {
+fn each_tenant_token_is_scoped_to_its_repository_a_reader_only_reads_and_the_operator_only_announces(
+) {
     let platform = SimPlatform::new();
     let kbs = development_broker(&platform, "");
     let alice = admin_client(&kbs, "alice");
@@ -962,6 +963,7 @@ fn each_tenant_token_is_scoped_to_its_repository_and_the_operator_only_announces
         )
         .expect("alice sets her own policy");
     let bob = tenant_token("bob");
+    let reader = reader_token("alice");
     let good = r#"{"policy":"allow_simulated = true"}"#;
     let alice_route = "/admin/v0/resources/alice/disk-key/vm-1";
     let image = "ab".repeat(32);
@@ -1034,6 +1036,38 @@ fn each_tenant_token_is_scoped_to_its_repository_and_the_operator_only_announces
             r#"{"measurements":[]}"#,
             vec!["operator role"],
         ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "PUT",
+            alice_route,
+            good,
+            vec!["reader role", "changes nothing"],
+        ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "DELETE",
+            alice_route,
+            "",
+            vec!["reader role"],
+        ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "PUT",
+            "/admin/v0/reference-values/alice/vm",
+            r#"{"measurements":[]}"#,
+            vec!["reader role"],
+        ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "PUT",
+            "/admin/v0/announcements/alice/vm-1",
+            &announcement,
+            vec!["reader role"],
+        ),
     ] {
         let (status, answer) = admin_as(&kbs, token, method, route, body);
         assert_eq!(status, 403, "{who} {method} {route}: {answer}");
@@ -1043,9 +1077,11 @@ fn each_tenant_token_is_scoped_to_its_repository_and_the_operator_only_announces
         }
     }
     // The operator's token is no attestation token either: no key.
-    let (status, answer) = raw_resource(&kbs, "alice/disk-key/vm-1", KBS_OPERATOR);
-    assert_eq!(status, 401, "{answer}");
-    assert!(answer.contains("/TokenVerifierError\""), "{answer}");
+    for token in [KBS_OPERATOR, reader.as_str()] {
+        let (status, answer) = raw_resource(&kbs, "alice/disk-key/vm-1", token);
+        assert_eq!(status, 401, "{answer}");
+        assert!(answer.contains("/TokenVerifierError\""), "{answer}");
+    }
 
     // What each may do: the operator announces, alice reads it, bob sees
     // nothing of alice's.
@@ -1075,6 +1111,9 @@ fn each_tenant_token_is_scoped_to_its_repository_and_the_operator_only_announces
         .is_empty());
     let listed = alice.list_resources().expect("list");
     assert_eq!(listed.len(), 1);
+    let read = reader_client(&kbs, "alice");
+    assert_eq!(read.list_resources().expect("a reader lists"), listed);
+    assert_eq!(read.announcements().expect("a reader reads them"), seen);
     assert_eq!(
         listed[0].policy,
         ReleasePolicy::from(simulated_policy()).to_toml()
@@ -1087,10 +1126,11 @@ fn each_tenant_token_is_scoped_to_its_repository_and_the_operator_only_announces
         .lines()
         .filter(|line| line.contains("\"event\":\"refusal\"") && line.contains("AdminAuthAccess"))
         .count();
-    assert_eq!(refusals, 8, "{log}");
+    assert_eq!(refusals, 12, "{log}");
+    assert!(log.contains("\"role\":\"reader\""), "{log}");
     assert!(log.contains("\"role\":\"operator\""), "{log}");
     assert!(log.contains("\"action\":\"announce\""), "{log}");
-    assert!(!log.contains(KBS_OPERATOR) && !log.contains(&bob));
+    assert!(!log.contains(KBS_OPERATOR) && !log.contains(&bob) && !log.contains(&reader));
     kbs.verify_audit();
 }
 

@@ -1,6 +1,7 @@
 //! A real `hsev-kbs` for tests and benches: its own state folder and TLS
 //! pair (HTTPS unless a test asks for the development plain-HTTP mode), a
-//! token per tenant repository ([`TENANTS`]) and one for the operator,
+//! token per tenant repository ([`TENANTS`]), a reader token of each, and
+//! one for the operator,
 //! listening on a free loopback port (the same one again after a restart).
 //! [`Kbs::start`] also creates a simulated AMD Secure Processor platform
 //! whose roots it trusts in development mode, for an hsevd to launch
@@ -23,6 +24,11 @@ pub const KBS_OPERATOR: &str = "operator-kbs-token";
 /// The admin token of the tenant whose repository is `repository`.
 pub fn tenant_token(repository: &str) -> String {
     format!("{repository}-kbs-token")
+}
+
+/// The reader token of `repository` (reads its policies, changes nothing).
+pub fn reader_token(repository: &str) -> String {
+    format!("{repository}-reader-kbs-token")
 }
 
 /// Which simulated evidence the broker accepts.
@@ -147,6 +153,11 @@ impl Kbs {
                 format!("{}\n", tenant_token(repository)),
             )
             .expect("token file");
+            std::fs::write(
+                dir.path().join(format!("{repository}.reader.token")),
+                format!("{}\n", reader_token(repository)),
+            )
+            .expect("token file");
         }
         std::fs::write(
             dir.path().join("operator.token"),
@@ -187,8 +198,11 @@ impl Kbs {
             .map(|repository| {
                 format!(
                     "[[admin_tokens]]\nname = \"{repository}\"\nrole = \"tenant\"\n\
+                     repository = \"{repository}\"\nsha256 = \"{}\"\n\
+                     [[admin_tokens]]\nname = \"{repository}-reader\"\nrole = \"reader\"\n\
                      repository = \"{repository}\"\nsha256 = \"{}\"\n",
-                    sha256_hex(&tenant_token(repository))
+                    sha256_hex(&tenant_token(repository)),
+                    sha256_hex(&reader_token(repository))
                 )
             })
             .collect();
@@ -295,6 +309,11 @@ impl Kbs {
     /// The file holding the admin token of the tenant `repository`.
     pub fn tenant_token_file(&self, repository: &str) -> PathBuf {
         self.dir.path().join(format!("{repository}.token"))
+    }
+
+    /// The file holding the reader token of `repository`.
+    pub fn reader_token_file(&self, repository: &str) -> PathBuf {
+        self.dir.path().join(format!("{repository}.reader.token"))
     }
 
     /// The file holding the operator's admin token.

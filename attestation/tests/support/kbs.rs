@@ -13,7 +13,7 @@ use hsev_attestation::firmware::{GuestRequest, GuestResponse, LaunchFinish, Laun
 use hsev_attestation::kbs::client::{AdminClient, KbsClient, SpkiPin};
 use hsev_attestation::report::{AttestationReport, SnpEvidence};
 
-pub use hsev_e2e::kbs::{tenant_token, Kbs, KbsMode, KBS_OPERATOR};
+pub use hsev_e2e::kbs::{reader_token, tenant_token, Kbs, KbsMode, KBS_OPERATOR};
 /// Launch policy of a normal guest: SMT allowed, ABI 0.0, no debug.
 pub const GUEST_POLICY: u64 = 0x30000;
 /// The same with the DEBUG bit (19) set.
@@ -103,6 +103,17 @@ pub fn admin_client(kbs: &Kbs, repository: &str) -> AdminClient {
         Duration::from_secs(30),
     )
     .expect("admin client")
+}
+
+/// A client of `kbs`'s admin API with the reader token of `repository`.
+pub fn reader_client(kbs: &Kbs, repository: &str) -> AdminClient {
+    AdminClient::new(
+        &kbs.url(),
+        pin(kbs),
+        &reader_token(repository),
+        Duration::from_secs(30),
+    )
+    .expect("reader client")
 }
 
 /// A client of `kbs`'s admin API with the operator's token.

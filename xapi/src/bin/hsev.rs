@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hsev_xapi::cli::{attest, completions, firmware, host, idkey, image, kbs, measure, output, vm};
+use hsev_xapi::cli::{
+    attest, completions, firmware, host, idkey, image, kbs, measure, output, slapos, vm,
+};
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
 #[derive(Debug, Parser)]
@@ -39,6 +41,9 @@ enum Command {
     /// Your key broker: pin your VMs' release policies (tenants), announce
     /// a VM (the operator).
     Kbs(kbs::KbsArgs),
+    /// HyperSEV as a compute node of a SlapOS master.
+    #[command(subcommand)]
+    Slapos(slapos::SlaposCommand),
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completions(completions::CompletionsArgs),
 }
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         Command::Host(args) => host::run(&args),
         Command::Image(args) => image::run(&args),
         Command::Kbs(args) => kbs::run(&args),
+        Command::Slapos(command) => slapos::run(&command),
         Command::Completions(args) => completions::run(&args, &mut Cli::command()),
     }
 }

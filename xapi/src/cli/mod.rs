@@ -2,7 +2,8 @@
 //! conventions they share. `attest`, `measure`, `firmware` and `idkey` work
 //! offline; `vm`, `host` and `image` talk to hsevd through `client`;
 //! `tenant` is what a tenant computes on its own machine, and `kbs` what it
-//! pins at its own key broker.
+//! pins at its own key broker; `slapos` runs the SlapOS compute-node
+//! connector.
 
 pub mod attest;
 pub mod client;
@@ -14,5 +15,6 @@ pub mod image;
 pub mod kbs;
 pub mod measure;
 pub mod output;
+pub mod slapos;
 pub mod tenant;
 pub mod vm;

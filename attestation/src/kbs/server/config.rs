@@ -23,6 +23,12 @@
 //! sha256 = "<hex SHA-256 of the bearer token: hsev-kbs hash-token>"
 //!
 //! [[admin_tokens]]
+//! name = "alice-auditor"
+//! role = "reader"                          # reads its repository's policies, changes nothing
+//! repository = "alice"
+//! sha256 = "<hex>"
+//!
+//! [[admin_tokens]]
 //! name = "ops"
 //! role = "operator"                        # announces VMs, nothing else
 //! sha256 = "<hex>"
@@ -101,6 +107,10 @@ pub enum AdminRole {
     /// A tenant: reads and changes the resources, release policies and
     /// reference values of its own repository, and nothing else.
     Tenant,
+    /// A party that checks for a tenant (the SlapOS connector, an
+    /// auditor): reads the release policies and announcements of its
+    /// repository, never a key, and changes nothing.
+    Reader,
     /// The operator of the hosts: announces VMs (the id and image it says
     /// it runs), never sets a policy, never reads a resource.
     Operator,
@@ -110,6 +120,7 @@ impl std::fmt::Display for AdminRole {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             AdminRole::Tenant => "tenant",
+            AdminRole::Reader => "reader",
             AdminRole::Operator => "operator",
         })
     }
@@ -123,7 +134,8 @@ pub struct AdminToken {
     pub name: String,
     /// What it may do.
     pub role: AdminRole,
-    /// A tenant's repository (required for tenants, refused for operators).
+    /// A tenant's repository (required for tenants and readers, refused
+    /// for operators).
     #[serde(default)]
     pub repository: Option<String>,
     /// SHA-256 of the token, hex.
@@ -307,13 +319,16 @@ impl KbsConfig {
                 ));
             }
             match (token.role, &token.repository) {
-                (AdminRole::Tenant, None) => {
+                (AdminRole::Tenant | AdminRole::Reader, None) => {
                     return Err(invalid(
                         format!("admin_tokens[{index}].repository"),
-                        "a tenant token needs the repository it is scoped to",
+                        format!(
+                            "a {} token needs the repository it is scoped to",
+                            token.role
+                        ),
                     ))
                 }
-                (AdminRole::Tenant, Some(repository)) => {
+                (AdminRole::Tenant | AdminRole::Reader, Some(repository)) => {
                     crate::kbs::protocol::check_name(repository).map_err(|error| {
                         invalid(
                             format!("admin_tokens[{index}].repository"),
@@ -366,6 +381,13 @@ session_ttl_seconds = 120
 # [[admin_tokens]]
 # name = "alice"
 # role = "tenant"
+# repository = "alice"
+# sha256 = "<64 hex digits>"
+# A reader's token reads a repository's policies and changes nothing
+# (for a party that checks on the tenant's behalf, like a SlapOS connector):
+# [[admin_tokens]]
+# name = "alice-reader"
+# role = "reader"
 # repository = "alice"
 # sha256 = "<64 hex digits>"
 # The operator's token may only announce VMs (never a policy, never a key):
@@ -426,6 +448,7 @@ mod tests {
             (&format!("state_dir = \"/s\"\nmode = \"production\"\n[[admin_tokens]]\nname = \"a\"\nrole = \"operator\"\nsha256 = \"{hash}\"\n[[admin_tokens]]\nname = \"b\"\nrole = \"operator\"\nsha256 = \"{hash}\""), "admin_tokens[1].sha256"),
             (&format!("state_dir = \"/s\"\nmode = \"production\"\n[[admin_tokens]]\nname = \"a\"\nsha256 = \"{hash}\""), "role"),
             (&format!("state_dir = \"/s\"\nmode = \"production\"\n[[admin_tokens]]\nname = \"a\"\nrole = \"tenant\"\nsha256 = \"{hash}\""), "admin_tokens[0].repository"),
+            (&format!("state_dir = \"/s\"\nmode = \"production\"\n[[admin_tokens]]\nname = \"a\"\nrole = \"reader\"\nsha256 = \"{hash}\""), "admin_tokens[0].repository"),
             (&format!("state_dir = \"/s\"\nmode = \"production\"\n[[admin_tokens]]\nname = \"a\"\nrole = \"tenant\"\nrepository = \"a/b\"\nsha256 = \"{hash}\""), "admin_tokens[0].repository"),
             (&format!("state_dir = \"/s\"\nmode = \"production\"\n[[admin_tokens]]\nname = \"a\"\nrole = \"operator\"\nrepository = \"a\"\nsha256 = \"{hash}\""), "admin_tokens[0].repository"),
             (&format!("state_dir = \"/s\"\nmode = \"production\"\n[[admin_tokens]]\nname = \"a\"\nrole = \"root\"\nsha256 = \"{hash}\""), "role"),

@@ -1,7 +1,9 @@
 //! The broker's admin commands, each scoped by the caller's token: a
 //! tenant's token reads and changes the resources, release policies and
-//! reference values of its own repository and of no other; the operator's
-//! token may only announce VMs (the id and image it says it runs for a
+//! reference values of its own repository and of no other; a reader's
+//! token reads its repository's policies and announcements and changes
+//! nothing (a party that checks for the tenant, such as the SlapOS
+//! connector); the operator's token may only announce VMs (the id and image it says it runs for a
 //! tenant), never set a policy, never read or list a resource. Every call
 //! that is refused for its scope answers 403 `AdminAuthAccess`, naming the
 //! scope, and is in the audit log, as is every change, before it is
@@ -36,6 +38,11 @@ pub enum Scope {
         /// The repository.
         repository: String,
     },
+    /// A tenant's repository, read only: its policies and announcements.
+    Reader {
+        /// The repository.
+        repository: String,
+    },
     /// The operator: announcements only.
     Operator,
 }
@@ -50,15 +57,18 @@ pub struct Admin {
 }
 
 impl Admin {
-    /// The holder of a configured token; none for a tenant token without
-    /// a repository (which the configuration's validation refuses).
+    /// The holder of a configured token; none for a tenant or reader
+    /// token without a repository (which the configuration's validation refuses).
     pub fn of_token(token: &AdminToken) -> Option<Admin> {
         let scope = match (token.role, &token.repository) {
             (AdminRole::Tenant, Some(repository)) => Scope::Tenant {
                 repository: repository.clone(),
             },
+            (AdminRole::Reader, Some(repository)) => Scope::Reader {
+                repository: repository.clone(),
+            },
             (AdminRole::Operator, _) => Scope::Operator,
-            (AdminRole::Tenant, None) => return None,
+            (AdminRole::Tenant | AdminRole::Reader, None) => return None,
         };
         Some(Admin {
             name: token.name.clone(),
@@ -69,6 +79,7 @@ impl Admin {
     fn role(&self) -> &'static str {
         match self.scope {
             Scope::Tenant { .. } => "tenant",
+            Scope::Reader { .. } => "reader",
             Scope::Operator => "operator",
         }
     }
@@ -81,7 +92,9 @@ impl Admin {
             .field(if event == "admin" { "action" } else { "call" }, action)
             .field("target", target.to_owned());
         match &self.scope {
-            Scope::Tenant { repository } => event.field("repository", repository.clone()),
+            Scope::Tenant { repository } | Scope::Reader { repository } => {
+                event.field("repository", repository.clone())
+            }
             Scope::Operator => event,
         }
     }
@@ -95,6 +108,11 @@ impl Admin {
                 "{action}: the token of {} is scoped to repository {own:?}, not {repository:?}",
                 self.name
             ))),
+            Scope::Reader { .. } => Err(BrokerError::Forbidden(format!(
+                "{action}: the token of {} has the reader role, which reads its repository's \
+                 policies and changes nothing",
+                self.name
+            ))),
             Scope::Operator => Err(BrokerError::Forbidden(format!(
                 "{action}: the token of {} has the operator role, which may only announce VMs: \
                  it never reads a resource or sets a release policy (the tenant's token does)",
@@ -106,7 +124,7 @@ impl Admin {
     /// The repository this caller may list, or none for the operator.
     fn listing(&self, action: &str) -> Result<&str, BrokerError> {
         match &self.scope {
-            Scope::Tenant { repository } => Ok(repository),
+            Scope::Tenant { repository } | Scope::Reader { repository } => Ok(repository),
             Scope::Operator => Err(BrokerError::Forbidden(format!(
                 "{action}: the token of {} has the operator role, which may only announce VMs",
                 self.name
@@ -454,7 +472,7 @@ impl Broker {
             for segment in [repository, vm] {
                 check_name(segment).map_err(|error| BrokerError::NotFound(error.to_string()))?;
             }
-            if let Scope::Tenant { .. } = admin.scope {
+            if let Scope::Tenant { .. } | Scope::Reader { .. } = admin.scope {
                 admin.manage(repository, action)?;
             }
             let body: AnnouncementBody = serde_json::from_slice(body)
@@ -497,7 +515,9 @@ impl Broker {
     /// one for the operator.
     pub async fn announcements(&self, admin: &Admin) -> Result<Vec<Announcement>, BrokerError> {
         let repository = match &admin.scope {
-            Scope::Tenant { repository } => Some(repository.as_str()),
+            Scope::Tenant { repository } | Scope::Reader { repository } => {
+                Some(repository.as_str())
+            }
             Scope::Operator => None,
         };
         Ok(Self::blocking(|| self.store.announcements(repository))?)
