@@ -106,6 +106,7 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
             vcpu_type: "EPYC-v4".to_owned(),
             encrypted_disk_mib: 0,
             key_broker: None,
+            labels: std::collections::BTreeMap::new(),
         },
         state: if running {
             VmState::Running

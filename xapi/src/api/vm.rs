@@ -101,6 +101,7 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
         encrypted_disk_mib: spec.encrypted_disk_mib,
         // The daemon binds the key broker itself; a caller cannot choose it.
         key_broker: None,
+        labels: spec.labels.into_iter().collect(),
     })
 }
 
@@ -159,6 +160,11 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
                 .as_ref()
                 .map(|binding| binding.resource.clone())
                 .unwrap_or_default(),
+            labels: spec
+                .labels
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
         }),
         state: state_to_proto(vm.state).into(),
         state_reason: vm.state_reason.clone(),

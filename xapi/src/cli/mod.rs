@@ -11,3 +11,6 @@ pub mod image;
 pub mod measure;
 pub mod output;
 pub mod vm;
+pub mod vm_apply;
+pub mod vm_spec;
+pub mod vm_status;

@@ -14,6 +14,7 @@ use hsev_proto::v1::{
     DeleteVmRequest, DiskSpec, ListVmsRequest, PortForward, RootOrigin, StopVmRequest, Vm, VmRef,
     VmSpec, VmState, WaitVmRequest,
 };
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::client::{
@@ -53,10 +54,18 @@ pub enum VmCommand {
     Console(ConsoleArgs),
     /// Wait until a VM reaches a state; exit 1 on timeout.
     Wait(WaitArgs),
+    /// Make a VM what its spec file says (TOML or JSON): create it, change
+    /// its labels, leave it as it is, or re-create it with --recreate; says
+    /// which.
+    Apply(super::vm_apply::ApplyArgs),
+    /// One line and an exit code: 0 running (its disk key released, if it
+    /// has an encrypted disk), 1 stopped or absent, 2 anything else.
+    Status(super::vm_status::StatusArgs),
 }
 
 /// How a VM's memory is protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// An ordinary VM: the host can read its memory.
     None,
@@ -148,6 +157,10 @@ pub struct CreateArgs {
     /// vCPU model the measurement uses (e.g. EPYC-v4); default: the host's.
     #[arg(long, value_name = "TYPE")]
     vcpu_type: Option<String>,
+    /// A label, KEY=VALUE (the one thing that changes after creation, with
+    /// `hsev vm apply`). Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Start the VM once created.
     #[arg(long)]
     start: bool,
@@ -242,7 +255,7 @@ pub struct WaitArgs {
 }
 
 /// A guest policy in hex, with or without `0x`.
-fn parse_policy(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_policy(text: &str) -> Result<u64, String> {
     let digits = text
         .strip_prefix("0x")
         .or_else(|| text.strip_prefix("0X"))
@@ -252,7 +265,7 @@ fn parse_policy(text: &str) -> Result<u64, String> {
 }
 
 /// `NAME:SIZE_MIB`.
-fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+pub(crate) fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     let (name, size) = text
         .rsplit_once(':')
         .ok_or_else(|| "expected NAME:SIZE_MIB, e.g. data:1024".to_owned())?;
@@ -269,7 +282,7 @@ fn parse_disk(text: &str) -> Result<DiskSpec, String> {
 }
 
 /// `HOSTPORT:GUESTPORT`.
-fn parse_forward(text: &str) -> Result<PortForward, String> {
+pub(crate) fn parse_forward(text: &str) -> Result<PortForward, String> {
     let (host, guest) = text
         .split_once(':')
         .ok_or_else(|| "expected HOSTPORT:GUESTPORT, e.g. 2222:22".to_owned())?;
@@ -288,8 +301,43 @@ fn parse_forward(text: &str) -> Result<PortForward, String> {
     })
 }
 
+/// `KEY=VALUE`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE, e.g. team=db".to_owned())?;
+    let labels = std::iter::once((key.to_owned(), value.to_owned())).collect();
+    crate::model::check_labels(&labels)?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
 /// Runs a VM command.
 pub fn run(args: &VmArgs) -> ExitCode {
+    match &args.command {
+        VmCommand::Apply(apply) => {
+            // The spec is checked before any connection: a bad one is
+            // refused even when hsevd is unreachable.
+            let desired = match super::vm_apply::load(apply) {
+                Ok(desired) => desired,
+                Err(error) => {
+                    eprintln!("hsev: error: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            return client::run(&args.connection, async |connection| {
+                super::vm_apply::execute(connection, apply, &desired).await
+            });
+        }
+        VmCommand::Status(_) => {
+            // Whatever goes wrong, the VM's status is unknown: 2.
+            return client::run_with_exit_codes(
+                &args.connection,
+                async |connection| execute(connection, &args.command).await,
+                |_| 2,
+            );
+        }
+        _ => {}
+    }
     if let VmCommand::Create(create) = &args.command {
         if create.policy.is_some() && create.mode == Mode::None {
             eprintln!("hsev: error: --policy applies to SEV modes only, not to --mode none");
@@ -336,6 +384,7 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                     vcpu_type: args.vcpu_type.clone().unwrap_or_default(),
                     encrypted_disk_mib: args.encrypted_disk.unwrap_or(0),
                     key_resource: String::new(),
+                    labels: args.labels.iter().cloned().collect(),
                 }),
                 start: args.start,
             };
@@ -400,6 +449,12 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Console(args) => console(connection, args).await,
+        VmCommand::Apply(args) => {
+            let desired = super::vm_apply::load(args)
+                .map_err(|error| RemoteError::Input(error.to_string()))?;
+            super::vm_apply::execute(connection, args, &desired).await
+        }
+        VmCommand::Status(args) => super::vm_status::execute(connection, args).await,
         VmCommand::Wait(args) => {
             let request = WaitVmRequest {
                 vm: args.vm.clone(),
@@ -481,7 +536,8 @@ pub fn mode_name(mode: i32) -> String {
     }
 }
 
-fn attestation_state_name(attestation: Option<&AttestationStatus>) -> String {
+/// The name of an attestation state (`-` when there is none).
+pub fn attestation_state_name(attestation: Option<&AttestationStatus>) -> String {
     let Some(attestation) = attestation else {
         return "-".to_owned();
     };
@@ -506,6 +562,13 @@ fn origin_name(origin: i32) -> String {
 fn measurements_equal(vm: &Vm) -> Option<bool> {
     (!vm.expected_measurement.is_empty() && !vm.launch_digest.is_empty())
         .then(|| vm.expected_measurement == vm.launch_digest)
+}
+
+/// Labels in key order (the API's map has none).
+fn sorted_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> std::collections::BTreeMap<&String, &String> {
+    labels.iter().collect()
 }
 
 fn forwards_text(forwards: &[PortForward]) -> String {
@@ -571,6 +634,10 @@ pub fn vm_json(vm: &Vm) -> Value {
             "port_forwards": forwards_json(&spec.port_forwards),
             "encrypted_disk_mib": spec.encrypted_disk_mib,
             "key_resource": spec.key_resource,
+            "labels": sorted_labels(&spec.labels)
+                .into_iter()
+                .map(|(key, value)| (key.clone(), Value::String(value.clone())))
+                .collect::<serde_json::Map<String, Value>>(),
         },
         "expected_measurement": hex_or_none(&vm.expected_measurement),
         "launch_digest": hex_or_none(&vm.launch_digest),
@@ -640,6 +707,16 @@ pub fn render_vm(vm: &Vm) -> String {
                     &spec.key_resource
                 }
             ),
+        );
+    }
+    if !spec.labels.is_empty() {
+        fields.add(
+            "labels",
+            sorted_labels(&spec.labels)
+                .into_iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     fields.add("forwards asked", forwards_text(&spec.port_forwards));
@@ -782,6 +859,7 @@ mod tests {
                 vcpu_type: "EPYC-v4".into(),
                 encrypted_disk_mib: 0,
                 key_resource: String::new(),
+                labels: [("team".to_owned(), "db".to_owned())].into_iter().collect(),
             }),
             state: VmState::Running.into(),
             state_reason: String::new(),
@@ -833,6 +911,7 @@ mod tests {
             "guest policy:         0x30000 (default)",
             "vcpus:                2 (EPYC-v4)",
             "disks:                data 1024 MiB",
+            "labels:               team=db",
             "forwards asked:       0 -> 22",
             "forwarded now:        40123 -> 22",
             &format!("expected measurement: {}", "ab".repeat(48)),
@@ -857,6 +936,7 @@ mod tests {
         assert_eq!(value["attestation"]["state"], "refused");
         assert_eq!(value["attestation"]["verdict"]["origin"], "simulated");
         assert_eq!(value["port_forwards"][0]["host_port"], 40123);
+        assert_eq!(value["spec"]["labels"]["team"], "db");
     }
 
     #[test]
