@@ -57,10 +57,11 @@ cleanup() {
   local status=$?
   set +e
   if $daemon_running; then
+    # The stop runs in the daemon's namespace, and ends killed with it when
+    # the daemon (its pid 1) exits: that is expected, and not reported.
     nsenter --target "$(cat "$work/daemon.pid")" --pid --mount \
-      sh -c "cd '$agent' && python3 -m opensvc daemon stop" >/dev/null 2>&1
-    # unshare passes on how the daemon ended (its namespace's pid 1 is
-    # killed with the namespace): reaped here, not reported.
+      sh -c "cd '$agent' && python3 -m opensvc daemon stop" >/dev/null 2>&1 &
+    wait "$!" 2>/dev/null
     wait "$unshare_pid" 2>/dev/null
   fi
   for service in "${services[@]}"; do
