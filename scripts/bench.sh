@@ -31,6 +31,9 @@ echo "== hsevd: VM start latency through the qemu and the libvirt driver (beside
 cargo build --quiet --release --bins
 cargo bench --quiet -p hsev-e2e --bench hsevd 2>/dev/null | grep -v '^$'
 
+echo "== SlapOS: slapos request to connection parameters published through the connector, vs hsev vm create --start of the same VM"
+cargo bench --quiet -p hsev-e2e --bench slapos 2>/dev/null | grep -v '^$'
+
 echo "== key broker: full releases through hsev-kbs (auth + attest + resource + decrypt, simulated evidence per nonce) vs OpenSSL raw ECDSA P-384 verify"
 cargo bench --quiet -p hsev-attestation --bench kbs_release >/dev/null 2>&1 || true
 kbs_out=$(BENCH_SECONDS=$seconds cargo bench --quiet -p hsev-attestation --bench kbs_release 2>/dev/null || true)

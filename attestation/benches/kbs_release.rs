@@ -66,12 +66,12 @@ fn main() {
     };
     let secret = [0x5a; 32];
     admin
-        .put_resource(&path, &secret, &policy, &["bench".to_owned()])
+        .put_resource(&path, &secret, &policy.into(), &["bench".to_owned()])
         .expect("resource");
 
     let release = |client: &KbsClient| {
         let released = client
-            .fetch_resource(&path, KeyAlgorithm::EcdhEsA256kw, &mut |binding| {
+            .fetch_resource(&path, KeyAlgorithm::EcdhEsA256kwP256, &mut |binding| {
                 evidence(&guest, binding)
             })
             .expect("released");

@@ -10,7 +10,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hsev_attestation::kbs::client::{ClientError, KbsClient, KeyAlgorithm, ResourcePath};
 use hsev_attestation::kbs::jwe::TeeKeyPair;
-use hsev_attestation::kbs::protocol::{runtime_data_binding, Attestation, RuntimeData};
+use hsev_attestation::kbs::protocol::{
+    composite_evidence, runtime_data_binding, Attestation, RuntimeData,
+};
 use hsev_attestation::policy::AppraisalPolicy;
 use hsev_attestation::HexBytes;
 use kbs_support::{
@@ -78,6 +80,16 @@ fn assert_refused(result: Result<Vec<u8>, ClientError>, status: u16, kind: &str,
     }
 }
 
+/// An Attestation of SNP evidence without device evidence, as the guest
+/// sends it.
+fn attestation(runtime_data: RuntimeData, snp_evidence: serde_json::Value) -> Attestation {
+    Attestation {
+        init_data: None,
+        runtime_data,
+        tee_evidence: composite_evidence(snp_evidence),
+    }
+}
+
 /// The claims of a JWT, unverified.
 fn claims(token: &str) -> serde_json::Value {
     let payload = token.split('.').nth(1).expect("JWT payload");
@@ -93,26 +105,26 @@ fn releases_to_a_guest_that_satisfies_the_policy_with_either_key_algorithm() {
         .put_resource(
             &path("pool/disk-key/vm-1"),
             &secret,
-            &simulated_policy(),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
     let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
     let client = guest_client(&kbs);
-    for algorithm in [KeyAlgorithm::EcdhEsA256kw, KeyAlgorithm::RsaOaep256] {
+    for algorithm in [KeyAlgorithm::EcdhEsA256kwP256, KeyAlgorithm::RsaOaep256] {
         let released = fetch(&client, &guest, "pool/disk-key/vm-1", algorithm).expect("released");
         assert_eq!(released, secret, "{algorithm:?}");
     }
 
     // The token says what was verified.
     let (challenge, session) = client.auth().expect("auth");
-    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key");
+    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256).expect("key");
     let runtime_data = RuntimeData {
         nonce: challenge.nonce,
         tee_pubkey: key_pair.public_jwk().expect("jwk"),
     };
-    let binding = runtime_data_binding(&runtime_data).expect("binding");
-    let attestation = Attestation::new(runtime_data, evidence(&guest, &binding).expect("evidence"));
+    let binding = runtime_data_binding(&runtime_data, "").expect("binding");
+    let attestation = attestation(runtime_data, evidence(&guest, &binding).expect("evidence"));
     let token = client.attest(&session, &attestation).expect("attested");
     let claims = claims(&token.token);
     assert_eq!(claims["origin"], "simulated");
@@ -131,25 +143,26 @@ fn releases_to_a_guest_that_satisfies_the_policy_with_either_key_algorithm() {
         .expect("second");
     assert_eq!(key_pair.decrypt(&jwe).expect("decrypts").as_slice(), secret);
 
-    // The bare evidence object as tee-evidence is accepted too.
+    // The bare evidence object as tee-evidence is no composite evidence:
+    // refused, as Trustee refuses it.
     let (challenge, session) = client.auth().expect("auth");
     let runtime_data = RuntimeData {
         nonce: challenge.nonce,
         tee_pubkey: key_pair.public_jwk().expect("jwk"),
     };
-    let binding = runtime_data_binding(&runtime_data).expect("binding");
-    let bare = Attestation {
-        init_data: None,
-        runtime_data,
-        tee_evidence: evidence(&guest, &binding).expect("evidence"),
-    };
-    client
-        .attest(&session, &bare)
-        .expect("bare evidence attests");
-    let jwe = client
-        .resource(&session, &path("pool/disk-key/vm-1"))
-        .expect("released");
-    assert_eq!(key_pair.decrypt(&jwe).expect("decrypts").as_slice(), secret);
+    let binding = runtime_data_binding(&runtime_data, "").expect("binding");
+    let bare = serde_json::json!({
+        "runtime-data": runtime_data,
+        "tee-evidence": evidence(&guest, &binding).expect("evidence"),
+    });
+    let raw = ureq::post(&format!("{}/kbs/v0/attest", kbs.url()))
+        .header("cookie", &format!("kbs-session-id={session}"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(bare.to_string().as_bytes())
+        .expect("answers");
+    assert_eq!(raw.status().as_u16(), 401);
 
     let verified = kbs.audit_verify();
     assert!(verified.status.success(), "{verified:?}");
@@ -171,7 +184,7 @@ fn refuses_what_the_release_policy_does_not_allow() {
         .put_resource(
             &path("pool/disk-key/vm-1"),
             b"key-1",
-            &simulated_policy(),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
@@ -183,7 +196,7 @@ fn refuses_what_the_release_policy_does_not_allow() {
         .put_resource(
             &path("pool/disk-key/amd-only"),
             b"key-2",
-            &amd_only,
+            &amd_only.into(),
             &["vm".into()],
         )
         .expect("resource");
@@ -191,31 +204,31 @@ fn refuses_what_the_release_policy_does_not_allow() {
         .put_resource(
             &path("pool/disk-key/no-reference"),
             b"key-3",
-            &simulated_policy(),
+            &simulated_policy().into(),
             &[],
         )
         .expect("resource");
     let client = guest_client(&kbs);
-    let ec = KeyAlgorithm::EcdhEsA256kw;
+    let ec = KeyAlgorithm::EcdhEsA256kwP256;
 
     let other_measurement = platform.launch([0x43; 48], GUEST_POLICY, HOST_DATA);
     assert_refused(
         fetch(&client, &other_measurement, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["measurement", &hex::encode([0x43; 48])],
     );
     let debug = platform.launch(MEASUREMENT, DEBUG_GUEST_POLICY, HOST_DATA);
     assert_refused(
         fetch(&client, &debug, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["debug"],
     );
     let other_vm = platform.launch(MEASUREMENT, GUEST_POLICY, [0x08; 32]);
     assert_refused(
         fetch(&client, &other_vm, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["host_data"],
     );
@@ -223,27 +236,27 @@ fn refuses_what_the_release_policy_does_not_allow() {
     let everything_wrong = platform.launch([0x44; 48], DEBUG_GUEST_POLICY, [0x09; 32]);
     assert_refused(
         fetch(&client, &everything_wrong, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["measurement", "debug", "host_data"],
     );
     let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
     assert_refused(
         fetch(&client, &guest, "pool/disk-key/amd-only", ec),
-        403,
+        401,
         "PolicyDeny",
         &["simulated_evidence"],
     );
     assert_refused(
         fetch(&client, &guest, "pool/disk-key/no-reference", ec),
-        403,
+        401,
         "PolicyDeny",
         &["measurement", "never released"],
     );
     assert_refused(
         fetch(&client, &guest, "pool/disk-key/unknown", ec),
         404,
-        "ResourceNotFound",
+        "InvalidRequestPath",
         &["pool/disk-key/unknown"],
     );
     // The right guest still gets its key.
@@ -264,7 +277,7 @@ fn refuses_what_the_release_policy_does_not_allow() {
     let (_, session) = client.auth().expect("auth");
     let unattested = client.resource(&session, &path("pool/disk-key/vm-1"));
     assert!(
-        matches!(&unattested, Err(ClientError::Refused { status: 401, detail, .. }) if detail.contains("not attested")),
+        matches!(&unattested, Err(ClientError::Refused { status: 401, detail, error_type }) if detail.contains("has not attested") && error_type.ends_with("/TokenNotFound")),
         "{unattested:?}"
     );
     let raw = ureq::get(&format!("{}/kbs/v0/resource/pool/disk-key/vm-1", kbs.url()))
@@ -284,13 +297,13 @@ fn prepared_attestation(
     bind: Option<[u8; 64]>,
 ) -> (String, Attestation) {
     let (challenge, session) = client.auth().expect("auth");
-    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key");
+    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256).expect("key");
     let runtime_data = RuntimeData {
         nonce: challenge.nonce,
         tee_pubkey: key_pair.public_jwk().expect("jwk"),
     };
-    let binding = bind.unwrap_or_else(|| runtime_data_binding(&runtime_data).expect("binding"));
-    let attestation = Attestation::new(runtime_data, evidence(guest, &binding).expect("evidence"));
+    let binding = bind.unwrap_or_else(|| runtime_data_binding(&runtime_data, "").expect("binding"));
+    let attestation = attestation(runtime_data, evidence(guest, &binding).expect("evidence"));
     (session, attestation)
 }
 
@@ -329,7 +342,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "ExpiredSession",
+        "AttestationError",
         "already used",
     );
 
@@ -338,7 +351,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&new_session, &attestation),
         401,
-        "AttestationFailed",
+        "AttestationError",
         "nonce",
     );
     // ...and that failed try spent the new session's nonce too.
@@ -346,7 +359,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&new_session, &fresh),
         401,
-        "ExpiredSession",
+        "AttestationError",
         "already used",
     );
 
@@ -355,20 +368,20 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "AttestationFailed",
+        "AttestationError",
         "report_data",
     );
 
     // Runtime data changed after the report was made (another key).
     let (session, mut attestation) = prepared_attestation(&client, &guest, None);
-    attestation.runtime_data.tee_pubkey = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw)
+    attestation.runtime_data.tee_pubkey = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256)
         .expect("key")
         .public_jwk()
         .expect("jwk");
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "AttestationFailed",
+        "AttestationError",
         "report_data",
     );
 
@@ -381,7 +394,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "ExpiredSession",
+        "AttestationError",
         "expired",
     );
 }
@@ -397,7 +410,7 @@ fn production_mode_refuses_simulated_evidence_whatever_the_policy() {
         .put_resource(
             &path("pool/disk-key/vm-1"),
             b"key",
-            &simulated_policy(),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("a policy may say allow_simulated; production ignores it");
@@ -406,12 +419,12 @@ fn production_mode_refuses_simulated_evidence_whatever_the_policy() {
         &guest_client(&kbs),
         &guest,
         "pool/disk-key/vm-1",
-        KeyAlgorithm::EcdhEsA256kw,
+        KeyAlgorithm::EcdhEsA256kwP256,
     );
     assert_refused(
         result,
         401,
-        "AttestationFailed",
+        "AttestationError",
         &["simulated_evidence", "production mode", "certificate_chain"],
     );
     // Simulated roots in a production configuration are refused at start.
@@ -486,7 +499,7 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
         .put_resource(
             &path("pool/disk-key/vm-1"),
             b"key",
-            &simulated_policy(),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
@@ -497,54 +510,73 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
 
     let good = r#"{"data":"a2V5","policy":"allow_simulated = true","reference_values":["vm"]}"#;
     let route = "/admin/v0/resources/pool/disk-key/vm-2";
-    assert_eq!(raw_admin(&kbs, "PUT", route, None, good).0, 401);
-    assert_eq!(
-        raw_admin(&kbs, "PUT", route, Some("not-the-token"), good).0,
-        403
-    );
-    assert_eq!(
-        raw_admin(&kbs, "GET", "/admin/v0/resources", None, "").0,
-        401
-    );
-    assert_eq!(
-        raw_admin(
-            &kbs,
+    // No token or a wrong one: Trustee's AdminAuthAccess, 401 either way.
+    for (method, route, token) in [
+        ("PUT", route, None),
+        ("PUT", route, Some("not-the-token")),
+        ("GET", "/admin/v0/resources", None),
+        (
             "DELETE",
             "/admin/v0/resources/pool/disk-key/vm-1",
             Some("x"),
-            ""
-        )
-        .0,
-        403
-    );
-    assert_eq!(
-        raw_admin(&kbs, "DELETE", "/admin/v0/reference-values/vm", None, "").0,
-        401
-    );
+        ),
+        ("DELETE", "/admin/v0/reference-values/vm", None),
+    ] {
+        let (status, answer) = raw_admin(&kbs, method, route, token, good);
+        assert_eq!(status, 401, "{method} {route}: {answer}");
+        assert!(answer.contains("/AdminAuthAccess"), "{answer}");
+    }
 
     let token = Some(ADMIN_TOKEN);
-    for (route, body, field) in [
+    for (route, body, status, kind, field) in [
         (
             route,
             r#"{"data":"a2V5","policy":"allow_simulatd = true"}"#,
+            400,
+            "ParsePolicyError",
             "allow_simulatd",
         ),
-        (route, r#"{"data":"not base64!","policy":""}"#, "data"),
-        (route, r#"{"data":"","policy":""}"#, "data"),
+        (
+            route,
+            r#"{"data":"not base64!","policy":""}"#,
+            400,
+            "SerdeError",
+            "data",
+        ),
+        (
+            route,
+            r#"{"data":"","policy":""}"#,
+            400,
+            "SerdeError",
+            "data",
+        ),
         (
             route,
             r#"{"data":"a2V5","policy":"","reference_values":["nope"]}"#,
+            400,
+            "RvpsError",
             "reference_values[0]",
         ),
         (
             route,
             r#"{"data":"a2V5","policy":"","reference_values":["bad name"]}"#,
+            400,
+            "RvpsError",
             "reference_values[0]",
         ),
         (
             route,
             r#"{"data":"a2V5","policy":"allowed_vmpls = [7]"}"#,
+            400,
+            "ParsePolicyError",
             "allowed_vmpls",
+        ),
+        (
+            route,
+            r#"{"data":"a2V5","policy":"[init_data]\nrequired = true"}"#,
+            400,
+            "ParsePolicyError",
+            "required",
         ),
         (
             route,
@@ -552,36 +584,64 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
                 r#"{{"data":"a2V5","policy":"report_data = \"{}\""}}"#,
                 "00".repeat(64)
             ),
+            400,
+            "ParsePolicyError",
             "report_data",
         ),
-        (route, r#"{"data":"a2V5","policy":"","extra":1}"#, "extra"),
-        (route, r#"{"policy":""}"#, "data"),
-        ("/admin/v0/resources/pool/disk-key", good, "resource path"),
+        (
+            route,
+            r#"{"data":"a2V5","policy":"","extra":1}"#,
+            400,
+            "SerdeError",
+            "extra",
+        ),
+        (route, r#"{"policy":""}"#, 400, "SerdeError", "data"),
+        (
+            "/admin/v0/resources/pool/disk-key",
+            good,
+            404,
+            "InvalidRequestPath",
+            "resource path",
+        ),
         (
             "/admin/v0/resources/pool/disk%20key/vm-2",
             good,
+            404,
+            "InvalidRequestPath",
             "resource path",
         ),
-        ("/admin/v0/resources/pool/../vm-2", good, "resource path"),
+        (
+            "/admin/v0/resources/pool/../vm-2",
+            good,
+            404,
+            "InvalidRequestPath",
+            "resource path",
+        ),
         (
             "/admin/v0/reference-values/vm",
             r#"{"measurements":["00"]}"#,
+            400,
+            "RvpsError",
             "measurements[0]",
         ),
         (
             "/admin/v0/reference-values/vm",
             &format!(r#"{{"measurements":["{}","zz"]}}"#, "11".repeat(48)),
+            400,
+            "RvpsError",
             "measurements[1]",
         ),
         (
             "/admin/v0/reference-values/vm",
             r#"{"measurement":[]}"#,
+            400,
+            "RvpsError",
             "measurement",
         ),
     ] {
-        let (status, answer) = raw_admin(&kbs, "PUT", route, token, body);
-        assert_eq!(status, 400, "{route} {body}: {answer}");
-        assert!(answer.contains("InvalidRequest"), "{answer}");
+        let (got, answer) = raw_admin(&kbs, "PUT", route, token, body);
+        assert_eq!(got, status, "{route} {body}: {answer}");
+        assert!(answer.contains(&format!("/{kind}\"")), "{kind}: {answer}");
         assert!(answer.contains(field), "{field:?} not named in {answer}");
     }
     assert_eq!(
@@ -607,7 +667,7 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
         &guest_client(&kbs),
         &guest,
         "pool/disk-key/vm-1",
-        KeyAlgorithm::EcdhEsA256kw,
+        KeyAlgorithm::EcdhEsA256kwP256,
     );
     assert_eq!(released.expect("still released"), b"key");
 
@@ -618,9 +678,9 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
             &guest_client(&kbs),
             &guest,
             "pool/disk-key/vm-1",
-            KeyAlgorithm::EcdhEsA256kw,
+            KeyAlgorithm::EcdhEsA256kwP256,
         ),
-        403,
+        401,
         "PolicyDeny",
         &["measurement"],
     );
@@ -642,7 +702,7 @@ fn resource_data_is_encrypted_at_rest() {
         .put_resource(
             &path("pool/disk-key/vm-1"),
             &secret,
-            &simulated_policy(),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
@@ -687,7 +747,7 @@ fn acknowledged_writes_survive_kill_9_and_the_audit_chain_holds() {
                 match admin.put_resource(
                     &resource,
                     data.as_bytes(),
-                    &simulated_policy(),
+                    &simulated_policy().into(),
                     &["vm".into()],
                 ) {
                     Ok(()) => acknowledged.lock().expect("lock").push(index),
@@ -730,7 +790,7 @@ fn acknowledged_writes_survive_kill_9_and_the_audit_chain_holds() {
             &client,
             &guest,
             &format!("pool/disk-key/vm-{index}"),
-            KeyAlgorithm::EcdhEsA256kw,
+            KeyAlgorithm::EcdhEsA256kwP256,
         )
         .expect("released after the restart");
         assert_eq!(released, format!("key-{index}").into_bytes());

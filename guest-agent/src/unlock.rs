@@ -282,7 +282,7 @@ impl KeyBroker for KbsBroker {
         use hsev_attestation::kbs::client::ClientError;
         use hsev_attestation::kbs::jwe::KeyAlgorithm;
         self.client
-            .fetch_resource(&self.resource, KeyAlgorithm::EcdhEsA256kw, evidence)
+            .fetch_resource(&self.resource, KeyAlgorithm::EcdhEsA256kwP256, evidence)
             .map_err(|error| match error {
                 ClientError::Unreachable(reason) => FetchError::Unreachable(reason),
                 ClientError::Refused {

@@ -10,6 +10,7 @@ pub mod firmware_blob;
 pub mod kbs;
 pub mod libvirt;
 pub mod opensvc;
+pub mod slapos;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,10 +1,11 @@
 //! The HyperSEV toolstack: the domain model, the store, the hypervisor
 //! drivers, the `hsevd` host agent and pool coordinator, and the `hsev`
-//! command-line interface.
+//! command-line interface, and the SlapOS compute-node connector.
 
 pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod hypervisor;
 pub mod model;
+pub mod slapos;
 pub mod store;

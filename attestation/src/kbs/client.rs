@@ -22,11 +22,11 @@ pub use super::jwe::KeyAlgorithm;
 use super::jwe::TeeKeyPair;
 pub use super::protocol::ResourcePath;
 use super::protocol::{
-    check_name, runtime_data_binding, Attestation, AttestationToken, Challenge, ErrorInformation,
-    JweResponse, ReferenceValuesBody, Request, ResourceBody, ResourceSummary, RuntimeData, Tee,
-    PROTOCOL_VERSION, SESSION_COOKIE,
+    check_name, composite_evidence, runtime_data_binding, Attestation, AttestationToken, Challenge,
+    ErrorInformation, JweResponse, ReferenceValuesBody, Request, ResourceBody, ResourceSummary,
+    RuntimeData, Tee, PROTOCOL_VERSION, SESSION_COOKIE,
 };
-use crate::policy::AppraisalPolicy;
+use super::release_policy::ReleasePolicy;
 
 /// Largest answer body read (a JWE of a disk key is a few hundred bytes).
 const MAX_ANSWER: u64 = 16 << 20;
@@ -325,8 +325,9 @@ impl KbsClient {
             .into_json("resource")
     }
 
-    /// The whole RCAR flow: auth, ephemeral key, runtime data, evidence for
-    /// its binding, attest, resource, decrypt. `evidence` gets the 64 bytes
+    /// The whole RCAR flow, as Trustee's client runs it: auth, ephemeral
+    /// key, runtime data, evidence for its binding (no additional
+    /// evidence), attest, resource, decrypt. `evidence` gets the 64 bytes
     /// the report's `report_data` must hold and returns the SNP evidence in
     /// Trustee JSON form.
     pub fn fetch_resource(
@@ -344,11 +345,17 @@ impl KbsClient {
                 .public_jwk()
                 .map_err(|error| ClientError::Protocol(format!("ephemeral key: {error}")))?,
         };
-        let binding = runtime_data_binding(&runtime_data)
+        // No additional evidence: `composite_evidence` sends an empty one.
+        let binding = runtime_data_binding(&runtime_data, "")
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
         let snp_evidence = evidence(&binding)
             .map_err(|error| ClientError::Protocol(format!("cannot obtain evidence: {error}")))?;
-        self.attest(&session, &Attestation::new(runtime_data, snp_evidence))?;
+        let attestation = Attestation {
+            init_data: None,
+            runtime_data,
+            tee_evidence: composite_evidence(snp_evidence),
+        };
+        self.attest(&session, &attestation)?;
         let jwe = self.resource(&session, path)?;
         key_pair
             .decrypt(&jwe)
@@ -431,7 +438,7 @@ impl AdminClient {
         &self,
         path: &ResourcePath,
         data: &[u8],
-        policy: &AppraisalPolicy,
+        policy: &ReleasePolicy,
         reference_values: &[String],
     ) -> Result<(), ClientError> {
         for name in reference_values {
@@ -533,7 +540,7 @@ mod tests {
             body: body.as_bytes().to_vec(),
         };
         let problem = r#"{"type":"https://github.com/confidential-containers/kbs/errors/PolicyDeny","detail":"measurement"}"#;
-        let refused = answer(403, problem).check().expect_err("403");
+        let refused = answer(401, problem).check().expect_err("401");
         assert_eq!(refused.refusal_kind(), Some("PolicyDeny"));
         assert!(matches!(
             answer(404, "no").check(),

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use hsev_xapi::cli::{attest, completions, firmware, host, image, measure, output, vm};
+use hsev_xapi::cli::{attest, completions, firmware, host, image, measure, output, slapos, vm};
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
 #[derive(Debug, Parser)]
@@ -30,6 +30,9 @@ enum Command {
     Host(host::HostArgs),
     /// Guest images: import (admins), list, show.
     Image(image::ImageArgs),
+    /// HyperSEV as a compute node of a SlapOS master.
+    #[command(subcommand)]
+    Slapos(slapos::SlaposCommand),
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completions(completions::CompletionsArgs),
 }
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Vm(args) => vm::run(&args),
         Command::Host(args) => host::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Slapos(command) => slapos::run(&command),
         Command::Completions(args) => completions::run(&args, &mut Cli::command()),
     }
 }

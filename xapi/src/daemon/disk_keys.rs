@@ -132,7 +132,7 @@ impl KeyBroker {
         let registered = self.admin.put_resource(
             &path,
             key.as_slice(),
-            &policy,
+            &policy.into(),
             std::slice::from_ref(&reference_values),
         );
         if let Err(error) = registered {

@@ -1,6 +1,6 @@
 //! The HTTP transport of the broker (axum, HTTP/1.1): routes, cookies and
-//! headers in, JSON and RFC 7807 problems out. Every decision is the
-//! [`Broker`]'s; this module only translates.
+//! headers in, JSON and RFC 7807 problems (Trustee's error types) out.
+//! Every decision is the [`Broker`]'s; this module only translates.
 //!
 //! It must never log a request body (evidence is fine, but admin bodies
 //! carry secrets) nor an `Authorization` header.
@@ -9,15 +9,16 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use serde::Serialize;
 use tracing::Instrument;
 
-use super::broker::{Broker, BrokerError};
-use crate::kbs::protocol::{ErrorInformation, ErrorKind, SESSION_COOKIE};
+use super::broker::Broker;
+use super::error::BrokerError;
+use crate::kbs::protocol::SESSION_COOKIE;
 
 type Shared = State<Arc<Broker>>;
 
@@ -37,6 +38,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
             put(put_reference_values).delete(delete_reference_values),
         )
         .fallback(no_route)
+        .method_not_allowed_fallback(no_route)
         .with_state(broker)
 }
 
@@ -57,13 +59,13 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response {
 
 fn problem(error: &BrokerError) -> Response {
     let kind = error.kind();
-    let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if kind == ErrorKind::InternalError {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if error.is_failure() {
         tracing::error!(kind = kind.name(), detail = %error, "request failed");
     } else {
         tracing::info!(kind = kind.name(), detail = %error, "request refused");
     }
-    let body = ErrorInformation::new(kind, error.to_string());
+    let body = kind.problem(error.to_string());
     match serde_json::to_vec(&body) {
         Ok(bytes) => (
             status,
@@ -125,7 +127,11 @@ async fn resource(State(broker): Shared, headers: HeaderMap, Path(path): Path<St
     let span = tracing::info_span!("kbs", call = "resource", resource = %path);
     answer(
         broker
-            .resource(header_text(&headers, header::COOKIE), &path)
+            .resource(
+                header_text(&headers, header::COOKIE),
+                header_text(&headers, header::AUTHORIZATION),
+                &path,
+            )
             .instrument(span)
             .await,
     )
@@ -225,8 +231,15 @@ async fn delete_reference_values(
     .await
 }
 
-async fn no_route() -> Response {
-    problem(&BrokerError::NotFound(
-        "no such endpoint (this broker serves /kbs/v0/{auth,attest,resource/...} and /admin/v0/...)".into(),
-    ))
+/// Anything not routed: under `/kbs/v0/`, a Trustee "plugin" this broker
+/// does not serve; elsewhere, a path that names nothing.
+async fn no_route(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let served = "this broker serves POST /kbs/v0/auth, POST /kbs/v0/attest, GET /kbs/v0/resource/<repository>/<type>/<tag> and /admin/v0/...";
+    let error = if path.starts_with("/kbs/v0/") {
+        BrokerError::NoEndpoint(format!("{method} {path}: not served ({served})"))
+    } else {
+        BrokerError::NotFound(format!("{method} {path}: no such endpoint ({served})"))
+    };
+    problem(&error)
 }

@@ -4,11 +4,13 @@
 //! - [`config`]: the TOML configuration;
 //! - [`evidence`]: verifying evidence once at `/attest`, appraising it per
 //!   resource;
-//! - [`broker`]: the transport-free commands and the sessions;
+//! - [`broker`]: the transport-free commands;
+//! - [`sessions`]: sessions and token grants, in memory;
+//! - [`error`]: its refusals, as Trustee's error types;
 //! - [`http`]: the axum routes;
 //! - [`store`]: SQLite, resource data sealed under the KEK;
 //! - [`audit`]: the hash-chained, group-committed audit log;
-//! - [`token`]: the ES256 attestation token.
+//! - [`token`]: the ES256 attestation token (passport mode's bearer).
 //!
 //! The state folder holds `kbs.db` (+ WAL), `audit.jsonl`,
 //! `token-signing-key.pem` and, by default, `kek.bin`.
@@ -20,8 +22,10 @@
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod error;
 pub mod evidence;
 pub mod http;
+pub mod sessions;
 pub mod store;
 pub mod token;
 

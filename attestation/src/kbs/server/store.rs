@@ -24,7 +24,7 @@ use rusqlite::{params, Connection};
 use zeroize::Zeroizing;
 
 use crate::kbs::protocol::{ResourcePath, ResourceSummary};
-use crate::policy::AppraisalPolicy;
+use crate::kbs::release_policy::ReleasePolicy;
 
 /// The database's file name in the state folder.
 pub const DATABASE_FILE: &str = "kbs.db";
@@ -127,7 +127,7 @@ pub struct StoredResource {
     /// Where it lives.
     pub path: ResourcePath,
     /// The release policy.
-    pub policy: AppraisalPolicy,
+    pub policy: ReleasePolicy,
     /// The policy as the admin sent it.
     pub policy_toml: String,
     /// Reference-value sets it also accepts.
@@ -219,7 +219,7 @@ impl Store {
                 .parse()
                 .map_err(|error| corrupt(format!("resource {path_text:?}"), error))?;
             let policy_toml: String = row.get(1)?;
-            let policy = AppraisalPolicy::from_toml(&policy_toml)
+            let policy = ReleasePolicy::from_toml(&policy_toml)
                 .map_err(|error| corrupt(format!("resource {path} policy"), error))?;
             let names: String = row.get(2)?;
             let reference_values: Vec<String> = serde_json::from_str(&names)
@@ -311,7 +311,7 @@ impl Store {
         &self,
         path: &ResourcePath,
         data: &[u8],
-        policy: AppraisalPolicy,
+        policy: ReleasePolicy,
         policy_toml: String,
         reference_values: Vec<String>,
     ) -> Result<(), StoreError> {
@@ -478,7 +478,7 @@ mod tests {
                 .put_resource(
                     path,
                     data,
-                    AppraisalPolicy::default(),
+                    ReleasePolicy::default(),
                     String::new(),
                     Vec::new(),
                 )
