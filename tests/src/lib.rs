@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod firmware_blob;
 pub mod kbs;
 pub mod libvirt;
+pub mod opensvc;
 pub mod slapos;
 
 use std::path::{Path, PathBuf};

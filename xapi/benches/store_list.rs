@@ -107,6 +107,7 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
             encrypted_disk_mib: 0,
             key_broker: None,
             id_block: None,
+            labels: std::collections::BTreeMap::new(),
         },
         state: if running {
             VmState::Running

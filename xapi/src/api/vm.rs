@@ -106,6 +106,7 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
             repository: broker.repository,
         }),
         id_block: id_block_from_proto(&spec.id_block, &spec.id_auth)?,
+        labels: spec.labels.into_iter().collect(),
     })
 }
 
@@ -189,6 +190,11 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
                 .as_ref()
                 .map(|id_block| id_block.signed.auth_bytes().to_vec())
                 .unwrap_or_default(),
+            labels: spec
+                .labels
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
         }),
         state: state_to_proto(vm.state).into(),
         state_reason: vm.state_reason.clone(),

@@ -18,3 +18,6 @@ pub mod output;
 pub mod slapos;
 pub mod tenant;
 pub mod vm;
+pub mod vm_apply;
+pub mod vm_spec;
+pub mod vm_status;

@@ -19,6 +19,7 @@ use hsev_proto::v1::{
     CreateVmRequest, DeleteVmRequest, DiskSpec, KeyBroker, ListVmsRequest, PortForward, RootOrigin,
     SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
 };
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::attest::{appraise_with, evidence_endorsement, print_appraisal};
@@ -71,10 +72,18 @@ pub enum VmCommand {
     /// Set the owner's SNP ID block of a stopped sev-snp VM (signed here
     /// with your ID key over the measurement computed here), or remove it.
     IdBlock(IdBlockArgs),
+    /// Make a VM what its spec file says (TOML or JSON): create it, change
+    /// its labels, leave it as it is, or re-create it with --recreate; says
+    /// which.
+    Apply(super::vm_apply::ApplyArgs),
+    /// One line and an exit code: 0 running (its disk key released, if it
+    /// has an encrypted disk), 1 stopped or absent, 2 anything else.
+    Status(super::vm_status::StatusArgs),
 }
 
 /// How a VM's memory is protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// An ordinary VM: the host can read its memory.
     None,
@@ -171,6 +180,10 @@ pub struct CreateArgs {
     /// vCPU model the measurement uses (e.g. EPYC-v4); default: the host's.
     #[arg(long, value_name = "TYPE")]
     vcpu_type: Option<String>,
+    /// A label, KEY=VALUE (the one thing that changes after creation, with
+    /// `hsev vm apply`). Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Start the VM once created.
     #[arg(long)]
     start: bool,
@@ -416,7 +429,7 @@ pub struct WaitArgs {
 }
 
 /// A guest policy in hex, with or without `0x`.
-fn parse_policy(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_policy(text: &str) -> Result<u64, String> {
     let digits = text
         .strip_prefix("0x")
         .or_else(|| text.strip_prefix("0X"))
@@ -426,7 +439,7 @@ fn parse_policy(text: &str) -> Result<u64, String> {
 }
 
 /// `NAME:SIZE_MIB`.
-fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+pub(crate) fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     let (name, size) = text
         .rsplit_once(':')
         .ok_or_else(|| "expected NAME:SIZE_MIB, e.g. data:1024".to_owned())?;
@@ -443,7 +456,7 @@ fn parse_disk(text: &str) -> Result<DiskSpec, String> {
 }
 
 /// `HOSTPORT:GUESTPORT`.
-fn parse_forward(text: &str) -> Result<PortForward, String> {
+pub(crate) fn parse_forward(text: &str) -> Result<PortForward, String> {
     let (host, guest) = text
         .split_once(':')
         .ok_or_else(|| "expected HOSTPORT:GUESTPORT, e.g. 2222:22".to_owned())?;
@@ -462,8 +475,43 @@ fn parse_forward(text: &str) -> Result<PortForward, String> {
     })
 }
 
+/// `KEY=VALUE`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE, e.g. team=db".to_owned())?;
+    let labels = std::iter::once((key.to_owned(), value.to_owned())).collect();
+    crate::model::check_labels(&labels)?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
 /// Runs a VM command.
 pub fn run(args: &VmArgs) -> ExitCode {
+    match &args.command {
+        VmCommand::Apply(apply) => {
+            // The spec is checked before any connection: a bad one is
+            // refused even when hsevd is unreachable.
+            let desired = match super::vm_apply::load(apply) {
+                Ok(desired) => desired,
+                Err(error) => {
+                    eprintln!("hsev: error: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            return client::run(&args.connection, async |connection| {
+                super::vm_apply::execute(connection, apply, &desired).await
+            });
+        }
+        VmCommand::Status(_) => {
+            // Whatever goes wrong, the VM's status is unknown: 2.
+            return client::run_with_exit_codes(
+                &args.connection,
+                async |connection| execute(connection, &args.command).await,
+                |_| 2,
+            );
+        }
+        _ => {}
+    }
     if let VmCommand::Create(create) = &args.command {
         if create.policy.is_some() && create.mode == Mode::None {
             eprintln!("hsev: error: --policy applies to SEV modes only, not to --mode none");
@@ -514,6 +562,7 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                     key_broker,
                     id_block: Vec::new(),
                     id_auth: Vec::new(),
+                    labels: args.labels.iter().cloned().collect(),
                 }),
                 // With an ID block, started once it is set.
                 start: args.start && !args.id_block.given(),
@@ -644,6 +693,12 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Console(args) => console(connection, args).await,
+        VmCommand::Apply(args) => {
+            let desired = super::vm_apply::load(args)
+                .map_err(|error| RemoteError::Input(error.to_string()))?;
+            super::vm_apply::execute(connection, args, &desired).await
+        }
+        VmCommand::Status(args) => super::vm_status::execute(connection, args).await,
         VmCommand::Wait(args) => {
             let request = WaitVmRequest {
                 vm: args.vm.clone(),
@@ -785,6 +840,35 @@ fn tenants_binding(
     Ok(binding)
 }
 
+/// Signs `vm`'s ID block with `source`'s ID key, over the measurement
+/// computed here from its image manifest, and sets it (`hsev vm apply`);
+/// with `key_broker` (the tenant's), the measurement names that broker.
+pub(crate) async fn sign_id_block(
+    connection: &Connection,
+    vm: &Vm,
+    source: &super::vm_spec::IdKeySource,
+    key_broker: Option<&KeyBroker>,
+) -> Result<Vm, RemoteError> {
+    let source = IdBlockSource {
+        id_key: Some(source.id_key.clone()),
+        author_key: source.author_key.clone(),
+        image_manifest: Some(source.image_manifest.clone()),
+        fields: IdBlockFields {
+            family_id: None,
+            image_id: None,
+            guest_svn: 0,
+        },
+        id_block: None,
+        id_auth: None,
+    };
+    let binding = key_broker.map(|broker| crate::model::KeyBrokerBinding {
+        guest_url: broker.url.clone(),
+        pin: broker.pin.clone(),
+        repository: broker.repository.clone(),
+    });
+    set_id_block(connection, vm, &source, binding).await
+}
+
 /// Signs (or reads) `vm`'s ID block and sets it; with `key_broker`, the
 /// measurement it signs names that broker.
 async fn set_id_block(
@@ -916,7 +1000,8 @@ pub fn mode_name(mode: i32) -> String {
     }
 }
 
-fn attestation_state_name(attestation: Option<&AttestationStatus>) -> String {
+/// The name of an attestation state (`-` when there is none).
+pub fn attestation_state_name(attestation: Option<&AttestationStatus>) -> String {
     let Some(attestation) = attestation else {
         return "-".to_owned();
     };
@@ -941,6 +1026,13 @@ fn origin_name(origin: i32) -> String {
 fn measurements_equal(vm: &Vm) -> Option<bool> {
     (!vm.expected_measurement.is_empty() && !vm.launch_digest.is_empty())
         .then(|| vm.expected_measurement == vm.launch_digest)
+}
+
+/// Labels in key order (the API's map has none).
+fn sorted_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> std::collections::BTreeMap<&String, &String> {
+    labels.iter().collect()
 }
 
 fn forwards_text(forwards: &[PortForward]) -> String {
@@ -1006,6 +1098,16 @@ pub fn vm_json(vm: &Vm) -> Value {
             "port_forwards": forwards_json(&spec.port_forwards),
             "encrypted_disk_mib": spec.encrypted_disk_mib,
             "key_resource": spec.key_resource,
+            "key_broker": spec.key_broker.as_ref().map(|broker| json!({
+                "url": broker.url,
+                "pin": broker.pin,
+                "repository": broker.repository,
+            })),
+            "id_block": !spec.id_block.is_empty(),
+            "labels": sorted_labels(&spec.labels)
+                .into_iter()
+                .map(|(key, value)| (key.clone(), Value::String(value.clone())))
+                .collect::<serde_json::Map<String, Value>>(),
         },
         "expected_measurement": hex_or_none(&vm.expected_measurement),
         "launch_digest": hex_or_none(&vm.launch_digest),
@@ -1075,6 +1177,16 @@ pub fn render_vm(vm: &Vm) -> String {
                     &spec.key_resource
                 }
             ),
+        );
+    }
+    if !spec.labels.is_empty() {
+        fields.add(
+            "labels",
+            sorted_labels(&spec.labels)
+                .into_iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     fields.add("forwards asked", forwards_text(&spec.port_forwards));
@@ -1220,6 +1332,7 @@ mod tests {
                 key_broker: None,
                 id_block: Vec::new(),
                 id_auth: Vec::new(),
+                labels: [("team".to_owned(), "db".to_owned())].into_iter().collect(),
             }),
             state: VmState::Running.into(),
             state_reason: String::new(),
@@ -1271,6 +1384,7 @@ mod tests {
             "guest policy:         0x30000 (default)",
             "vcpus:                2 (EPYC-v4)",
             "disks:                data 1024 MiB",
+            "labels:               team=db",
             "forwards asked:       0 -> 22",
             "forwarded now:        40123 -> 22",
             &format!("expected measurement: {}", "ab".repeat(48)),
@@ -1295,6 +1409,7 @@ mod tests {
         assert_eq!(value["attestation"]["state"], "refused");
         assert_eq!(value["attestation"]["verdict"]["origin"], "simulated");
         assert_eq!(value["port_forwards"][0]["host_port"], 40123);
+        assert_eq!(value["spec"]["labels"]["team"], "db");
     }
 
     #[test]

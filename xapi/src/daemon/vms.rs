@@ -3,7 +3,7 @@
 //! notices dead VMMs). Blocking code: the gRPC layer calls it from
 //! `spawn_blocking`, with a progress callback.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,8 +28,8 @@ use crate::hypervisor::{
 };
 use crate::launch::{self, ImageBytes};
 use crate::model::{
-    Attestation, ConfidentialMode, DiskRecord, ImageRecord, OwnerIdBlock, VmId, VmRecord,
-    VmRuntime, VmSpec, VmState, ENCRYPTED_DISK_NAME,
+    check_labels, Attestation, ConfidentialMode, DiskRecord, ImageRecord, OwnerIdBlock, VmId,
+    VmRecord, VmRuntime, VmSpec, VmState, ENCRYPTED_DISK_NAME,
 };
 use crate::store::{Store, VmFilter};
 
@@ -331,6 +331,7 @@ impl VmManager {
         {
             return Err(OpError::invalid("port_forwards: guest_port must not be 0"));
         }
+        check_labels(&spec.labels).map_err(OpError::invalid)?;
         if spec.vcpu_type.is_empty() {
             spec.vcpu_type = self.default_vcpu_type.clone();
         }
@@ -925,6 +926,32 @@ impl VmManager {
         self.start(caller, vm, progress)
     }
 
+    /// Replaces a VM's labels: the one change a spec takes after creation,
+    /// since nothing in a launch depends on them.
+    pub fn set_labels(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<VmRecord, OpError> {
+        check_labels(&labels).map_err(OpError::invalid)?;
+        self.locked(caller, vm, |record| {
+            if matches!(record.state, VmState::Creating | VmState::Deleting) {
+                return Err(OpError::precondition(format!(
+                    "VM {} is {}: its labels change once it is not",
+                    record.spec.name, record.state
+                )));
+            }
+            if record.spec.labels != labels {
+                self.store.set_vm_labels(&record.id, &labels)?;
+                let text = labels_text(&labels);
+                self.event(&record.id, "labelled", &text);
+                tracing::info!(vm = %record.id, labels = %text, "labelled");
+            }
+            self.get(caller, &record.id.0)
+        })
+    }
+
     /// Deletes a VM: stops it, removes (optionally wipes) its disks.
     pub fn delete(
         &self,
@@ -1276,4 +1303,13 @@ fn check_id_block_digest(
         )));
     }
     Ok(())
+}
+
+/// Labels as `key=value` pairs, for the event log.
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -64,6 +64,7 @@ pub fn vm_spec(
             }),
         id_block: Vec::new(),
         id_auth: Vec::new(),
+        labels: Default::default(),
     }
 }
 
