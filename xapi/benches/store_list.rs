@@ -110,6 +110,7 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
             key_broker: None,
             id_block: None,
             placement: Default::default(),
+            labels: std::collections::BTreeMap::new(),
         },
         state: if running {
             VmState::Running

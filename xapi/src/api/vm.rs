@@ -114,6 +114,7 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
         }),
         id_block: id_block_from_proto(&spec.id_block, &spec.id_auth)?,
         placement: placement_from_proto(spec.placement.unwrap_or_default())?,
+        labels: spec.labels.into_iter().collect(),
     })
 }
 
@@ -250,6 +251,11 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
                 .map(|id_block| id_block.signed.auth_bytes().to_vec())
                 .unwrap_or_default(),
             placement: Some(placement_to_proto(&spec.placement)),
+            labels: spec
+                .labels
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
         }),
         state: state_to_proto(vm.state).into(),
         state_reason: vm.state_reason.clone(),
