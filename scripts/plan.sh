@@ -47,8 +47,11 @@ else
   line "3. the guest image: kernel, initramfs, expected measurements" "about 10 s"
   total=$((total + 10))
 fi
-line "4. the demo: real AMD evidence verified, then an attested" "about 30 s"
-line "   disk-key release on a QEMU guest (unlock, reboot, tamper)" ""
-total=$((total + 30))
+line "4. the demo: real AMD evidence verified, then a tenant's own" "about 30 s"
+line "   key broker and checks against its operator, on a QEMU guest" ""
+line "   (unlock, own attestation, reboot, tamper, key never on the host)" ""
+line "5. a pool of three hosts in network namespaces: three SNP" "about 40 s"
+line "   guests placed with their reasons, one host evacuated" ""
+total=$((total + 70))
 echo "  in all: about $(((total + 30) / 60)) min; its last line is a JSON summary"
 echo

@@ -1,14 +1,21 @@
-//! Key releases per second through the real `hsev-kbs` binary on loopback:
-//! each release is the whole RCAR flow (auth, ephemeral P-256 key, evidence
-//! from the simulated Secure Processor signed for that nonce, attest,
-//! resource, decrypt), N client threads at once for BENCH_SECONDS. Then a
-//! sequential run gives the latency of one release.
+//! Key releases per second through the real `hsev-kbs` binary on loopback,
+//! over HTTPS pinned by its key (each client keeps its connection, as the
+//! agent's does): each release is the whole RCAR flow (auth, ephemeral P-256
+//! key, evidence from the simulated Secure Processor signed for that nonce,
+//! attest, resource, decrypt), N client threads at once for BENCH_SECONDS.
+//! Then a sequential run gives the latency of one release.
+//!
+//! As a tenant's broker runs: admin tokens scoped per tenant (each
+//! tenant's policy put with its own token, one resource per repository),
+//! and a release policy that requires an ID block signed by the tenant's
+//! ID key (P-384) besides the measurement and the host_data binding; the
+//! guest is launched with that ID block.
 //!
 //! Prints `kbs_releases_per_second N`, `kbs_release_p50_ms X`,
-//! `kbs_release_p99_ms Y`, and `kbs_cpu_ms_per_release Z`: the CPU time
+//! `kbs_release_p99_ms Y`, `kbs_cpu_ms_per_release Z`: the CPU time
 //! (broker + clients, simulated Secure Processor included) one release
-//! costs in the concurrent run, a figure other load on the machine does
-//! not skew.
+//! costs in the concurrent run, and `kbs_broker_cpu_ms_per_release B`, the
+//! broker's share: figures other load on the machine does not skew.
 
 #[path = "../tests/support/kbs.rs"]
 mod kbs_support;
@@ -18,9 +25,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hsev_attestation::kbs::client::{AdminClient, KbsClient, KeyAlgorithm, ResourcePath};
+use hsev_attestation::firmware::simulated::SimulatedFirmware;
+use hsev_attestation::firmware::LaunchFinish;
+use hsev_attestation::id_block::{public_key_digest, IdBlock, SignedIdBlock};
+use hsev_attestation::kbs::client::{KbsClient, KeyAlgorithm, ResourcePath};
 use hsev_attestation::policy::AppraisalPolicy;
-use kbs_support::{evidence, Kbs, KbsMode, SimPlatform, ADMIN_TOKEN, GUEST_POLICY};
+use hsev_attestation::HexBytes;
+use kbs_support::{admin_client, evidence, guest_client, Kbs, KbsMode, SimPlatform, GUEST_POLICY};
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -50,28 +61,79 @@ fn main() {
     let threads = env_number("BENCH_THREADS", 16);
     let platform = SimPlatform::new();
     let measurement = [0x42; 48];
-    let guest = Arc::new(platform.launch(measurement, GUEST_POLICY, [0; 32]));
+    let host_data = [0x07; 32];
+    let group = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::SECP384R1).expect("P-384");
+    let id_key = openssl::ec::EcKey::generate(&group).expect("ID key");
+    let id_block = SignedIdBlock::sign(
+        IdBlock {
+            launch_digest: measurement,
+            family_id: [0; 16],
+            image_id: [0; 16],
+            guest_svn: 1,
+            policy: GUEST_POLICY,
+        },
+        &id_key,
+        None,
+    )
+    .expect("signed ID block");
+    let guest = Arc::new(
+        SimulatedFirmware::launch_with_digest(
+            &platform.firmware,
+            GUEST_POLICY,
+            measurement,
+            &LaunchFinish {
+                id_block: Some(id_block),
+                host_data,
+            },
+        )
+        .expect("launch with the ID block"),
+    );
     let server = Kbs::start_with(KbsMode::Development, &[platform.dir.path()], "");
-    let url = server.url();
 
-    let timeout = Duration::from_secs(30);
-    let admin = AdminClient::new(&url, ADMIN_TOKEN, timeout).expect("admin");
+    let admin = admin_client(&server, "bench");
     admin
-        .put_reference_values("bench", &[measurement])
+        .put_reference_values("bench", "bench", &[measurement])
         .expect("reference values");
     let path: ResourcePath = "bench/disk-key/vm-1".parse().expect("path");
     let policy = AppraisalPolicy {
         allow_simulated: true,
+        host_data: Some(HexBytes(host_data)),
+        allowed_id_key_digests: vec![HexBytes(public_key_digest(&id_key).expect("digest"))],
         ..AppraisalPolicy::default()
     };
     let secret = [0x5a; 32];
     admin
-        .put_resource(&path, &secret, &policy, &["bench".to_owned()])
+        .put_resource(
+            &path,
+            Some(&secret),
+            &policy.clone().into(),
+            &["bench".to_owned()],
+        )
         .expect("resource");
+    // The other tenants' resources, each put with its own scoped token.
+    let mut tenants = 1;
+    for repository in hsev_e2e::kbs::TENANTS
+        .iter()
+        .filter(|name| **name != "bench")
+    {
+        admin_client(&server, repository)
+            .put_resource(
+                &format!("{repository}/disk-key/vm-1").parse().expect("path"),
+                None,
+                &policy.clone().into(),
+                &[],
+            )
+            .expect("another tenant's resource");
+        tenants += 1;
+    }
+    println!(
+        "kbs_setup https=pinned tenants={tenants} scoped_tokens=yes id_key_policy=p384 \
+         host_data_binding=yes"
+    );
 
     let release = |client: &KbsClient| {
         let released = client
-            .fetch_resource(&path, KeyAlgorithm::EcdhEsA256kw, &mut |binding| {
+            .fetch_resource(&path, KeyAlgorithm::EcdhEsA256kwP256, &mut |binding| {
                 evidence(&guest, binding)
             })
             .expect("released");
@@ -79,7 +141,7 @@ fn main() {
     };
 
     // Warm up (chain cache, connections).
-    let warm = KbsClient::new(&url, timeout).expect("client");
+    let warm = guest_client(&server);
     for _ in 0..20 {
         release(&warm);
     }
@@ -92,15 +154,18 @@ fn main() {
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(100.0);
     let server_pid = server.pid().to_string();
-    let cpu_before =
-        cpu_seconds("self", ticks_per_second) + cpu_seconds(&server_pid, ticks_per_second);
+    // Every client pins the broker's key, read once.
+    let url = server.url();
+    let pin = kbs_support::pin(&server);
+    let broker_before = cpu_seconds(&server_pid, ticks_per_second);
+    let cpu_before = cpu_seconds("self", ticks_per_second) + broker_before;
     let releases = AtomicU64::new(0);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| {
-                let client = KbsClient::new(&url, timeout).expect("client");
+                let client = KbsClient::new(&url, pin, Duration::from_secs(30)).expect("client");
                 while Instant::now() < deadline {
                     release(&client);
                     releases.fetch_add(1, Ordering::Relaxed);
@@ -110,12 +175,16 @@ fn main() {
     });
     let released = releases.load(Ordering::Relaxed) as f64;
     let rate = released / started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds("self", ticks_per_second) + cpu_seconds(&server_pid, ticks_per_second)
-        - cpu_before;
+    let broker_cpu = cpu_seconds(&server_pid, ticks_per_second) - broker_before;
+    let cpu = cpu_seconds("self", ticks_per_second) + broker_cpu + broker_before - cpu_before;
     println!("kbs_releases_per_second {rate:.1}");
     println!(
         "kbs_cpu_ms_per_release {:.2}",
         1000.0 * cpu / released.max(1.0)
+    );
+    println!(
+        "kbs_broker_cpu_ms_per_release {:.2}",
+        1000.0 * broker_cpu / released.max(1.0)
     );
 
     let mut latencies = Vec::new();

@@ -22,7 +22,8 @@ pub enum AgentPhase {
     Attesting,
     /// The key broker cannot be reached; the agent retries with backoff.
     Unreachable,
-    /// The key broker refused the key; `detail` carries its reason.
+    /// No key: the key broker refused it, or the agent refused a server
+    /// that is not the pinned broker; `detail` says which and why.
     Refused,
     /// The key was released, the disk unlocked and mounted.
     Unlocked,

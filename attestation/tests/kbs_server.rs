@@ -10,12 +10,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hsev_attestation::kbs::client::{ClientError, KbsClient, KeyAlgorithm, ResourcePath};
 use hsev_attestation::kbs::jwe::TeeKeyPair;
-use hsev_attestation::kbs::protocol::{runtime_data_binding, Attestation, RuntimeData};
+use hsev_attestation::kbs::protocol::{
+    composite_evidence, runtime_data_binding, Attestation, RuntimeData,
+};
+use hsev_attestation::kbs::release_policy::ReleasePolicy;
 use hsev_attestation::policy::AppraisalPolicy;
 use hsev_attestation::HexBytes;
 use kbs_support::{
-    admin_client, evidence, guest_client, Kbs, KbsMode, SimPlatform, ADMIN_TOKEN,
-    DEBUG_GUEST_POLICY, GUEST_POLICY,
+    admin_client, evidence, guest_client, raw_agent, reader_client, reader_token, tenant_token,
+    Kbs, KbsMode, SimPlatform, DEBUG_GUEST_POLICY, GUEST_POLICY, KBS_OPERATOR,
 };
 
 const MEASUREMENT: [u8; 48] = [0x42; 48];
@@ -39,8 +42,8 @@ fn simulated_policy() -> AppraisalPolicy {
 /// `vm` holding [`MEASUREMENT`].
 fn development_broker(platform: &SimPlatform, extra_config: &str) -> Kbs {
     let kbs = Kbs::start_with(KbsMode::Development, &[platform.dir.path()], extra_config);
-    admin_client(&kbs)
-        .put_reference_values("vm", &[MEASUREMENT])
+    admin_client(&kbs, "pool")
+        .put_reference_values("pool", "vm", &[MEASUREMENT])
         .expect("reference values");
     kbs
 }
@@ -78,6 +81,16 @@ fn assert_refused(result: Result<Vec<u8>, ClientError>, status: u16, kind: &str,
     }
 }
 
+/// An Attestation of SNP evidence without device evidence, as the guest
+/// sends it.
+fn attestation(runtime_data: RuntimeData, snp_evidence: serde_json::Value) -> Attestation {
+    Attestation {
+        init_data: None,
+        runtime_data,
+        tee_evidence: composite_evidence(snp_evidence),
+    }
+}
+
 /// The claims of a JWT, unverified.
 fn claims(token: &str) -> serde_json::Value {
     let payload = token.split('.').nth(1).expect("JWT payload");
@@ -89,30 +102,30 @@ fn releases_to_a_guest_that_satisfies_the_policy_with_either_key_algorithm() {
     let platform = SimPlatform::new();
     let kbs = development_broker(&platform, "");
     let secret = b"0123456789abcdef0123456789abcdef".to_vec();
-    admin_client(&kbs)
+    admin_client(&kbs, "pool")
         .put_resource(
             &path("pool/disk-key/vm-1"),
-            &secret,
-            &simulated_policy(),
+            Some(&secret),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
     let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
     let client = guest_client(&kbs);
-    for algorithm in [KeyAlgorithm::EcdhEsA256kw, KeyAlgorithm::RsaOaep256] {
+    for algorithm in [KeyAlgorithm::EcdhEsA256kwP256, KeyAlgorithm::RsaOaep256] {
         let released = fetch(&client, &guest, "pool/disk-key/vm-1", algorithm).expect("released");
         assert_eq!(released, secret, "{algorithm:?}");
     }
 
     // The token says what was verified.
     let (challenge, session) = client.auth().expect("auth");
-    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key");
+    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256).expect("key");
     let runtime_data = RuntimeData {
         nonce: challenge.nonce,
         tee_pubkey: key_pair.public_jwk().expect("jwk"),
     };
-    let binding = runtime_data_binding(&runtime_data).expect("binding");
-    let attestation = Attestation::new(runtime_data, evidence(&guest, &binding).expect("evidence"));
+    let binding = runtime_data_binding(&runtime_data, "").expect("binding");
+    let attestation = attestation(runtime_data, evidence(&guest, &binding).expect("evidence"));
     let token = client.attest(&session, &attestation).expect("attested");
     let claims = claims(&token.token);
     assert_eq!(claims["origin"], "simulated");
@@ -131,25 +144,29 @@ fn releases_to_a_guest_that_satisfies_the_policy_with_either_key_algorithm() {
         .expect("second");
     assert_eq!(key_pair.decrypt(&jwe).expect("decrypts").as_slice(), secret);
 
-    // The bare evidence object as tee-evidence is accepted too.
+    // The bare evidence object as tee-evidence is no composite evidence:
+    // refused, as Trustee refuses it.
     let (challenge, session) = client.auth().expect("auth");
     let runtime_data = RuntimeData {
         nonce: challenge.nonce,
         tee_pubkey: key_pair.public_jwk().expect("jwk"),
     };
-    let binding = runtime_data_binding(&runtime_data).expect("binding");
-    let bare = Attestation {
-        init_data: None,
-        runtime_data,
-        tee_evidence: evidence(&guest, &binding).expect("evidence"),
-    };
-    client
-        .attest(&session, &bare)
-        .expect("bare evidence attests");
-    let jwe = client
-        .resource(&session, &path("pool/disk-key/vm-1"))
-        .expect("released");
-    assert_eq!(key_pair.decrypt(&jwe).expect("decrypts").as_slice(), secret);
+    let binding = runtime_data_binding(&runtime_data, "").expect("binding");
+    let bare = serde_json::json!({
+        "runtime-data": runtime_data,
+        "tee-evidence": evidence(&guest, &binding).expect("evidence"),
+    });
+    let raw = raw_agent(
+        &kbs,
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    )
+    .post(&format!("{}/kbs/v0/attest", kbs.url()))
+    .header("cookie", &format!("kbs-session-id={session}"))
+    .send(bare.to_string().as_bytes())
+    .expect("answers");
+    assert_eq!(raw.status().as_u16(), 401);
 
     let verified = kbs.audit_verify();
     assert!(verified.status.success(), "{verified:?}");
@@ -159,19 +176,22 @@ fn releases_to_a_guest_that_satisfies_the_policy_with_either_key_algorithm() {
         !log.contains("0123456789abcdef"),
         "the audit log holds no secret"
     );
-    assert!(!log.contains(ADMIN_TOKEN), "the audit log holds no token");
+    assert!(
+        !log.contains(&tenant_token("pool")),
+        "the audit log holds no token"
+    );
 }
 
 #[test]
 fn refuses_what_the_release_policy_does_not_allow() {
     let platform = SimPlatform::new();
     let kbs = development_broker(&platform, "");
-    let admin = admin_client(&kbs);
+    let admin = admin_client(&kbs, "pool");
     admin
         .put_resource(
             &path("pool/disk-key/vm-1"),
-            b"key-1",
-            &simulated_policy(),
+            Some(b"key-1"),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
@@ -182,40 +202,40 @@ fn refuses_what_the_release_policy_does_not_allow() {
     admin
         .put_resource(
             &path("pool/disk-key/amd-only"),
-            b"key-2",
-            &amd_only,
+            Some(b"key-2"),
+            &amd_only.into(),
             &["vm".into()],
         )
         .expect("resource");
     admin
         .put_resource(
             &path("pool/disk-key/no-reference"),
-            b"key-3",
-            &simulated_policy(),
+            Some(b"key-3"),
+            &simulated_policy().into(),
             &[],
         )
         .expect("resource");
     let client = guest_client(&kbs);
-    let ec = KeyAlgorithm::EcdhEsA256kw;
+    let ec = KeyAlgorithm::EcdhEsA256kwP256;
 
     let other_measurement = platform.launch([0x43; 48], GUEST_POLICY, HOST_DATA);
     assert_refused(
         fetch(&client, &other_measurement, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["measurement", &hex::encode([0x43; 48])],
     );
     let debug = platform.launch(MEASUREMENT, DEBUG_GUEST_POLICY, HOST_DATA);
     assert_refused(
         fetch(&client, &debug, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["debug"],
     );
     let other_vm = platform.launch(MEASUREMENT, GUEST_POLICY, [0x08; 32]);
     assert_refused(
         fetch(&client, &other_vm, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["host_data"],
     );
@@ -223,27 +243,27 @@ fn refuses_what_the_release_policy_does_not_allow() {
     let everything_wrong = platform.launch([0x44; 48], DEBUG_GUEST_POLICY, [0x09; 32]);
     assert_refused(
         fetch(&client, &everything_wrong, "pool/disk-key/vm-1", ec),
-        403,
+        401,
         "PolicyDeny",
         &["measurement", "debug", "host_data"],
     );
     let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
     assert_refused(
         fetch(&client, &guest, "pool/disk-key/amd-only", ec),
-        403,
+        401,
         "PolicyDeny",
         &["simulated_evidence"],
     );
     assert_refused(
         fetch(&client, &guest, "pool/disk-key/no-reference", ec),
-        403,
+        401,
         "PolicyDeny",
         &["measurement", "never released"],
     );
     assert_refused(
         fetch(&client, &guest, "pool/disk-key/unknown", ec),
         404,
-        "ResourceNotFound",
+        "InvalidRequestPath",
         &["pool/disk-key/unknown"],
     );
     // The right guest still gets its key.
@@ -264,15 +284,18 @@ fn refuses_what_the_release_policy_does_not_allow() {
     let (_, session) = client.auth().expect("auth");
     let unattested = client.resource(&session, &path("pool/disk-key/vm-1"));
     assert!(
-        matches!(&unattested, Err(ClientError::Refused { status: 401, detail, .. }) if detail.contains("not attested")),
+        matches!(&unattested, Err(ClientError::Refused { status: 401, detail, error_type }) if detail.contains("has not attested") && error_type.ends_with("/TokenNotFound")),
         "{unattested:?}"
     );
-    let raw = ureq::get(&format!("{}/kbs/v0/resource/pool/disk-key/vm-1", kbs.url()))
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .call()
-        .expect("answers");
+    let raw = raw_agent(
+        &kbs,
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    )
+    .get(&format!("{}/kbs/v0/resource/pool/disk-key/vm-1", kbs.url()))
+    .call()
+    .expect("answers");
     assert_eq!(raw.status().as_u16(), 401);
 }
 
@@ -284,13 +307,13 @@ fn prepared_attestation(
     bind: Option<[u8; 64]>,
 ) -> (String, Attestation) {
     let (challenge, session) = client.auth().expect("auth");
-    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key");
+    let key_pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256).expect("key");
     let runtime_data = RuntimeData {
         nonce: challenge.nonce,
         tee_pubkey: key_pair.public_jwk().expect("jwk"),
     };
-    let binding = bind.unwrap_or_else(|| runtime_data_binding(&runtime_data).expect("binding"));
-    let attestation = Attestation::new(runtime_data, evidence(guest, &binding).expect("evidence"));
+    let binding = bind.unwrap_or_else(|| runtime_data_binding(&runtime_data, "").expect("binding"));
+    let attestation = attestation(runtime_data, evidence(guest, &binding).expect("evidence"));
     (session, attestation)
 }
 
@@ -329,7 +352,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "ExpiredSession",
+        "AttestationError",
         "already used",
     );
 
@@ -338,7 +361,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&new_session, &attestation),
         401,
-        "AttestationFailed",
+        "AttestationError",
         "nonce",
     );
     // ...and that failed try spent the new session's nonce too.
@@ -346,7 +369,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&new_session, &fresh),
         401,
-        "ExpiredSession",
+        "AttestationError",
         "already used",
     );
 
@@ -355,20 +378,20 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "AttestationFailed",
+        "AttestationError",
         "report_data",
     );
 
     // Runtime data changed after the report was made (another key).
     let (session, mut attestation) = prepared_attestation(&client, &guest, None);
-    attestation.runtime_data.tee_pubkey = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw)
+    attestation.runtime_data.tee_pubkey = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256)
         .expect("key")
         .public_jwk()
         .expect("jwk");
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "AttestationFailed",
+        "AttestationError",
         "report_data",
     );
 
@@ -381,7 +404,7 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
     assert_client_refused(
         client.attest(&session, &attestation),
         401,
-        "ExpiredSession",
+        "AttestationError",
         "expired",
     );
 }
@@ -390,14 +413,14 @@ fn nonces_are_single_use_fresh_and_bound_to_the_runtime_data() {
 fn production_mode_refuses_simulated_evidence_whatever_the_policy() {
     let platform = SimPlatform::new();
     let kbs = Kbs::start_with(KbsMode::Production, &[], "");
-    admin_client(&kbs)
-        .put_reference_values("vm", &[MEASUREMENT])
+    admin_client(&kbs, "pool")
+        .put_reference_values("pool", "vm", &[MEASUREMENT])
         .expect("reference values");
-    admin_client(&kbs)
+    admin_client(&kbs, "pool")
         .put_resource(
             &path("pool/disk-key/vm-1"),
-            b"key",
-            &simulated_policy(),
+            Some(b"key"),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("a policy may say allow_simulated; production ignores it");
@@ -406,12 +429,12 @@ fn production_mode_refuses_simulated_evidence_whatever_the_policy() {
         &guest_client(&kbs),
         &guest,
         "pool/disk-key/vm-1",
-        KeyAlgorithm::EcdhEsA256kw,
+        KeyAlgorithm::EcdhEsA256kwP256,
     );
     assert_refused(
         result,
         401,
-        "AttestationFailed",
+        "AttestationError",
         &["simulated_evidence", "production mode", "certificate_chain"],
     );
     // Simulated roots in a production configuration are refused at start.
@@ -443,10 +466,12 @@ fn raw_admin(
     body: &str,
 ) -> (u16, String) {
     let url = format!("{}{route}", kbs.url());
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let agent = raw_agent(
+        kbs,
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    );
     let authorization = token.map(|token| format!("Bearer {token}"));
     let response = match method {
         "PUT" => {
@@ -481,12 +506,12 @@ fn raw_admin(
 fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
     let platform = SimPlatform::new();
     let kbs = development_broker(&platform, "");
-    let admin = admin_client(&kbs);
+    let admin = admin_client(&kbs, "pool");
     admin
         .put_resource(
             &path("pool/disk-key/vm-1"),
-            b"key",
-            &simulated_policy(),
+            Some(b"key"),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
@@ -497,54 +522,74 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
 
     let good = r#"{"data":"a2V5","policy":"allow_simulated = true","reference_values":["vm"]}"#;
     let route = "/admin/v0/resources/pool/disk-key/vm-2";
-    assert_eq!(raw_admin(&kbs, "PUT", route, None, good).0, 401);
-    assert_eq!(
-        raw_admin(&kbs, "PUT", route, Some("not-the-token"), good).0,
-        403
-    );
-    assert_eq!(
-        raw_admin(&kbs, "GET", "/admin/v0/resources", None, "").0,
-        401
-    );
-    assert_eq!(
-        raw_admin(
-            &kbs,
+    // No token or a wrong one: Trustee's AdminAuthAccess, 401 either way.
+    for (method, route, token) in [
+        ("PUT", route, None),
+        ("PUT", route, Some("not-the-token")),
+        ("GET", "/admin/v0/resources", None),
+        (
             "DELETE",
             "/admin/v0/resources/pool/disk-key/vm-1",
             Some("x"),
-            ""
-        )
-        .0,
-        403
-    );
-    assert_eq!(
-        raw_admin(&kbs, "DELETE", "/admin/v0/reference-values/vm", None, "").0,
-        401
-    );
+        ),
+        ("DELETE", "/admin/v0/reference-values/pool/vm", None),
+    ] {
+        let (status, answer) = raw_admin(&kbs, method, route, token, good);
+        assert_eq!(status, 401, "{method} {route}: {answer}");
+        assert!(answer.contains("/AdminAuthAccess"), "{answer}");
+    }
 
-    let token = Some(ADMIN_TOKEN);
-    for (route, body, field) in [
+    let token_text = tenant_token("pool");
+    let token = Some(token_text.as_str());
+    for (route, body, status, kind, field) in [
         (
             route,
             r#"{"data":"a2V5","policy":"allow_simulatd = true"}"#,
+            400,
+            "ParsePolicyError",
             "allow_simulatd",
         ),
-        (route, r#"{"data":"not base64!","policy":""}"#, "data"),
-        (route, r#"{"data":"","policy":""}"#, "data"),
+        (
+            route,
+            r#"{"data":"not base64!","policy":""}"#,
+            400,
+            "SerdeError",
+            "data",
+        ),
+        (
+            route,
+            r#"{"data":"","policy":""}"#,
+            400,
+            "SerdeError",
+            "data",
+        ),
         (
             route,
             r#"{"data":"a2V5","policy":"","reference_values":["nope"]}"#,
+            400,
+            "RvpsError",
             "reference_values[0]",
         ),
         (
             route,
             r#"{"data":"a2V5","policy":"","reference_values":["bad name"]}"#,
+            400,
+            "RvpsError",
             "reference_values[0]",
         ),
         (
             route,
             r#"{"data":"a2V5","policy":"allowed_vmpls = [7]"}"#,
+            400,
+            "ParsePolicyError",
             "allowed_vmpls",
+        ),
+        (
+            route,
+            r#"{"data":"a2V5","policy":"[init_data]\nrequired = true"}"#,
+            400,
+            "ParsePolicyError",
+            "required",
         ),
         (
             route,
@@ -552,36 +597,64 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
                 r#"{{"data":"a2V5","policy":"report_data = \"{}\""}}"#,
                 "00".repeat(64)
             ),
+            400,
+            "ParsePolicyError",
             "report_data",
         ),
-        (route, r#"{"data":"a2V5","policy":"","extra":1}"#, "extra"),
-        (route, r#"{"policy":""}"#, "data"),
-        ("/admin/v0/resources/pool/disk-key", good, "resource path"),
+        (
+            route,
+            r#"{"data":"a2V5","policy":"","extra":1}"#,
+            400,
+            "SerdeError",
+            "extra",
+        ),
+        (route, r#"{"data":"a2V5"}"#, 400, "SerdeError", "policy"),
+        (
+            "/admin/v0/resources/pool/disk-key",
+            good,
+            404,
+            "InvalidRequestPath",
+            "resource path",
+        ),
         (
             "/admin/v0/resources/pool/disk%20key/vm-2",
             good,
+            404,
+            "InvalidRequestPath",
             "resource path",
         ),
-        ("/admin/v0/resources/pool/../vm-2", good, "resource path"),
         (
-            "/admin/v0/reference-values/vm",
+            "/admin/v0/resources/pool/../vm-2",
+            good,
+            404,
+            "InvalidRequestPath",
+            "resource path",
+        ),
+        (
+            "/admin/v0/reference-values/pool/vm",
             r#"{"measurements":["00"]}"#,
+            400,
+            "RvpsError",
             "measurements[0]",
         ),
         (
-            "/admin/v0/reference-values/vm",
+            "/admin/v0/reference-values/pool/vm",
             &format!(r#"{{"measurements":["{}","zz"]}}"#, "11".repeat(48)),
+            400,
+            "RvpsError",
             "measurements[1]",
         ),
         (
-            "/admin/v0/reference-values/vm",
+            "/admin/v0/reference-values/pool/vm",
             r#"{"measurement":[]}"#,
+            400,
+            "RvpsError",
             "measurement",
         ),
     ] {
-        let (status, answer) = raw_admin(&kbs, "PUT", route, token, body);
-        assert_eq!(status, 400, "{route} {body}: {answer}");
-        assert!(answer.contains("InvalidRequest"), "{answer}");
+        let (got, answer) = raw_admin(&kbs, "PUT", route, token, body);
+        assert_eq!(got, status, "{route} {body}: {answer}");
+        assert!(answer.contains(&format!("/{kind}\"")), "{kind}: {answer}");
         assert!(answer.contains(field), "{field:?} not named in {answer}");
     }
     assert_eq!(
@@ -596,7 +669,14 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
         404
     );
     assert_eq!(
-        raw_admin(&kbs, "DELETE", "/admin/v0/reference-values/none", token, "").0,
+        raw_admin(
+            &kbs,
+            "DELETE",
+            "/admin/v0/reference-values/pool/none",
+            token,
+            ""
+        )
+        .0,
         404
     );
 
@@ -607,20 +687,22 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
         &guest_client(&kbs),
         &guest,
         "pool/disk-key/vm-1",
-        KeyAlgorithm::EcdhEsA256kw,
+        KeyAlgorithm::EcdhEsA256kwP256,
     );
     assert_eq!(released.expect("still released"), b"key");
 
     // Deleting the reference values leaves the resource with none: refused.
-    admin.delete_reference_values("vm").expect("deletes");
+    admin
+        .delete_reference_values("pool", "vm")
+        .expect("deletes");
     assert_refused(
         fetch(
             &guest_client(&kbs),
             &guest,
             "pool/disk-key/vm-1",
-            KeyAlgorithm::EcdhEsA256kw,
+            KeyAlgorithm::EcdhEsA256kwP256,
         ),
-        403,
+        401,
         "PolicyDeny",
         &["measurement"],
     );
@@ -630,7 +712,7 @@ fn admin_api_needs_a_valid_token_and_refuses_bad_input_without_change() {
     assert!(admin.list_resources().expect("list").is_empty());
     let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
     assert!(log.contains("\"action\":\"delete_resource\""));
-    assert!(!log.contains(ADMIN_TOKEN) && !log.contains("not-the-token"));
+    assert!(!log.contains(&tenant_token("pool")) && !log.contains("not-the-token"));
 }
 
 #[test]
@@ -638,11 +720,11 @@ fn resource_data_is_encrypted_at_rest() {
     let platform = SimPlatform::new();
     let kbs = development_broker(&platform, "");
     let secret = b"PLAINTEXT-DISK-KEY-7f3a9c1e5b2d8e4f".to_vec();
-    admin_client(&kbs)
+    admin_client(&kbs, "pool")
         .put_resource(
             &path("pool/disk-key/vm-1"),
-            &secret,
-            &simulated_policy(),
+            Some(&secret),
+            &simulated_policy().into(),
             &["vm".into()],
         )
         .expect("resource");
@@ -650,6 +732,9 @@ fn resource_data_is_encrypted_at_rest() {
     let mut found_rows = false;
     for entry in std::fs::read_dir(kbs.state_dir()).expect("state dir") {
         let file = entry.expect("entry").path();
+        if file.is_dir() {
+            continue; // tls/: the broker's certificate and key
+        }
         let bytes = std::fs::read(&file).expect("reads");
         let name = file.display().to_string();
         assert!(
@@ -676,7 +761,7 @@ fn resource_data_is_encrypted_at_rest() {
 fn acknowledged_writes_survive_kill_9_and_the_audit_chain_holds() {
     let platform = SimPlatform::new();
     let mut kbs = development_broker(&platform, "");
-    let admin = admin_client(&kbs);
+    let admin = admin_client(&kbs, "pool");
     let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let writer = {
         let acknowledged = std::sync::Arc::clone(&acknowledged);
@@ -686,8 +771,8 @@ fn acknowledged_writes_survive_kill_9_and_the_audit_chain_holds() {
                 let data = format!("key-{index}");
                 match admin.put_resource(
                     &resource,
-                    data.as_bytes(),
-                    &simulated_policy(),
+                    Some(data.as_bytes()),
+                    &simulated_policy().into(),
                     &["vm".into()],
                 ) {
                     Ok(()) => acknowledged.lock().expect("lock").push(index),
@@ -711,7 +796,7 @@ fn acknowledged_writes_survive_kill_9_and_the_audit_chain_holds() {
     );
 
     kbs.restart();
-    let listed: Vec<String> = admin_client(&kbs)
+    let listed: Vec<String> = admin_client(&kbs, "pool")
         .list_resources()
         .expect("list")
         .into_iter()
@@ -730,7 +815,7 @@ fn acknowledged_writes_survive_kill_9_and_the_audit_chain_holds() {
             &client,
             &guest,
             &format!("pool/disk-key/vm-{index}"),
-            KeyAlgorithm::EcdhEsA256kw,
+            KeyAlgorithm::EcdhEsA256kwP256,
         )
         .expect("released after the restart");
         assert_eq!(released, format!("key-{index}").into_bytes());
@@ -807,6 +892,35 @@ fn refuses_to_start_on_an_unsafe_kek_or_a_bad_config() {
         state.display().to_string()
     );
 
+    // The TLS pair init made: its key is the owner's alone, or no start.
+    let tls_key = state.join("tls/key.pem");
+    assert_eq!(
+        std::fs::metadata(&tls_key)
+            .expect("tls key")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    std::fs::set_permissions(&tls_key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let error = serve(&config);
+    assert!(
+        error.contains("key.pem") && error.contains("0644"),
+        "{error}"
+    );
+    std::fs::set_permissions(&tls_key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    // Plain HTTP is for development only, whatever the flag says.
+    let path = dir.path().join("kbs.toml");
+    std::fs::write(&path, &config).expect("config");
+    let output = std::process::Command::new(hsev_e2e::binary("hsev-kbs"))
+        .args(["serve", "--insecure-http-dev", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("insecure_http_dev"), "{error}");
+
     std::fs::set_permissions(&kek, std::fs::Permissions::from_mode(0o640)).expect("chmod");
     let error = serve(&config);
     assert!(
@@ -827,4 +941,368 @@ fn refuses_to_start_on_an_unsafe_kek_or_a_bad_config() {
     assert!(error.contains("mode"), "{error}");
     let error = serve(&format!("{config}session_ttl_seconds = 0\n"));
     assert!(error.contains("session_ttl_seconds"), "{error}");
+}
+
+/// One admin call with `token`: status and body.
+fn admin_as(kbs: &Kbs, token: &str, method: &str, route: &str, body: &str) -> (u16, String) {
+    raw_admin(kbs, method, route, Some(token), body)
+}
+
+#[test]
+fn each_tenant_token_is_scoped_to_its_repository_a_reader_only_reads_and_the_operator_only_announces(
+) {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    let alice = admin_client(&kbs, "alice");
+    alice
+        .put_resource(
+            &path("alice/disk-key/vm-1"),
+            None,
+            &simulated_policy().into(),
+            &[],
+        )
+        .expect("alice sets her own policy");
+    let bob = tenant_token("bob");
+    let reader = reader_token("alice");
+    let good = r#"{"policy":"allow_simulated = true"}"#;
+    let alice_route = "/admin/v0/resources/alice/disk-key/vm-1";
+    let image = "ab".repeat(32);
+    let announcement = format!(
+        r#"{{"image":"{image}","expected_measurement":"{}"}}"#,
+        hex::encode(MEASUREMENT)
+    );
+    for (who, token, method, route, body, words) in [
+        (
+            "bob",
+            bob.as_str(),
+            "PUT",
+            alice_route,
+            good,
+            vec!["bob", "\\\"alice\\\""],
+        ),
+        (
+            "bob",
+            bob.as_str(),
+            "DELETE",
+            alice_route,
+            "",
+            vec!["scoped to repository"],
+        ),
+        (
+            "bob",
+            bob.as_str(),
+            "PUT",
+            "/admin/v0/reference-values/alice/vm",
+            r#"{"measurements":[]}"#,
+            vec!["scoped to repository"],
+        ),
+        (
+            "bob",
+            bob.as_str(),
+            "PUT",
+            "/admin/v0/announcements/alice/vm-1",
+            &announcement,
+            vec!["scoped to repository"],
+        ),
+        (
+            "operator",
+            KBS_OPERATOR,
+            "PUT",
+            alice_route,
+            good,
+            vec!["operator role", "announce"],
+        ),
+        (
+            "operator",
+            KBS_OPERATOR,
+            "DELETE",
+            alice_route,
+            "",
+            vec!["operator role"],
+        ),
+        (
+            "operator",
+            KBS_OPERATOR,
+            "GET",
+            "/admin/v0/resources",
+            "",
+            vec!["operator role"],
+        ),
+        (
+            "operator",
+            KBS_OPERATOR,
+            "PUT",
+            "/admin/v0/reference-values/alice/vm",
+            r#"{"measurements":[]}"#,
+            vec!["operator role"],
+        ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "PUT",
+            alice_route,
+            good,
+            vec!["reader role", "changes nothing"],
+        ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "DELETE",
+            alice_route,
+            "",
+            vec!["reader role"],
+        ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "PUT",
+            "/admin/v0/reference-values/alice/vm",
+            r#"{"measurements":[]}"#,
+            vec!["reader role"],
+        ),
+        (
+            "alice's reader",
+            reader.as_str(),
+            "PUT",
+            "/admin/v0/announcements/alice/vm-1",
+            &announcement,
+            vec!["reader role"],
+        ),
+    ] {
+        let (status, answer) = admin_as(&kbs, token, method, route, body);
+        assert_eq!(status, 403, "{who} {method} {route}: {answer}");
+        assert!(answer.contains("/AdminAuthAccess\""), "{answer}");
+        for word in words {
+            assert!(answer.contains(word), "{word:?} not in {answer}");
+        }
+    }
+    // The operator's token is no attestation token either: no key.
+    for token in [KBS_OPERATOR, reader.as_str()] {
+        let (status, answer) = raw_resource(&kbs, "alice/disk-key/vm-1", token);
+        assert_eq!(status, 401, "{answer}");
+        assert!(answer.contains("/TokenVerifierError\""), "{answer}");
+    }
+
+    // What each may do: the operator announces, alice reads it, bob sees
+    // nothing of alice's.
+    let (status, answer) = admin_as(
+        &kbs,
+        KBS_OPERATOR,
+        "PUT",
+        "/admin/v0/announcements/alice/vm-1",
+        &announcement,
+    );
+    assert_eq!(status, 204, "{answer}");
+    let seen = alice.announcements().expect("announcements");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].image, image);
+    assert_eq!(seen[0].announced_by, "ops");
+    assert_eq!(
+        seen[0].expected_measurement.as_deref(),
+        Some(hex::encode(MEASUREMENT).as_str())
+    );
+    assert!(admin_client(&kbs, "bob")
+        .announcements()
+        .expect("announcements")
+        .is_empty());
+    assert!(admin_client(&kbs, "bob")
+        .list_resources()
+        .expect("list")
+        .is_empty());
+    let listed = alice.list_resources().expect("list");
+    assert_eq!(listed.len(), 1);
+    let read = reader_client(&kbs, "alice");
+    assert_eq!(read.list_resources().expect("a reader lists"), listed);
+    assert_eq!(read.announcements().expect("a reader reads them"), seen);
+    assert_eq!(
+        listed[0].policy,
+        ReleasePolicy::from(simulated_policy()).to_toml()
+    );
+    assert!(!listed[0].has_data, "no secret until the first release");
+
+    // Every refusal is in the audit log, with the caller's role.
+    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
+    let refusals = log
+        .lines()
+        .filter(|line| line.contains("\"event\":\"refusal\"") && line.contains("AdminAuthAccess"))
+        .count();
+    assert_eq!(refusals, 12, "{log}");
+    assert!(log.contains("\"role\":\"reader\""), "{log}");
+    assert!(log.contains("\"role\":\"operator\""), "{log}");
+    assert!(log.contains("\"action\":\"announce\""), "{log}");
+    assert!(!log.contains(KBS_OPERATOR) && !log.contains(&bob) && !log.contains(&reader));
+    kbs.verify_audit();
+}
+
+/// `GET /kbs/v0/resource/<path>` with `Authorization: Bearer <token>`.
+fn raw_resource(kbs: &Kbs, path: &str, token: &str) -> (u16, String) {
+    let mut response = raw_agent(
+        kbs,
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    )
+    .get(&format!("{}/kbs/v0/resource/{path}", kbs.url()))
+    .header("authorization", &format!("Bearer {token}"))
+    .call()
+    .expect("answers");
+    let status = response.status().as_u16();
+    (
+        status,
+        response.body_mut().read_to_string().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_secret_is_generated_at_the_first_release_once_and_survives_policy_changes() {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    let alice = admin_client(&kbs, "alice");
+    let resource = path("alice/disk-key/vm-1");
+    let pinned = AppraisalPolicy {
+        allowed_measurements: vec![HexBytes(MEASUREMENT)],
+        ..simulated_policy()
+    };
+    alice
+        .put_resource(&resource, None, &pinned.clone().into(), &[])
+        .expect("policy");
+    // A refused guest generates nothing.
+    let other = platform.launch([0x43; 48], GUEST_POLICY, HOST_DATA);
+    assert_refused(
+        fetch(
+            &guest_client(&kbs),
+            &other,
+            "alice/disk-key/vm-1",
+            KeyAlgorithm::EcdhEsA256kwP256,
+        ),
+        401,
+        "PolicyDeny",
+        &["measurement"],
+    );
+    assert!(!alice.list_resources().expect("list")[0].has_data);
+
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    let first = fetch(
+        &guest_client(&kbs),
+        &guest,
+        "alice/disk-key/vm-1",
+        KeyAlgorithm::EcdhEsA256kwP256,
+    )
+    .expect("released");
+    assert_eq!(first.len(), 32);
+    let again = fetch(
+        &guest_client(&kbs),
+        &guest,
+        "alice/disk-key/vm-1",
+        KeyAlgorithm::RsaOaep256,
+    )
+    .expect("released");
+    assert_eq!(again, first, "one secret, not one per release");
+    assert!(alice.list_resources().expect("list")[0].has_data);
+
+    // The tenant changes its policy (say, for a new image): the secret
+    // stays, across a restart too.
+    let updated = AppraisalPolicy {
+        allowed_measurements: vec![HexBytes(MEASUREMENT), HexBytes([0x44; 48])],
+        ..simulated_policy()
+    };
+    alice
+        .put_resource(&resource, None, &updated.into(), &[])
+        .expect("policy");
+    let mut kbs = kbs;
+    kbs.restart();
+    let after = fetch(
+        &guest_client(&kbs),
+        &guest,
+        "alice/disk-key/vm-1",
+        KeyAlgorithm::EcdhEsA256kwP256,
+    )
+    .expect("released");
+    assert_eq!(after, first);
+
+    // The broker's owner reads it offline, once the broker is stopped.
+    let busy = kbs
+        .export("alice/disk-key/vm-1")
+        .expect_err("the broker runs");
+    assert!(busy.contains("owns this state folder"), "{busy}");
+    kbs.kill_9();
+    assert_eq!(kbs.export("alice/disk-key/vm-1").expect("exported"), first);
+    let none = kbs
+        .export("alice/disk-key/none")
+        .expect_err("no such resource");
+    assert!(none.contains("no resource"), "{none}");
+
+    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
+    assert_eq!(log.matches("\"event\":\"generate\"").count(), 1, "{log}");
+    assert_eq!(log.matches("\"event\":\"export\"").count(), 1, "{log}");
+    assert!(
+        !log.contains(&hex::encode(&first)),
+        "the audit log holds no secret"
+    );
+    kbs.verify_audit();
+}
+
+#[test]
+fn the_fingerprint_is_the_key_an_independent_client_pins_and_another_key_is_refused() {
+    let platform = SimPlatform::new();
+    let kbs = development_broker(&platform, "");
+    // curl pins the SubjectPublicKeyInfo's SHA-256, as `--pinnedpubkey`
+    // defines it: the broker's fingerprint is that value.
+    let (status, body) = kbs.curl(&tenant_token("alice"), "GET", "/admin/v0/resources", None);
+    assert_eq!(status, 200, "{body}");
+
+    // A broker of its own on another port stands in: a client pinning the
+    // first refuses it, naming both keys, and sends it nothing.
+    let impostor = Kbs::start_with(KbsMode::Development, &[platform.dir.path()], "");
+    let expected = kbs_support::pin(&kbs).expect("https");
+    let presented = kbs_support::pin(&impostor).expect("https");
+    assert_ne!(expected, presented);
+    let client =
+        KbsClient::new(&impostor.url(), Some(expected), Duration::from_secs(30)).expect("client");
+    match client.auth() {
+        Err(ClientError::WrongBroker(mismatch)) => {
+            assert_eq!(mismatch.expected, expected);
+            assert_eq!(mismatch.presented, presented);
+            let text = mismatch.to_string();
+            assert!(
+                text.contains(&expected.to_string()) && text.contains(&presented.to_string()),
+                "{text}"
+            );
+        }
+        other => panic!("expected a wrong-broker refusal, got {other:?}"),
+    }
+    let log = std::fs::read_to_string(impostor.state_dir().join("audit.jsonl")).unwrap_or_default();
+    assert!(
+        !log.contains("\"event\":\"auth\""),
+        "the impostor got no request: {log}"
+    );
+}
+
+#[test]
+fn plain_http_is_a_development_flag_said_loudly() {
+    let platform = SimPlatform::new();
+    let kbs = Kbs::start_plain_http(&[platform.dir.path()]);
+    assert!(kbs.url().starts_with("http://"), "{}", kbs.url());
+    assert!(kbs.log().contains("PLAIN HTTP"), "{}", kbs.log());
+    let alice = admin_client(&kbs, "alice");
+    alice
+        .put_resource(
+            &path("alice/disk-key/vm-1"),
+            Some(b"key"),
+            &AppraisalPolicy {
+                allowed_measurements: vec![HexBytes(MEASUREMENT)],
+                ..simulated_policy()
+            }
+            .into(),
+            &[],
+        )
+        .expect("policy");
+    let guest = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    let released = fetch(
+        &guest_client(&kbs),
+        &guest,
+        "alice/disk-key/vm-1",
+        KeyAlgorithm::EcdhEsA256kwP256,
+    );
+    assert_eq!(released.expect("released"), b"key");
 }

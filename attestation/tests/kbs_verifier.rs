@@ -5,10 +5,11 @@
 mod support;
 
 use hsev_attestation::certs::RootOrigin;
-use hsev_attestation::kbs::protocol::{Attestation, RuntimeData, TeePubKey};
+use hsev_attestation::kbs::init_data::InitDataDocument;
+use hsev_attestation::kbs::protocol::composite_evidence;
+use hsev_attestation::kbs::release_policy::{InitDataRequirement, ReleasePolicy};
 use hsev_attestation::kbs::server::config::Mode;
-use hsev_attestation::kbs::server::evidence::{primary_evidence, EvidenceError, EvidenceVerifier};
-use hsev_attestation::policy::AppraisalPolicy;
+use hsev_attestation::kbs::server::evidence::{EvidenceError, EvidenceVerifier};
 use hsev_attestation::report::SnpEvidence;
 use hsev_attestation::Product;
 use support::{read, PINNED};
@@ -28,32 +29,22 @@ fn bare(value: &serde_json::Value) -> String {
 fn genoa_evidence_is_released_only_with_its_measurement() {
     let (value, evidence) = genoa();
     let report = &evidence.report;
-    // As the guest sends it: the composite tee-evidence of kbs-types 0.4.0.
-    let attestation = Attestation::new(
-        RuntimeData {
-            nonce: "unused".into(),
-            tee_pubkey: TeePubKey::EC {
-                crv: "P-256".into(),
-                alg: "ECDH-ES+A256KW".into(),
-                x: String::new(),
-                y: String::new(),
-            },
-        },
-        value,
-    );
-    let tee_evidence = attestation.tee_evidence.to_string();
+    // As the guest sends it: the composite tee-evidence, whose primary
+    // evidence the broker hands the verifier as JSON text.
+    let tee_evidence = composite_evidence(value);
     let verifier = EvidenceVerifier::new(Mode::Production, Vec::new());
     let attested = verifier
         .verify(
-            primary_evidence(&tee_evidence).expect("composite"),
+            &tee_evidence.primary_evidence.to_string(),
             &report.report_data,
+            None,
             PINNED,
         )
         .expect("real Genoa evidence is genuine");
     assert_eq!(attested.origin(), RootOrigin::Amd);
     assert_eq!(attested.product(), Product::Genoa);
 
-    let policy = AppraisalPolicy::default();
+    let policy = ReleasePolicy::default();
     verifier
         .appraise_release(&attested, &policy, &[report.measurement], PINNED)
         .expect("released with its measurement as reference value");
@@ -79,7 +70,7 @@ fn genoa_evidence_bound_to_other_runtime_data_is_refused() {
     let verifier = EvidenceVerifier::new(Mode::Production, Vec::new());
     let mut other = evidence.report.report_data;
     other[0] ^= 1;
-    match verifier.verify(&bare(&value), &other, PINNED) {
+    match verifier.verify(&bare(&value), &other, None, PINNED) {
         Err(EvidenceError::Refused(failures)) => {
             let names: Vec<&str> = failures.iter().map(|check| check.name).collect();
             assert_eq!(names, ["report_data"]);
@@ -88,7 +79,7 @@ fn genoa_evidence_bound_to_other_runtime_data_is_refused() {
     }
     // Certificates expire: judged at the moment given, never cached.
     let later = time::macros::datetime!(2040-01-01 00:00 UTC);
-    match verifier.verify(&bare(&value), &evidence.report.report_data, later) {
+    match verifier.verify(&bare(&value), &evidence.report.report_data, None, later) {
         Err(EvidenceError::Refused(failures)) => {
             assert!(failures
                 .iter()
@@ -96,4 +87,49 @@ fn genoa_evidence_bound_to_other_runtime_data_is_refused() {
         }
         other => panic!("expected an expiry refusal, got {other:?}"),
     }
+}
+
+#[test]
+fn init_data_must_be_the_reports_host_data_and_satisfy_the_policy() {
+    let (value, evidence) = genoa();
+    let verifier = EvidenceVerifier::new(Mode::Production, Vec::new());
+    let text =
+        "algorithm = \"sha384\"\nversion = \"0.1.0\"\n[data]\n\"vm.toml\" = \"name = 'vault'\"\n";
+    let document = InitDataDocument::from_toml(text).expect("init-data");
+    // This real report was launched with other host data.
+    match verifier.verify(
+        &bare(&value),
+        &evidence.report.report_data,
+        Some(document),
+        PINNED,
+    ) {
+        Err(EvidenceError::Refused(failures)) => {
+            let names: Vec<&str> = failures.iter().map(|check| check.name).collect();
+            assert_eq!(names, ["init_data"]);
+            assert!(
+                failures[0]
+                    .detail
+                    .contains(&hex::encode(evidence.report.host_data)),
+                "{}",
+                failures[0].detail
+            );
+        }
+        other => panic!("expected an init_data refusal, got {other:?}"),
+    }
+    // Without init-data the evidence attests, but a resource that
+    // requires init-data is refused by name.
+    let attested = verifier
+        .verify(&bare(&value), &evidence.report.report_data, None, PINNED)
+        .expect("attests");
+    let policy = ReleasePolicy {
+        init_data: Some(InitDataRequirement::default()),
+        ..ReleasePolicy::default()
+    };
+    let failures = verifier
+        .appraise_release(&attested, &policy, &[evidence.report.measurement], PINNED)
+        .expect_err("init-data required");
+    assert_eq!(
+        failures.iter().map(|check| check.name).collect::<Vec<_>>(),
+        ["init_data"]
+    );
 }

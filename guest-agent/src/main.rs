@@ -47,7 +47,7 @@ enum Command {
     },
     /// Attest to the key broker, get the data disk's key, unlock the LUKS2
     /// disk whose serial is `hsev-data`, mount it and log the boot on it.
-    /// Settings come from the kernel command line (hsev.kbs=,
+    /// Settings come from the kernel command line (hsev.kbs=, hsev.kbs.pin=,
     /// hsev.kbs.resource=, hsev.kbs.timeout=, hsev.data.mount=); a flag
     /// overrides its option. Exits 3 when the key broker refuses, 1 on any
     /// other failure.
@@ -55,6 +55,9 @@ enum Command {
         /// The key broker's URL (hsev.kbs=).
         #[arg(long, value_name = "URL")]
         kbs: Option<String>,
+        /// The pin of its TLS public key, sha256:<hex> (hsev.kbs.pin=).
+        #[arg(long, value_name = "PIN")]
+        kbs_pin: Option<String>,
         /// The disk key's resource, repository/type/tag (hsev.kbs.resource=).
         #[arg(long, value_name = "PATH")]
         resource: Option<String>,
@@ -117,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Unlock {
             kbs,
+            kbs_pin,
             resource,
             timeout,
             mount,
@@ -126,6 +130,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let flags = UnlockOptions {
                 kbs_url: kbs,
+                pin: kbs_pin,
                 resource,
                 timeout,
                 mount,

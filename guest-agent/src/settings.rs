@@ -10,13 +10,16 @@
 //!
 //! | option | meaning | default |
 //! |---|---|---|
-//! | `hsev.kbs=URL` | the key broker, `http://` or `https://` | none: no unlock |
+//! | `hsev.kbs=URL` | the key broker, `https://` (or `http://` for a development broker) | none: no unlock |
+//! | `hsev.kbs.pin=sha256:HEX` | SHA-256 of the broker's TLS public key (SubjectPublicKeyInfo): the only key the agent trusts | required with `https://`, refused with `http://` |
 //! | `hsev.kbs.resource=REPO/TYPE/TAG` | the disk key's resource | required with `hsev.kbs` |
 //! | `hsev.kbs.timeout=SECONDS` | how long to retry an unreachable broker | 300 |
 //! | `hsev.data.mount=PATH` | where the unlocked disk is mounted | `/mnt/data` |
 
 use std::path::PathBuf;
 use std::time::Duration;
+
+use hsev_attestation::kbs::tls::SpkiPin;
 
 /// Where the unlocked data disk is mounted unless told otherwise.
 pub const DEFAULT_MOUNT: &str = "/mnt/data";
@@ -26,6 +29,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The command line option naming the key broker.
 pub const KBS_OPTION: &str = "hsev.kbs";
+/// The command line option pinning the key broker's public key.
+pub const PIN_OPTION: &str = "hsev.kbs.pin";
 /// The command line option naming the disk key's resource.
 pub const RESOURCE_OPTION: &str = "hsev.kbs.resource";
 /// The command line option bounding the retries, in seconds.
@@ -56,6 +61,8 @@ pub enum SettingsError {
 pub struct UnlockOptions {
     /// `hsev.kbs=`.
     pub kbs_url: Option<String>,
+    /// `hsev.kbs.pin=`.
+    pub pin: Option<String>,
     /// `hsev.kbs.resource=`.
     pub resource: Option<String>,
     /// `hsev.kbs.timeout=`, in seconds.
@@ -69,6 +76,9 @@ pub struct UnlockOptions {
 pub struct UnlockSettings {
     /// The key broker's base URL, without a trailing slash.
     pub kbs_url: String,
+    /// The broker's public key, for an `https://` broker; none for a
+    /// plain-HTTP development broker.
+    pub pin: Option<SpkiPin>,
     /// The disk key's resource path, `repository/type/tag`.
     pub resource: String,
     /// How long an unreachable key broker is retried.
@@ -90,6 +100,7 @@ impl UnlockOptions {
             let value = value.trim_matches('"');
             match name {
                 KBS_OPTION => options.kbs_url = Some(value.to_owned()),
+                PIN_OPTION => options.pin = Some(value.to_owned()),
                 RESOURCE_OPTION => options.resource = Some(value.to_owned()),
                 TIMEOUT_OPTION => options.timeout = Some(parse_timeout(value)?),
                 MOUNT_OPTION => options.mount = Some(PathBuf::from(value)),
@@ -108,6 +119,7 @@ impl UnlockOptions {
     pub fn overridden_by(self, flags: UnlockOptions) -> Self {
         UnlockOptions {
             kbs_url: flags.kbs_url.or(self.kbs_url),
+            pin: flags.pin.or(self.pin),
             resource: flags.resource.or(self.resource),
             timeout: flags.timeout.or(self.timeout),
             mount: flags.mount.or(self.mount),
@@ -122,19 +134,45 @@ impl UnlockOptions {
             value: value.to_owned(),
             problem,
         };
-        let Some(authority) = kbs_url
-            .strip_prefix("http://")
-            .or_else(|| kbs_url.strip_prefix("https://"))
-        else {
-            return Err(invalid(
-                KBS_OPTION,
-                &kbs_url,
-                "must be an http:// or https:// URL",
-            ));
+        let (authority, https) = match (
+            kbs_url.strip_prefix("https://"),
+            kbs_url.strip_prefix("http://"),
+        ) {
+            (Some(authority), _) => (authority, true),
+            (None, Some(authority)) => (authority, false),
+            (None, None) => {
+                return Err(invalid(
+                    KBS_OPTION,
+                    &kbs_url,
+                    "must be an https:// (or, for a development broker, http://) URL",
+                ))
+            }
         };
         if authority.trim_end_matches('/').is_empty() {
             return Err(invalid(KBS_OPTION, &kbs_url, "has no host"));
         }
+        let pin = match (https, self.pin) {
+            (true, None) => {
+                return Err(invalid(
+                    KBS_OPTION,
+                    &kbs_url,
+                    "an https:// broker needs hsev.kbs.pin=sha256:<hex> (the agent trusts no \
+                     certificate authority)",
+                ))
+            }
+            (true, Some(pin)) => Some(
+                pin.parse::<SpkiPin>()
+                    .map_err(|_| invalid(PIN_OPTION, &pin, "must be sha256:<64 hex digits>"))?,
+            ),
+            (false, Some(pin)) => {
+                return Err(invalid(
+                    PIN_OPTION,
+                    &pin,
+                    "a plain http:// broker has no key to pin",
+                ))
+            }
+            (false, None) => None,
+        };
         let resource = self
             .resource
             .ok_or(SettingsError::Missing(RESOURCE_OPTION))?;
@@ -155,6 +193,7 @@ impl UnlockOptions {
         }
         Ok(UnlockSettings {
             kbs_url: kbs_url.trim_end_matches('/').to_owned(),
+            pin,
             resource,
             timeout: self.timeout.unwrap_or(DEFAULT_TIMEOUT),
             mount,
@@ -182,8 +221,12 @@ pub fn parse_timeout(value: &str) -> Result<Duration, SettingsError> {
 mod tests {
     use super::*;
 
+    const PIN: &str = "sha256:0101010101010101010101010101010101010101010101010101010101010101";
+
     const HSEVD: &str = "console=ttyS0 panic=-1 quiet hsev.exit=idle hsev.net=user \
-                         hsev.kbs=http://10.0.2.2:8123 hsev.kbs.resource=hsev/disk-key/vm-1\n";
+                         hsev.kbs=https://10.0.2.2:8123 \
+                         hsev.kbs.pin=sha256:0101010101010101010101010101010101010101010101010101010101010101 \
+                         hsev.kbs.resource=alice/disk-key/vm-1\n";
 
     #[test]
     fn reads_what_hsevd_puts_on_the_command_line() {
@@ -193,8 +236,9 @@ mod tests {
         assert_eq!(
             settings,
             UnlockSettings {
-                kbs_url: "http://10.0.2.2:8123".to_owned(),
-                resource: "hsev/disk-key/vm-1".to_owned(),
+                kbs_url: "https://10.0.2.2:8123".to_owned(),
+                pin: Some(SpkiPin([1; 32])),
+                resource: "alice/disk-key/vm-1".to_owned(),
                 timeout: DEFAULT_TIMEOUT,
                 mount: PathBuf::from("/mnt/data"),
             }
@@ -208,12 +252,13 @@ mod tests {
         assert_eq!(options.timeout, Some(Duration::from_millis(2500)));
         assert_eq!(options.mount, Some(PathBuf::from("/srv/vault")));
         let flags = UnlockOptions {
-            kbs_url: Some("http://127.0.0.1:9/".to_owned()),
+            kbs_url: Some("https://127.0.0.1:9/".to_owned()),
             ..UnlockOptions::default()
         };
         let settings = options.overridden_by(flags).settings().expect("complete");
-        assert_eq!(settings.kbs_url, "http://127.0.0.1:9");
-        assert_eq!(settings.resource, "hsev/disk-key/vm-1");
+        assert_eq!(settings.kbs_url, "https://127.0.0.1:9");
+        assert_eq!(settings.pin, Some(SpkiPin([1; 32])));
+        assert_eq!(settings.resource, "alice/disk-key/vm-1");
         assert_eq!(settings.mount, PathBuf::from("/srv/vault"));
     }
 
@@ -236,6 +281,20 @@ mod tests {
                 .to_string()
         };
         assert!(error("hsev.kbs=http://h hsev.kbs.timeout=soon").starts_with("hsev.kbs.timeout="));
+        // https needs the pin, plain http has none, and a pin is sha256 hex.
+        assert!(error("hsev.kbs=https://h hsev.kbs.resource=a/b/c").contains("hsev.kbs.pin="));
+        assert!(error(&format!(
+            "hsev.kbs=http://h hsev.kbs.pin={PIN} hsev.kbs.resource=a/b/c"
+        ))
+        .starts_with("hsev.kbs.pin="));
+        assert!(
+            error("hsev.kbs=https://h hsev.kbs.pin=sha256:00 hsev.kbs.resource=a/b/c")
+                .contains("sha256:<64 hex")
+        );
+        let plain = UnlockOptions::from_cmdline("hsev.kbs=http://h:1 hsev.kbs.resource=a/b/c")
+            .and_then(UnlockOptions::settings)
+            .expect("a development broker");
+        assert_eq!(plain.pin, None);
         assert!(error("hsev.kbs=http://h hsev.kbs.timeout=0").contains("between 1"));
         assert!(error("hsev.kbs=ftp://h hsev.kbs.resource=a/b/c").starts_with("hsev.kbs="));
         assert!(error("hsev.kbs=http:// hsev.kbs.resource=a/b/c").contains("no host"));

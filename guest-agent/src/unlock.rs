@@ -7,8 +7,12 @@
 //! boot, mounts it, appends to its boot log, and tells the console and the
 //! host ([`StatusPort`]) each step.
 //!
-//! An unreachable key broker is retried with [`Backoff`] until the
-//! deadline; a refusal is final (no retry: the broker said no, and why). The
+//! An `https://` broker is trusted by the pin of its public key from the
+//! measured command line, and by nothing else: a server presenting another
+//! key (a host standing in for the broker) is refused at once, both
+//! fingerprints named, and nothing is sent to it. An unreachable key broker
+//! is retried with [`Backoff`] until the deadline; a refusal is final (no
+//! retry: the broker said no, and why). The
 //! key lives in a [`Zeroizing`] buffer from the client to cryptsetup's
 //! standard input and nowhere else: never in a file, a log line, a status
 //! line or an error.
@@ -19,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use hsev_attestation::agent_status::AgentPhase;
 use hsev_attestation::firmware::guest::GuestReporter;
+use hsev_attestation::kbs::tls::{PinMismatch, SpkiPin};
 use zeroize::Zeroizing;
 
 use crate::backoff::{Backoff, Clock, Retries, SystemClock};
@@ -38,10 +43,15 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The console marker of a refusal: `HSEV-KBS-REFUSED <status> <detail>`.
 pub const REFUSED_MARKER: &str = "HSEV-KBS-REFUSED";
 
+/// The console marker of a broker that is not the pinned one:
+/// `HSEV-KBS-WRONG-BROKER expected=<pin> presented=<pin>`.
+pub const WRONG_BROKER_MARKER: &str = "HSEV-KBS-WRONG-BROKER";
+
 /// The console marker of success: `HSEV-DISK-UNLOCKED <mount> boot=<N>`.
 pub const UNLOCKED_MARKER: &str = "HSEV-DISK-UNLOCKED";
 
-/// The exit status of `hsev-agent unlock` when the key broker refused.
+/// The exit status of `hsev-agent unlock` when the key broker refused, or
+/// the agent refused a broker that is not the pinned one.
 pub const EXIT_REFUSED: i32 = 3;
 
 /// The exit status of `hsev-agent unlock` on any other failure.
@@ -64,6 +74,9 @@ pub enum FetchError {
         /// The broker's reason.
         detail: String,
     },
+    /// The server is not the pinned broker: final.
+    #[error("{0}")]
+    WrongBroker(PinMismatch),
     /// An answer that makes no sense (or evidence that could not be made).
     #[error("{0}")]
     Protocol(String),
@@ -124,6 +137,15 @@ pub enum UnlockError {
         /// The broker's reason, verbatim.
         detail: String,
     },
+    /// The server at the broker's address presented another public key
+    /// than the command line pins: not the tenant's broker.
+    #[error("{url} is not the pinned key broker: {mismatch}; nothing was sent to it")]
+    WrongBroker {
+        /// The broker's URL.
+        url: String,
+        /// The pin held and the key presented.
+        mismatch: PinMismatch,
+    },
     /// The key broker stayed unreachable until the deadline.
     #[error(
         "the key broker {url} stayed unreachable for {waited:.0?} ({attempts} attempts): {last}"
@@ -175,7 +197,7 @@ impl UnlockError {
     /// The phase the host is told.
     pub fn phase(&self) -> AgentPhase {
         match self {
-            UnlockError::Refused { .. } => AgentPhase::Refused,
+            UnlockError::Refused { .. } | UnlockError::WrongBroker { .. } => AgentPhase::Refused,
             _ => AgentPhase::Failed,
         }
     }
@@ -192,7 +214,7 @@ impl UnlockError {
     /// The exit status of `hsev-agent unlock`.
     pub fn exit_code(&self) -> i32 {
         match self {
-            UnlockError::Refused { .. } => EXIT_REFUSED,
+            UnlockError::Refused { .. } | UnlockError::WrongBroker { .. } => EXIT_REFUSED,
             _ => EXIT_FAILED,
         }
     }
@@ -238,6 +260,12 @@ pub fn fetch_key<C: Clock>(
                     detail,
                 })
             }
+            Err(FetchError::WrongBroker(mismatch)) => {
+                return Err(UnlockError::WrongBroker {
+                    url: url.to_owned(),
+                    mismatch,
+                })
+            }
             Err(FetchError::Protocol(reason)) => return Err(UnlockError::Protocol(reason)),
             Err(FetchError::Unreachable(reason)) => {
                 let Some(wait) = retries.next_wait() else {
@@ -269,12 +297,13 @@ pub struct KbsBroker {
 }
 
 impl KbsBroker {
-    /// The broker at `url`, for `resource`.
-    pub fn new(url: &str, resource: &str) -> Result<Self, UnlockError> {
+    /// The broker at `url`, pinned by `pin` (none: a plain-HTTP
+    /// development broker), for `resource`.
+    pub fn new(url: &str, pin: Option<SpkiPin>, resource: &str) -> Result<Self, UnlockError> {
         let resource = resource
             .parse()
             .map_err(|error| UnlockError::Settings(format!("hsev.kbs.resource: {error}")))?;
-        let client = hsev_attestation::kbs::client::KbsClient::new(url, REQUEST_TIMEOUT)
+        let client = hsev_attestation::kbs::client::KbsClient::new(url, pin, REQUEST_TIMEOUT)
             .map_err(|error| UnlockError::Settings(format!("hsev.kbs={url}: {error}")))?;
         Ok(KbsBroker { client, resource })
     }
@@ -288,7 +317,7 @@ impl KeyBroker for KbsBroker {
         use hsev_attestation::kbs::client::ClientError;
         use hsev_attestation::kbs::jwe::KeyAlgorithm;
         self.client
-            .fetch_resource(&self.resource, KeyAlgorithm::EcdhEsA256kw, evidence)
+            .fetch_resource(&self.resource, KeyAlgorithm::EcdhEsA256kwP256, evidence)
             .map_err(|error| match error {
                 ClientError::Unreachable(reason) => FetchError::Unreachable(reason),
                 ClientError::Refused {
@@ -300,6 +329,7 @@ impl KeyBroker for KbsBroker {
                     error_type,
                     detail,
                 },
+                ClientError::WrongBroker(mismatch) => FetchError::WrongBroker(mismatch),
                 ClientError::Protocol(reason) => FetchError::Protocol(reason),
             })
     }
@@ -332,8 +362,17 @@ pub fn run(
             );
         }
         Err(error) => {
-            if let UnlockError::Refused { status, detail, .. } = error {
-                println!("{REFUSED_MARKER} {status} {}", one_line(detail));
+            match error {
+                UnlockError::Refused { status, detail, .. } => {
+                    println!("{REFUSED_MARKER} {status} {}", one_line(detail));
+                }
+                UnlockError::WrongBroker { mismatch, .. } => {
+                    println!(
+                        "{WRONG_BROKER_MARKER} expected={} presented={}",
+                        mismatch.expected, mismatch.presented
+                    );
+                }
+                _ => {}
             }
             say(&format!(
                 "no disk unlocked: {}",
@@ -364,7 +403,16 @@ fn unlock(
     ));
     let (chosen, mut reporter) = open_chosen_reporter(device, tsm_root)?;
     say(&format!("evidence from {}", chosen.describe()));
-    let mut broker = KbsBroker::new(&settings.kbs_url, &settings.resource)?;
+    match settings.pin {
+        Some(pin) => say(&format!(
+            "the key broker is trusted by its public key {pin} alone (hsev.kbs.pin)"
+        )),
+        None => say(
+            "WARNING: plain-HTTP key broker (development only): nothing proves that it is the \
+             tenant's, and the host could stand in for it",
+        ),
+    }
+    let mut broker = KbsBroker::new(&settings.kbs_url, settings.pin, &settings.resource)?;
 
     status.report(AgentPhase::Attesting, "");
     say(&format!(
@@ -670,6 +718,119 @@ mod tests {
         );
         assert_eq!(run.slept.iter().sum::<Duration>(), Duration::from_secs(20));
         assert_eq!(run.statuses.len(), 1, "one status for one reason");
+    }
+
+    #[test]
+    fn a_broker_that_is_not_the_pinned_one_is_refused_at_once_naming_both_keys() {
+        let mismatch = PinMismatch {
+            expected: SpkiPin([1; 32]),
+            presented: SpkiPin([2; 32]),
+        };
+        let run = play(
+            vec![
+                Err(FetchError::WrongBroker(mismatch.clone())),
+                Ok(vec![1; 32]),
+            ],
+            Duration::from_secs(300),
+        );
+        let error = run.result.expect_err("refused");
+        assert_eq!(error.phase(), AgentPhase::Refused);
+        assert_eq!(error.exit_code(), EXIT_REFUSED);
+        let detail = error.detail();
+        assert!(
+            detail.contains(&mismatch.expected.to_string())
+                && detail.contains(&mismatch.presented.to_string()),
+            "{detail}"
+        );
+        assert!(run.slept.is_empty(), "no retry");
+        assert_eq!(run.broker.answers.len(), 1, "never asked again");
+    }
+
+    /// The real client against a real TLS server with another key: the
+    /// flow ends with the wrong-broker refusal, evidence never asked for.
+    #[test]
+    fn the_real_client_refuses_a_tls_server_with_another_key() {
+        let server = tls_server_with_fresh_key();
+        let pinned = SpkiPin([9; 32]);
+        let mut broker =
+            KbsBroker::new(&server, Some(pinned), "alice/disk-key/vm-1").expect("broker");
+        let mut asked = false;
+        let result = broker.fetch_key(&mut |_| {
+            asked = true;
+            Err("not asked".to_owned())
+        });
+        match result {
+            Err(FetchError::WrongBroker(mismatch)) => {
+                assert_eq!(mismatch.expected, pinned);
+                assert_ne!(mismatch.presented, pinned);
+            }
+            other => panic!("expected a wrong-broker refusal, got {other:?}"),
+        }
+        assert!(!asked, "no evidence for an impostor");
+    }
+
+    /// `https://127.0.0.1:PORT` of a TLS 1.3 server (a fresh P-256 key)
+    /// that accepts connections in a thread.
+    fn tls_server_with_fresh_key() -> String {
+        let output = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=impostor",
+                "-keyout",
+                "/dev/stdout",
+                "-out",
+                "/dev/stdout",
+            ])
+            .output()
+            .expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let pem = output.stdout;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pair.pem");
+        std::fs::write(&path, &pem).expect("written");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+        let port = listener.local_addr().expect("address").port();
+        drop(listener);
+        let mut server = Command::new("openssl")
+            .args(["s_server", "-quiet", "-tls1_3", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(&path)
+            .arg("-key")
+            .arg(&path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server starts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "s_server did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::spawn(move || {
+            let _dir = dir;
+            std::thread::sleep(Duration::from_secs(30));
+            let _ = server.kill();
+            let _ = server.wait();
+        });
+        format!("https://127.0.0.1:{port}")
     }
 
     #[test]

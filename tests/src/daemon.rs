@@ -125,21 +125,18 @@ impl Daemon {
         Self::start_in(driver, dir, extra, sim_dir.as_deref())
     }
 
-    /// Starts a daemon that registers encrypted disks' keys at `kbs` and
-    /// launches through the simulated Secure Processor `kbs` knows.
-    pub fn with_key_broker(extra: &str, kbs: &Kbs) -> Daemon {
-        Self::with_key_broker_on(Driver::Qemu, extra, kbs)
+    /// Starts a daemon that launches through the simulated Secure Processor
+    /// whose roots the tenant's broker `kbs` trusts (a development pool's
+    /// operator hands its roots to its tenants). hsevd itself never talks
+    /// to the broker: its guests do, and the tenant does.
+    pub fn on_platform_trusted_by(extra: &str, kbs: &Kbs) -> Daemon {
+        Self::on_platform_trusted_by_on(Driver::Qemu, extra, kbs)
     }
 
-    /// [`Daemon::with_key_broker`] on `driver`.
-    pub fn with_key_broker_on(driver: Driver, extra: &str, kbs: &Kbs) -> Daemon {
+    /// [`Daemon::on_platform_trusted_by`] on `driver`.
+    pub fn on_platform_trusted_by_on(driver: Driver, extra: &str, kbs: &Kbs) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
-        let extra = format!(
-            "{extra}\n[key_broker]\nurl = \"{}\"\nadmin_token_file = \"{}\"\n",
-            kbs.url(),
-            kbs.admin_token_file().display()
-        );
-        Self::start_in(driver, dir, &extra, Some(&kbs.sim_dir()))
+        Self::start_in(driver, dir, extra, Some(&kbs.sim_dir()))
     }
 
     fn start_in(

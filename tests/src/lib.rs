@@ -11,7 +11,9 @@ pub mod firmware_blob;
 pub mod kbs;
 pub mod libvirt;
 pub mod netns;
+pub mod opensvc;
 pub mod pool;
+pub mod slapos;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

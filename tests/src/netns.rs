@@ -8,15 +8,17 @@ use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Where allocated networks are recorded, so that tests running at once
-/// (and leftovers of a killed run) never share one.
+/// Where each allocated network's lock file is, so that tests running at
+/// once never share a network, and a killed run's leftovers are cleaned up
+/// by the next holder.
 const LOCKS: &str = "/run/hsev-test-nets";
 
 /// A test network.
 #[derive(Debug)]
 pub struct TestNet {
     net: u8,
-    lock: PathBuf,
+    /// Held for the network's life.
+    _lock: std::fs::File,
     hosts: Vec<NetHost>,
 }
 
@@ -51,41 +53,55 @@ fn must(args: &[&str]) {
     ip(args).unwrap_or_else(|error| panic!("{error}"));
 }
 
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
 impl TestNet {
     /// A new network with its bridge.
     pub fn new() -> TestNet {
         std::fs::create_dir_all(LOCKS).expect("the lock folder");
         for net in 1..=250u8 {
-            let lock = PathBuf::from(LOCKS).join(format!("{net}.lock"));
-            // A lock left by a test that is gone is cleaned up first.
-            if let Ok(owner) = std::fs::read_to_string(&lock) {
-                if owner.trim().parse().is_ok_and(pid_alive) {
-                    continue;
-                }
-                Self::remove_net(net);
-                let _ = std::fs::remove_file(&lock);
-            }
-            let Ok(mut file) = OpenOptions::new().write(true).create_new(true).open(&lock) else {
+            // The network is ours while we hold the lock on its file; the
+            // lock goes with its holder, however it ends. Lock files stay:
+            // a file removed while locked would let two holders in.
+            let path = PathBuf::from(LOCKS).join(format!("{net}.lock"));
+            let Ok(lock) = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+            else {
                 continue;
             };
+            if lock.try_lock().is_err() || Self::held_by_another(&path) {
+                continue;
+            }
+            // The holder's pid, for whoever looks at the folder.
             use std::io::Write;
-            let _ = write!(file, "{}", std::process::id());
-            let bridge = Self::bridge_name(net);
+            if lock.set_len(0).is_err() || write!(&lock, "{}", std::process::id()).is_err() {
+                continue;
+            }
+            // Whatever a holder that died left on it goes first.
             Self::remove_net(net);
+            let bridge = Self::bridge_name(net);
             must(&["link", "add", &bridge, "type", "bridge"]);
             must(&["addr", "add", &format!("10.77.{net}.1/24"), "dev", &bridge]);
             must(&["link", "set", &bridge, "up"]);
             return TestNet {
                 net,
-                lock,
+                _lock: lock,
                 hosts: Vec::new(),
             };
         }
         panic!("no free test network in 10.77.1-250.0/24");
+    }
+
+    /// Whether the pid the lock file names is another live process: a
+    /// holder from a harness that recorded its pid without locking.
+    fn held_by_another(path: &std::path::Path) -> bool {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .is_some_and(|pid| {
+                pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists()
+            })
     }
 
     fn bridge_name(net: u8) -> String {
@@ -172,7 +188,6 @@ impl Default for TestNet {
 impl Drop for TestNet {
     fn drop(&mut self) {
         Self::remove_net(self.net);
-        let _ = std::fs::remove_file(&self.lock);
     }
 }
 

@@ -176,6 +176,13 @@ impl Pool {
         daemon
     }
 
+    /// The address of the machine's root namespace on the pool's network:
+    /// what runs there (a key broker) is reachable from every host and
+    /// from the guests' user networks.
+    pub fn gateway(&self) -> String {
+        self.net.gateway()
+    }
+
     /// The coordinator.
     pub fn coordinator(&self) -> &Daemon {
         &self.hosts[0]

@@ -1,43 +1,63 @@
-//! Attested disk-key release end to end: the real `hsev-kbs`, the real
-//! `hsevd`, real QEMU guests (TCG) under the simulated Secure Processor
-//! running the real `hsev-agent` from the image `make image` built.
+//! Encrypted disks whose key only the tenant's broker and the attested
+//! guest hold, end to end: the tenant's real `hsev-kbs` over HTTPS, the
+//! real `hsevd`, real QEMU guests (TCG) under the simulated Secure
+//! Processor running the real `hsev-agent` from the image `make image`
+//! built.
 //!
-//! Each test plays one story: the key is released to the expected launch
-//! and to nothing else; a host that tampers with what the guest boots gets a
-//! refusal; a key broker that dies mid-way loses nothing. The unlock and the
-//! tamper refusal are part of the driver conformance suite: they run on the
-//! QEMU and the libvirt driver (the `qemu` and `libvirt` modules at the end).
+//! The flow under test: the tenant creates its VM with its broker's URL,
+//! pin and repository (measured on the kernel command line); it pins the
+//! release policy from its own machine (`hsev kbs policy set`, the
+//! measurement computed from its own copy of the image); hsevd makes the
+//! disk empty; at the first boot the broker generates the key and releases
+//! it to the attested guest, which formats the disk itself; later boots only
+//! open it. A host that tampers with what the guest boots gets a refusal; a
+//! broker that dies mid-way loses nothing. The unlock and the tamper refusal
+//! are part of the driver conformance suite: they run on the QEMU and the
+//! libvirt driver (the `qemu` and `libvirt` modules at the end).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{Daemon, Driver, ADMIN, ALICE};
+use hsev_e2e::daemon::{image_dir, Daemon, Driver, ADMIN, ALICE};
 use hsev_e2e::kbs::{Kbs, KbsMode};
 
 /// How long a guest may take from start to its agent's verdict (OVMF and
 /// the kernel under TCG, then the agent).
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// What the agent says when it formats the empty disk (first boot only).
+const FORMATS: &str = "formatting it as LUKS2 with the released key";
+
+/// The agent's verdicts on the console.
+const VERDICTS: [&str; 3] = [
+    "HSEV-DISK-UNLOCKED",
+    "HSEV-KBS-REFUSED",
+    "HSEV-KBS-WRONG-BROKER",
+];
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A key broker in `mode` and an hsevd that registers keys there, with the
-/// image imported.
-fn pool(mode: KbsMode, extra: &str) -> (Kbs, Daemon) {
-    pool_on(Driver::Qemu, mode, extra)
+fn path(path: &Path) -> &str {
+    path.to_str().expect("utf-8")
 }
 
-/// [`pool`] with its hsevd on `driver`.
+/// The tenant's key broker (HTTPS) in `mode` and an hsevd on `driver`
+/// whose simulated Secure Processor the broker trusts, image imported.
 fn pool_on(driver: Driver, mode: KbsMode, extra: &str) -> (Kbs, Daemon) {
     let kbs = Kbs::start(mode);
-    let daemon = Daemon::with_key_broker_on(driver, extra, &kbs);
+    let daemon = Daemon::on_platform_trusted_by_on(driver, extra, &kbs);
     daemon.import_image();
     (kbs, daemon)
 }
 
-fn create_encrypted(daemon: &Daemon, name: &str, extra: &[&str]) -> serde_json::Value {
+/// Alice's sev-snp VM `name` with a 32 MiB encrypted disk whose key lives
+/// at her broker `kbs` (repository `alice`).
+fn create_encrypted(daemon: &Daemon, kbs: &Kbs, name: &str, extra: &[&str]) -> serde_json::Value {
+    let guest_url = kbs.guest_url();
+    let pin = kbs.pin();
     let mut args = vec![
         "vm",
         "create",
@@ -52,9 +72,77 @@ fn create_encrypted(daemon: &Daemon, name: &str, extra: &[&str]) -> serde_json::
         "sev-snp",
         "--encrypted-disk",
         "32",
+        "--key-broker",
+        &guest_url,
+        "--key-broker-pin",
+        &pin,
+        "--key-broker-repository",
+        "alice",
     ];
     args.extend_from_slice(extra);
     daemon.json(ALICE, args)
+}
+
+/// Who runs `hsev kbs policy set`, against which broker.
+struct PolicyCall<'a> {
+    /// hsevd's token of the caller.
+    caller: &'a str,
+    broker_url: String,
+    broker_pin: String,
+    token_file: PathBuf,
+    repository: &'a str,
+}
+
+impl<'a> PolicyCall<'a> {
+    /// Alice, at her broker `kbs`, for her repository.
+    fn alice(kbs: &Kbs) -> PolicyCall<'a> {
+        PolicyCall {
+            caller: ALICE,
+            broker_url: kbs.url(),
+            broker_pin: kbs.pin(),
+            token_file: kbs.tenant_token_file("alice"),
+            repository: "alice",
+        }
+    }
+
+    /// `hsev kbs policy set` for `vm`, from the caller's machine.
+    fn run(&self, daemon: &Daemon, vm: &str) -> Output {
+        let manifest = image_dir().join("manifest.json");
+        daemon.hsev(
+            self.caller,
+            [
+                "kbs",
+                "policy",
+                "set",
+                "--broker",
+                &self.broker_url,
+                "--broker-pin",
+                &self.broker_pin,
+                "--broker-token-file",
+                path(&self.token_file),
+                "--repository",
+                self.repository,
+                "--vm",
+                vm,
+                "--image-manifest",
+                path(&manifest),
+                "--allow-simulated",
+            ],
+        )
+    }
+}
+
+/// Alice's `hsev kbs policy set`, which must succeed; answers what it
+/// printed.
+fn pin_policy(daemon: &Daemon, kbs: &Kbs, vm: &str) -> String {
+    let output = PolicyCall::alice(kbs).run(daemon, vm);
+    assert!(
+        output.status.success(),
+        "hsev kbs policy set: {}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
 }
 
 fn console(daemon: &Daemon, vm: &str) -> String {
@@ -99,7 +187,7 @@ fn wait_for_attestation(daemon: &Daemon, vm: &str, state: &str) -> serde_json::V
     }
 }
 
-/// The imported image's file of `role` in hsevd's image store.
+/// The imported image's file `name` in hsevd's image store.
 fn image_file(daemon: &Daemon, name: &str) -> PathBuf {
     let images = daemon.state_dir().join("images");
     let found: Vec<PathBuf> = walk(&images)
@@ -121,6 +209,17 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+/// The encrypted disk's file in the VM's run folder.
+fn encrypted_disk(daemon: &Daemon, vm_id: &str) -> PathBuf {
+    let disk = daemon
+        .state_dir()
+        .join("vms")
+        .join(vm_id)
+        .join("disk-hsev-data.raw");
+    assert!(disk.is_file(), "{} is missing", disk.display());
+    disk
 }
 
 /// Appends `bytes` to `path`, as a host that changes what a guest boots.
@@ -148,40 +247,61 @@ fn cpio_with_one_file() -> Vec<u8> {
     output.stdout
 }
 
-fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot(driver: Driver) {
+fn the_guest_formats_its_empty_disk_at_first_boot_and_its_data_survives_a_reboot(driver: Driver) {
     let (kbs, daemon) = pool_on(driver, KbsMode::Development, "");
-    let vm = create_encrypted(&daemon, "vault", &["--start"]);
-    assert_eq!(vm["attestation"]["state"], "pending", "{vm}");
+    let vm = create_encrypted(&daemon, &kbs, "vault", &[]);
+    let id = vm["id"].as_str().expect("id");
     let resource = vm["spec"]["key_resource"].as_str().expect("resource");
-    assert_eq!(
-        resource,
-        format!("hsev/disk-key/{}", vm["id"].as_str().expect("id"))
+    assert_eq!(resource, format!("alice/disk-key/{id}"));
+    assert_eq!(vm["attestation"]["state"], "pending", "{vm}");
+    // hsevd made the disk empty: nothing to read, no key anywhere yet.
+    let disk = encrypted_disk(&daemon, id);
+    assert!(
+        std::fs::read(&disk)
+            .expect("disk")
+            .iter()
+            .all(|&byte| byte == 0),
+        "the host creates the disk empty"
     );
 
-    let first = wait_for(
-        &daemon,
-        "vault",
-        &["HSEV-DISK-UNLOCKED", "HSEV-KBS-REFUSED"],
-        1,
+    // The tenant pins its policy; the measurement computed from its own copy
+    // of the image is the host's figure too.
+    let pinned = pin_policy(&daemon, &kbs, "vault");
+    assert!(pinned.contains("EQUAL"), "{pinned}");
+    assert!(
+        pinned.contains("generated by the broker at the first release"),
+        "{pinned}"
     );
+    let listed = kbs.resources("alice");
+    assert!(listed.contains(resource), "{listed}");
+    assert!(listed.contains("\"has_data\":false"), "{listed}");
+
+    let started = daemon.json(ALICE, ["vm", "start", "vault"]);
+    assert_eq!(started["state"], "running", "{started}");
+    let first = wait_for(&daemon, "vault", &VERDICTS, 1);
     assert!(
         first.contains("HSEV-DISK-UNLOCKED /mnt/data boot=1"),
         "{first}"
     );
+    assert_eq!(first.matches(FORMATS).count(), 1, "formatted once: {first}");
     let shown = wait_for_attestation(&daemon, "vault", "released");
     assert_eq!(shown["measurements_equal"], true, "{shown}");
+    assert!(
+        kbs.resources("alice").contains("\"has_data\":true"),
+        "the broker generated the key at the first release"
+    );
 
     let rebooted = daemon.json(ALICE, ["vm", "reboot", "vault"]);
     assert_eq!(rebooted["state"], "running", "{rebooted}");
-    let second = wait_for(
-        &daemon,
-        "vault",
-        &["HSEV-DISK-UNLOCKED", "HSEV-KBS-REFUSED"],
-        2,
-    );
+    let second = wait_for(&daemon, "vault", &VERDICTS, 2);
     assert!(
         second.contains("HSEV-DISK-UNLOCKED /mnt/data boot=2"),
         "the second boot finds the first boot's log: {second}"
+    );
+    assert_eq!(
+        second.matches(FORMATS).count(),
+        1,
+        "the second boot only opens the disk: {second}"
     );
     wait_for_attestation(&daemon, "vault", "released");
 
@@ -189,13 +309,6 @@ fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot(driver: Dr
     // in the file, and no key the host could guess opens it.
     let stopped = daemon.json(ALICE, ["vm", "stop", "vault", "--force"]);
     assert_eq!(stopped["state"], "stopped");
-    let disk = walk(&daemon.state_dir().join("vms"))
-        .into_iter()
-        .find(|path| {
-            path.extension()
-                .is_some_and(|extension| extension == "luks")
-        })
-        .expect("the encrypted disk");
     let bytes = std::fs::read(&disk).expect("disk");
     assert!(bytes.starts_with(b"LUKS\xba\xbe"), "a LUKS header");
     let measurement = shown["expected_measurement"].as_str().expect("hex");
@@ -220,17 +333,40 @@ fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot(driver: Dr
         .expect("cryptsetup runs");
     assert!(!wrong_key.status.success(), "an empty key opens nothing");
 
-    // Deleting the VM revokes the key at the key broker.
+    // Deleting the VM is the host's business; revoking the key is the
+    // tenant's, at its own broker.
     let deleted = daemon.hsev(ALICE, ["vm", "delete", "vault", "--yes"]);
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
-    let listed = kbs.resources();
+    let url = kbs.url();
+    let pin = kbs.pin();
+    let token = kbs.tenant_token_file("alice");
+    let revoked = daemon.hsev(
+        ALICE,
+        [
+            "kbs",
+            "policy",
+            "delete",
+            "--broker",
+            &url,
+            "--broker-pin",
+            &pin,
+            "--broker-token-file",
+            path(&token),
+            "--resource",
+            resource,
+        ],
+    );
+    assert!(revoked.status.success(), "{}", text(&revoked.stderr));
+    let listed = kbs.resources("alice");
     assert!(!listed.contains(resource), "revoked: {listed}");
     kbs.verify_audit();
 }
 
 fn a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key(driver: Driver) {
     let (kbs, daemon) = pool_on(driver, KbsMode::Development, "");
-    create_encrypted(&daemon, "vault", &[]);
+    let vm = create_encrypted(&daemon, &kbs, "vault", &[]);
+    let id = vm["id"].as_str().expect("id");
+    pin_policy(&daemon, &kbs, "vault");
     let kernel = image_file(&daemon, "vmlinuz");
     let initrd = image_file(&daemon, "initrd.img");
     let pristine_kernel = std::fs::read(&kernel).expect("kernel");
@@ -245,12 +381,7 @@ fn a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key(driver: Dri
             "{what}: the launch measured something else"
         );
         boots += 1;
-        let console = wait_for(
-            &daemon,
-            "vault",
-            &["HSEV-DISK-UNLOCKED", "HSEV-KBS-REFUSED"],
-            boots,
-        );
+        let console = wait_for(&daemon, "vault", &VERDICTS, boots);
         assert!(
             !console.contains("HSEV-DISK-UNLOCKED"),
             "{what}: the disk was unlocked:\n{console}"
@@ -275,14 +406,26 @@ fn a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key(driver: Dri
     // hsevd's back, as a rogue operator could.
     daemon.edit_store("UPDATE image SET cmdline = cmdline || ' hsev.exit=shell'");
     refuse("command line");
+
+    // No key was ever released: the disk is as hsevd made it, empty.
+    let disk = std::fs::read(encrypted_disk(&daemon, id)).expect("disk");
+    assert!(disk.iter().all(|&byte| byte == 0), "never formatted");
+    assert!(kbs.resources("alice").contains("\"has_data\":false"));
     kbs.verify_audit();
 }
 
 #[test]
 fn a_debug_policy_or_a_production_key_broker_refuses_the_key() {
-    let (_kbs, daemon) = pool(KbsMode::Development, "allow_debug_policy = true");
+    let (kbs, daemon) = pool_on(
+        Driver::Qemu,
+        KbsMode::Development,
+        "allow_debug_policy = true",
+    );
     // Debug allowed by the guest policy: the host could read the guest.
-    create_encrypted(&daemon, "debuggable", &["--policy", "0xb0000", "--start"]);
+    create_encrypted(&daemon, &kbs, "debuggable", &["--policy", "0xb0000"]);
+    pin_policy(&daemon, &kbs, "debuggable");
+    let started = daemon.json(ALICE, ["vm", "start", "debuggable"]);
+    assert_eq!(started["state"], "running", "{started}");
     wait_for(&daemon, "debuggable", &["HSEV-KBS-REFUSED"], 1);
     let shown = wait_for_attestation(&daemon, "debuggable", "refused");
     let reason = shown["attestation"]["reason"].as_str().expect("reason");
@@ -290,8 +433,11 @@ fn a_debug_policy_or_a_production_key_broker_refuses_the_key() {
 
     // A key broker in production mode never trusts the simulated Secure
     // Processor, whatever the resource's policy says.
-    let (_kbs, daemon) = pool(KbsMode::Production, "");
-    create_encrypted(&daemon, "simulated", &["--start"]);
+    let (kbs, daemon) = pool_on(Driver::Qemu, KbsMode::Production, "");
+    create_encrypted(&daemon, &kbs, "simulated", &[]);
+    pin_policy(&daemon, &kbs, "simulated");
+    let started = daemon.json(ALICE, ["vm", "start", "simulated"]);
+    assert_eq!(started["state"], "running", "{started}");
     wait_for(&daemon, "simulated", &["HSEV-KBS-REFUSED"], 1);
     let shown = wait_for_attestation(&daemon, "simulated", "refused");
     let reason = shown["attestation"]["reason"].as_str().expect("reason");
@@ -300,21 +446,17 @@ fn a_debug_policy_or_a_production_key_broker_refuses_the_key() {
 
 #[test]
 fn a_key_broker_killed_mid_way_loses_nothing_and_the_guest_recovers() {
-    let (mut kbs, daemon) = pool(KbsMode::Development, "");
-    create_encrypted(&daemon, "vault", &[]);
-    // The key is registered; the broker dies before the guest asks.
+    let (mut kbs, daemon) = pool_on(Driver::Qemu, KbsMode::Development, "");
+    create_encrypted(&daemon, &kbs, "vault", &[]);
+    pin_policy(&daemon, &kbs, "vault");
+    // The policy is pinned; the broker dies before the guest asks.
     kbs.kill_9();
     let started = daemon.json(ADMIN, ["vm", "start", "vault"]);
     assert_eq!(started["state"], "running");
     let console = wait_for(&daemon, "vault", &["unreachable"], 1);
     assert!(!console.contains("HSEV-DISK-UNLOCKED"), "{console}");
     kbs.restart();
-    let console = wait_for(
-        &daemon,
-        "vault",
-        &["HSEV-DISK-UNLOCKED", "HSEV-KBS-REFUSED"],
-        1,
-    );
+    let console = wait_for(&daemon, "vault", &VERDICTS, 1);
     assert!(
         console.contains("HSEV-DISK-UNLOCKED /mnt/data boot=1"),
         "{console}"
@@ -324,54 +466,70 @@ fn a_key_broker_killed_mid_way_loses_nothing_and_the_guest_recovers() {
 }
 
 #[test]
-fn without_its_key_broker_hsevd_neither_creates_nor_deletes_encrypted_disks() {
-    let (mut kbs, daemon) = pool(KbsMode::Development, "");
-    create_encrypted(&daemon, "kept", &[]);
-    kbs.kill_9();
-
-    // No key broker, no encrypted disk: nothing is left behind.
-    let mut args = vec![
-        "vm", "create", "orphan", "--image", "debian", "--vcpus", "1",
-    ];
-    args.extend([
-        "--memory",
-        "512",
-        "--mode",
-        "sev-snp",
-        "--encrypted-disk",
-        "16",
-    ]);
-    let refused = daemon.hsev(ALICE, &args);
-    assert!(!refused.status.success());
-    let error = text(&refused.stderr);
+fn the_tenant_pins_only_a_vm_whose_guest_names_its_own_broker() {
+    let (kbs, daemon) = pool_on(Driver::Fake, KbsMode::Development, "");
+    create_encrypted(&daemon, &kbs, "vault", &[]);
+    // Another tenant's repository, or a broker with another key: the
+    // measurement would pin what the host chose, so nothing is pinned.
+    let refused = PolicyCall {
+        repository: "bob",
+        ..PolicyCall::alice(&kbs)
+    }
+    .run(&daemon, "vault");
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stdout));
     assert!(
-        error.contains("key broker") && error.contains("unreachable"),
-        "{error}"
-    );
-    let listed = daemon.json(ALICE, ["vm", "list"]);
-    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
-    assert_eq!(
-        std::fs::read_dir(daemon.state_dir().join("vms"))
-            .expect("vms")
-            .count(),
-        1,
-        "only the first VM's folder"
-    );
-
-    // A key that cannot be revoked keeps its VM.
-    let kept = daemon.hsev(ALICE, ["vm", "delete", "kept", "--yes"]);
-    assert!(!kept.status.success());
-    assert!(
-        text(&kept.stderr).contains("revoke"),
+        text(&refused.stderr).contains("repository \"alice\""),
         "{}",
-        text(&kept.stderr)
+        text(&refused.stderr)
     );
-    assert_eq!(daemon.json(ALICE, ["vm", "show", "kept"])["name"], "kept");
+    let impostor = Kbs::start(KbsMode::Development);
+    let refused = PolicyCall {
+        broker_url: impostor.url(),
+        broker_pin: impostor.pin(),
+        ..PolicyCall::alice(&kbs)
+    }
+    .run(&daemon, "vault");
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stdout));
+    let said = text(&refused.stderr);
+    assert!(
+        said.contains(&kbs.pin()) && said.contains(&impostor.pin()),
+        "both pins named: {said}"
+    );
+    assert!(!kbs.resources("alice").contains("disk-key"));
 
-    kbs.restart();
-    let deleted = daemon.hsev(ALICE, ["vm", "delete", "kept", "--yes"]);
-    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
-    assert!(!kbs.resources().contains("disk-key"), "{}", kbs.resources());
+    // The operator's token can announce the VM, never pin its policy.
+    let operator = PolicyCall {
+        caller: ADMIN,
+        token_file: kbs.operator_token_file(),
+        ..PolicyCall::alice(&kbs)
+    }
+    .run(&daemon, "vault");
+    assert_eq!(operator.status.code(), Some(2));
+    assert!(
+        text(&operator.stderr).contains("403") && text(&operator.stderr).contains("operator role"),
+        "{}",
+        text(&operator.stderr)
+    );
+    let announced = daemon.hsev(
+        ADMIN,
+        [
+            "kbs",
+            "announce",
+            "--broker",
+            &kbs.url(),
+            "--broker-pin",
+            &kbs.pin(),
+            "--broker-token-file",
+            path(&kbs.operator_token_file()),
+            "--vm",
+            "vault",
+        ],
+    );
+    assert!(announced.status.success(), "{}", text(&announced.stderr));
+    // The tenant's own pin shows the operator's figure beside its own.
+    let pinned = pin_policy(&daemon, &kbs, "vault");
+    assert!(pinned.contains("operator announced"), "{pinned}");
+    assert_eq!(pinned.matches("EQUAL").count(), 2, "{pinned}");
 }
 
 /// The conformance part, once per driver that runs guests.
@@ -379,8 +537,10 @@ macro_rules! on_driver {
     ($module:ident, $driver:expr) => {
         mod $module {
             #[test]
-            fn the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot() {
-                super::the_attested_guest_unlocks_its_disk_and_its_data_survives_a_reboot($driver)
+            fn the_guest_formats_its_empty_disk_at_first_boot_and_its_data_survives_a_reboot() {
+                super::the_guest_formats_its_empty_disk_at_first_boot_and_its_data_survives_a_reboot(
+                    $driver,
+                )
             }
             #[test]
             fn a_host_that_changes_the_kernel_initrd_or_command_line_gets_no_key() {

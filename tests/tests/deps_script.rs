@@ -43,6 +43,7 @@ fn provided() -> BTreeSet<String> {
         "sev-snp-measure",
         "grpcurl",
         "cargo-fuzz",
+        "slapos",
     ] {
         assert!(
             packages.contains(expected),

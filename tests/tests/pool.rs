@@ -243,9 +243,9 @@ fn placement_spreads_pins_and_keeps_groups_apart() {
     assert_ne!(next["host"], "h1", "{next}");
 
     // A label and a pin, both still filtered.
-    assert_eq!(created(via, "gpu", &["--label", "gpu"])["host"], "h3");
+    assert_eq!(created(via, "gpu", &["--host-label", "gpu"])["host"], "h3");
     let said = refused(
-        &create(via, "nogpu", &["--host", "h1", "--label", "gpu"]),
+        &create(via, "nogpu", &["--host", "h1", "--host-label", "gpu"]),
         "no host fits",
     );
     assert!(said.contains("h1") && said.contains("lacks gpu"), "{said}");

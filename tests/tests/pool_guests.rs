@@ -4,13 +4,15 @@
 //! member host, live migration is refused, a cold migration is a new
 //! launch attested on the new host's chip, a host in maintenance is
 //! evacuated, and a killed host (its hsevd and its QEMUs) shows down with
-//! its VMs unknown.
+//! its VMs unknown; a VM with an encrypted disk, evacuated, opens its disk
+//! on the new host after a fresh attestation at its tenant's broker.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
 
 use hsev_e2e::daemon::{image_dir, Daemon, Driver, ADMIN, ALICE};
+use hsev_e2e::kbs::Kbs;
 use hsev_e2e::pool::{HostSpec, Pool};
 
 /// What the guest agent prints once it answers attestation requests.
@@ -174,4 +176,140 @@ fn confidential_guests_spread_migrate_and_evacuate_across_three_hosts() {
             "{shown}"
         );
     }
+}
+
+/// The `event` entries of `kbs`'s audit log whose `field` is `value`.
+fn audited(kbs: &Kbs, event: &str, field: &str, value: &str) -> Vec<serde_json::Value> {
+    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("the audit log");
+    log.lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON lines"))
+        .filter(|entry| entry["event"] == event && entry[field] == value)
+        .collect()
+}
+
+#[test]
+fn an_encrypted_disk_evacuated_with_its_vm_opens_on_the_new_host_after_a_fresh_attestation() {
+    let qemu = |name| HostSpec::new(name, Driver::Qemu);
+    let pool = Pool::start(&[qemu("h1"), qemu("h2")], "");
+    pool.coordinator().import_image();
+    // The tenant's broker, where both hosts' guests reach it, trusting both
+    // hosts' simulated platforms.
+    let gateway = pool.gateway();
+    let kbs = Kbs::start_at(
+        &[pool.host("h1").sim_dir(), pool.host("h2").sim_dir()],
+        &format!("{gateway}:0"),
+    );
+    let port = kbs.address().rsplit(':').next().expect("a port").to_owned();
+    let guest_url = format!("https://{gateway}:{port}");
+    let pin = kbs.pin();
+    let vm = pool.coordinator().json(
+        ALICE,
+        [
+            "vm",
+            "create",
+            "vault",
+            "--image",
+            "debian",
+            "--vcpus",
+            "1",
+            "--memory",
+            "512",
+            "--mode",
+            "sev-snp",
+            "--encrypted-disk",
+            "32",
+            "--key-broker",
+            &guest_url,
+            "--key-broker-pin",
+            &pin,
+            "--key-broker-repository",
+            "alice",
+        ],
+    );
+    let id = vm["id"].as_str().expect("an id").to_owned();
+    let expected = vm["expected_measurement"].clone();
+    let home = vm["host"].as_str().expect("a host").to_owned();
+    let other = if home == "h1" { "h2" } else { "h1" };
+    let manifest = image_dir().join("manifest.json");
+    let token_file = kbs.tenant_token_file("alice");
+    let broker_url = kbs.url();
+    let pinned = pool.coordinator().hsev(
+        ALICE,
+        [
+            "kbs",
+            "policy",
+            "set",
+            "--broker",
+            &broker_url,
+            "--broker-pin",
+            &pin,
+            "--broker-token-file",
+            path(&token_file),
+            "--repository",
+            "alice",
+            "--vm",
+            "vault",
+            "--image-manifest",
+            path(&manifest),
+            "--key-broker",
+            &guest_url,
+            "--allow-simulated",
+        ],
+    );
+    assert!(pinned.status.success(), "{}", text(&pinned));
+
+    // First boot: the guest gets its key and formats its disk.
+    let started = pool.coordinator().hsev(ALICE, ["vm", "start", "vault"]);
+    assert!(started.status.success(), "{}", text(&started));
+    let console = pool
+        .coordinator()
+        .wait_console(ALICE, "vault", "HSEV-DISK-UNLOCKED", 1);
+    assert!(console.contains("boot=1"), "{console}");
+    let resource = format!("alice/disk-key/{id}");
+    assert_eq!(audited(&kbs, "release", "resource", &resource).len(), 1);
+
+    // Its host into maintenance: the VM moves to the other one, a new
+    // launch there.
+    let entered = pool
+        .coordinator()
+        .hsev(ADMIN, ["host", "maintenance", "enter", &home]);
+    assert!(entered.status.success(), "{}", text(&entered));
+    let shown = show(&pool, "vault");
+    assert_eq!(shown["host"], other, "{shown}");
+    assert_eq!(
+        shown["expected_measurement"], expected,
+        "the same launch measured"
+    );
+
+    // There the guest only opens its disk, and reads back what it wrote
+    // before: the second boot's listing of the boot log starts with the
+    // first boot's line.
+    let console = pool
+        .coordinator()
+        .wait_console(ALICE, "vault", "boot log: boot=2 ", 1);
+    let second = console.rfind("boot log: boot=2 ").expect("boot 2");
+    let listing = &console[console[..second].rfind("mounted ").expect("mounted")..second];
+    assert!(
+        listing.contains("boot log: boot=1 "),
+        "the first boot's line survived the move: {console}"
+    );
+    assert!(
+        console.matches("formatting it as LUKS2").count() <= 1,
+        "formatted once, before the move: {console}"
+    );
+
+    // The broker saw a fresh attestation from the new host's chip, then
+    // released the key a second time.
+    let chips: BTreeMap<String, usize> = audited(&kbs, "attestation", "result", "accepted")
+        .iter()
+        .filter(|entry| entry["measurement"] == expected)
+        .fold(BTreeMap::new(), |mut chips, entry| {
+            *chips
+                .entry(entry["chip_id"].as_str().unwrap_or_default().to_owned())
+                .or_default() += 1;
+            chips
+        });
+    assert_eq!(chips.len(), 2, "one attestation per host's chip: {chips:?}");
+    assert_eq!(audited(&kbs, "release", "resource", &resource).len(), 2);
+    kbs.verify_audit();
 }

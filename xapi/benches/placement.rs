@@ -189,6 +189,7 @@ fn vm(n: usize, host: &str, hosts: usize, now: OffsetDateTime) -> VmRecord {
             encrypted_disk_mib: 0,
             key_broker: None,
             id_block: None,
+            labels: Default::default(),
             placement: Default::default(),
             ha: Default::default(),
             ha_priority: 0,

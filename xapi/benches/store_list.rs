@@ -112,6 +112,7 @@ fn vm(n: usize, now: OffsetDateTime) -> (VmRecord, DiskRecord) {
             placement: Default::default(),
             ha: Default::default(),
             ha_priority: 0,
+            labels: std::collections::BTreeMap::new(),
         },
         state: if running {
             VmState::Running

@@ -1,6 +1,6 @@
 //! The HyperSEV toolstack: the domain model, the store, the hypervisor
 //! drivers, the `hsevd` host agent and pool coordinator, and the `hsev`
-//! command-line interface.
+//! command-line interface, and the SlapOS compute-node connector.
 
 pub mod api;
 pub mod cli;
@@ -12,4 +12,5 @@ pub mod launch;
 pub mod model;
 pub mod placement;
 pub mod pool;
+pub mod slapos;
 pub mod store;

@@ -3,6 +3,7 @@
 //! Transport types (`hsev.v1` messages) are translated in [`crate::api`];
 //! nothing here knows about gRPC or SQL.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 
@@ -127,7 +128,7 @@ pub struct DiskSpec {
     pub size_mib: u64,
 }
 
-/// What a VM is made of; fixed at creation.
+/// What a VM is made of; fixed at creation, but for its labels.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     /// Name, unique per owner.
@@ -163,12 +164,48 @@ pub struct VmSpec {
     /// Where it may be placed.
     #[serde(default)]
     pub placement: PlacementRules,
+    /// Labels for whoever manages the VM; see [`check_labels`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
     /// What the pool does when its host fails.
     #[serde(default)]
     pub ha: HaPolicy,
     /// Among HA VMs restarted after a host failure, higher first.
     #[serde(default)]
     pub ha_priority: i32,
+}
+
+/// The most labels a VM carries.
+pub const MAX_LABELS: usize = 32;
+
+/// Checks labels: at most [`MAX_LABELS`]; keys 1-63 of `[a-z0-9._/-]`
+/// starting with a letter or a digit; values at most 255 printable
+/// characters. The message names the offending key.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
+    if labels.len() > MAX_LABELS {
+        return Err(format!("{} labels: at most {MAX_LABELS}", labels.len()));
+    }
+    for (key, value) in labels {
+        let valid_key = key.len() <= 63
+            && key
+                .chars()
+                .next()
+                .is_some_and(|first| first.is_ascii_lowercase() || first.is_ascii_digit())
+            && key.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '/' | '-')
+            });
+        if !valid_key {
+            return Err(format!(
+                "label key {key:?}: 1-63 of a-z, 0-9, '.', '_', '/' and '-', starting with a letter or a digit"
+            ));
+        }
+        if value.chars().count() > 255 || value.chars().any(char::is_control) {
+            return Err(format!(
+                "label {key}: the value must be at most 255 printable characters"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What the pool does with a VM whose host fails.

@@ -17,8 +17,8 @@ use hsev_proto::v1::{
     attestation_status, AttestationStatus, ConfidentialMode, ConsoleChunk, ConsoleRequest,
     CreateVmRequest, DeleteVmRequest, Host, HostCapabilities, HostRef, Image, ImageRef,
     ImportImageRequest, ListHostsRequest, ListHostsResponse, ListImagesRequest, ListImagesResponse,
-    ListVmsRequest, ListVmsResponse, Progress, SetVmIdBlockRequest, SevCapabilities, StopVmRequest,
-    Vm, VmRef, VmSpec, VmState, WaitVmRequest,
+    ListVmsRequest, ListVmsResponse, Progress, SetVmIdBlockRequest, SetVmLabelsRequest,
+    SevCapabilities, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
 };
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
@@ -178,6 +178,10 @@ impl VmService for CannedHsevd {
         &self,
         _: Request<hsev_proto::v1::SetVmHaRequest>,
     ) -> Result<Response<Vm>, Status> {
+        unimplemented()
+    }
+
+    async fn set_vm_labels(&self, _: Request<SetVmLabelsRequest>) -> Result<Response<Vm>, Status> {
         unimplemented()
     }
 }

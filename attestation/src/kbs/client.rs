@@ -1,11 +1,12 @@
-//! The blocking KBS client: the RCAR flow a guest runs (auth, attest,
-//! resource) and the admin calls the toolstack makes to register reference
-//! values and resources.
+//! The blocking KBS clients: the RCAR flow a guest runs (auth, attest,
+//! resource), and the admin calls a tenant makes (release policies,
+//! reference values) or the operator makes (announcing a VM).
 //!
-//! Plain HTTP only (the guest reaches the broker at `http://10.0.2.2:PORT`
-//! through the hypervisor's user network; the resource itself travels
-//! encrypted to the guest's ephemeral key, and the admin API is meant for a
-//! trusted network or a TLS-terminating proxy).
+//! An `https://` broker is reached only through a connection pinned to its
+//! public key ([`super::tls`]): no certificate authority, and a server
+//! presenting another key is refused ([`ClientError::WrongBroker`]). Plain
+//! `http://` (a development broker) has no key to pin; whether it may be
+//! used is the caller's decision.
 //!
 //! This module must never log or keep a secret it handles (resource
 //! plaintext, admin token), and never retry on its own: it tells the
@@ -22,11 +23,12 @@ pub use super::jwe::KeyAlgorithm;
 use super::jwe::TeeKeyPair;
 pub use super::protocol::ResourcePath;
 use super::protocol::{
-    check_name, runtime_data_binding, Attestation, AttestationToken, Challenge, ErrorInformation,
-    JweResponse, ReferenceValuesBody, Request, ResourceBody, ResourceSummary, RuntimeData, Tee,
-    PROTOCOL_VERSION, SESSION_COOKIE,
+    check_name, composite_evidence, runtime_data_binding, Announcement, AnnouncementBody,
+    Attestation, AttestationToken, Challenge, ErrorInformation, JweResponse, ReferenceValuesBody,
+    Request, ResourceBody, ResourceSummary, RuntimeData, Tee, PROTOCOL_VERSION, SESSION_COOKIE,
 };
-use crate::policy::AppraisalPolicy;
+use super::release_policy::ReleasePolicy;
+pub use super::tls::{PinMismatch, SpkiPin};
 
 /// Largest answer body read (a JWE of a disk key is a few hundred bytes).
 const MAX_ANSWER: u64 = 16 << 20;
@@ -48,6 +50,10 @@ pub enum ClientError {
         /// The broker's explanation.
         detail: String,
     },
+    /// The server presented another public key than the pinned one: not
+    /// the broker the pin names (final: no retry helps).
+    #[error("{0}")]
+    WrongBroker(PinMismatch),
     /// An answer that does not follow the protocol, or a local step of the
     /// flow (key generation, evidence, decryption) that failed.
     #[error("key broker protocol: {0}")]
@@ -79,17 +85,40 @@ struct Answer {
 }
 
 impl Http {
-    fn new(base_url: &str, timeout: Duration) -> Result<Self, ClientError> {
+    fn new(base_url: &str, pin: Option<SpkiPin>, timeout: Duration) -> Result<Self, ClientError> {
         let base_url = base_url.trim_end_matches('/');
-        let Some(authority) = base_url.strip_prefix("http://") else {
-            return Err(ClientError::Protocol(format!(
-                "broker URL {base_url:?}: only http:// is supported"
-            )));
+        let (authority, https) = match (
+            base_url.strip_prefix("https://"),
+            base_url.strip_prefix("http://"),
+        ) {
+            (Some(authority), _) => (authority, true),
+            (None, Some(authority)) => (authority, false),
+            (None, None) => {
+                return Err(ClientError::Protocol(format!(
+                    "broker URL {base_url:?}: expected https://HOST:PORT (or http:// for a \
+                     development broker)"
+                )))
+            }
         };
         if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
             return Err(ClientError::Protocol(format!(
-                "broker URL {base_url:?}: expected http://HOST:PORT"
+                "broker URL {base_url:?}: expected https://HOST:PORT"
             )));
+        }
+        match (https, pin) {
+            (true, None) => {
+                return Err(ClientError::Protocol(format!(
+                    "broker URL {base_url:?}: an https broker is trusted by the pin of its \
+                     public key (sha256:<hex>, `hsev-kbs fingerprint`), never by a certificate \
+                     authority: give the pin"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(ClientError::Protocol(format!(
+                    "broker URL {base_url:?}: plain http has no key to pin: use https://"
+                )))
+            }
+            _ => {}
         }
         let builder = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -108,7 +137,11 @@ impl Http {
         } else {
             builder.timeout_global(Some(timeout))
         };
-        let agent: ureq::Agent = builder.build().into();
+        let agent: ureq::Agent = match pin {
+            Some(pin) => super::tls::pinned_agent(builder.build(), pin)
+                .map_err(|error| ClientError::Protocol(error.to_string()))?,
+            None => builder.build().into(),
+        };
         Ok(Http {
             agent,
             base_url: base_url.to_owned(),
@@ -122,7 +155,10 @@ impl Http {
     fn finish(
         result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> Result<Answer, ClientError> {
-        let mut response = result.map_err(|error| ClientError::Unreachable(error.to_string()))?;
+        let mut response = result.map_err(|error| match super::tls::mismatch_of(&error) {
+            Some(mismatch) => ClientError::WrongBroker(mismatch.clone()),
+            None => ClientError::Unreachable(error.to_string()),
+        })?;
         let status = response.status().as_u16();
         let cookies = response
             .headers()
@@ -263,13 +299,18 @@ pub struct KbsClient {
 }
 
 impl KbsClient {
-    /// A client of the broker at `base_url` (`http://HOST:PORT`). With a
-    /// host name, every call gives up after `timeout`; with an IP address
-    /// (the guest's case), every step of a call (connect, send, receive)
-    /// does.
-    pub fn new(base_url: &str, timeout: Duration) -> Result<Self, ClientError> {
+    /// A client of the broker at `base_url` (`https://HOST:PORT` with the
+    /// `pin` of its public key, or `http://HOST:PORT` without one for a
+    /// development broker). With a host name, every call gives up after
+    /// `timeout`; with an IP address (the guest's case), every step of a
+    /// call (connect, send, receive) does.
+    pub fn new(
+        base_url: &str,
+        pin: Option<SpkiPin>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
         Ok(KbsClient {
-            http: Http::new(base_url, timeout)?,
+            http: Http::new(base_url, pin, timeout)?,
         })
     }
 
@@ -325,8 +366,9 @@ impl KbsClient {
             .into_json("resource")
     }
 
-    /// The whole RCAR flow: auth, ephemeral key, runtime data, evidence for
-    /// its binding, attest, resource, decrypt. `evidence` gets the 64 bytes
+    /// The whole RCAR flow, as Trustee's client runs it: auth, ephemeral
+    /// key, runtime data, evidence for its binding (no additional
+    /// evidence), attest, resource, decrypt. `evidence` gets the 64 bytes
     /// the report's `report_data` must hold and returns the SNP evidence in
     /// Trustee JSON form.
     pub fn fetch_resource(
@@ -344,11 +386,17 @@ impl KbsClient {
                 .public_jwk()
                 .map_err(|error| ClientError::Protocol(format!("ephemeral key: {error}")))?,
         };
-        let binding = runtime_data_binding(&runtime_data)
+        // No additional evidence: `composite_evidence` sends an empty one.
+        let binding = runtime_data_binding(&runtime_data, "")
             .map_err(|error| ClientError::Protocol(error.to_string()))?;
         let snp_evidence = evidence(&binding)
             .map_err(|error| ClientError::Protocol(format!("cannot obtain evidence: {error}")))?;
-        self.attest(&session, &Attestation::new(runtime_data, snp_evidence))?;
+        let attestation = Attestation {
+            init_data: None,
+            runtime_data,
+            tee_evidence: composite_evidence(snp_evidence),
+        };
+        self.attest(&session, &attestation)?;
         let jwe = self.resource(&session, path)?;
         key_pair
             .decrypt(&jwe)
@@ -363,7 +411,8 @@ fn session_cookie(header: &str) -> Option<&str> {
     (name.trim() == SESSION_COOKIE && !value.trim().is_empty()).then(|| value.trim())
 }
 
-/// The toolstack's client of the broker's admin API.
+/// A client of the broker's admin API, with a tenant's or the operator's
+/// token (what it may do is the token's scope, which the broker enforces).
 pub struct AdminClient {
     http: Http,
     authorization: Zeroizing<String>,
@@ -378,8 +427,14 @@ impl std::fmt::Debug for AdminClient {
 }
 
 impl AdminClient {
-    /// A client of the broker at `base_url` with the bearer `token`.
-    pub fn new(base_url: &str, token: &str, timeout: Duration) -> Result<Self, ClientError> {
+    /// A client of the broker at `base_url` (pinned by `pin`, as for
+    /// [`KbsClient::new`]) with the bearer `token`.
+    pub fn new(
+        base_url: &str,
+        pin: Option<SpkiPin>,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
         let token = token.trim();
         if token.is_empty() || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
             return Err(ClientError::Protocol(
@@ -387,7 +442,7 @@ impl AdminClient {
             ));
         }
         Ok(AdminClient {
-            http: Http::new(base_url, timeout)?,
+            http: Http::new(base_url, pin, timeout)?,
             authorization: Zeroizing::new(format!("Bearer {token}")),
         })
     }
@@ -408,9 +463,10 @@ impl AdminClient {
         Ok(name)
     }
 
-    /// Creates or replaces the reference-value set `name`.
+    /// Creates or replaces `repository`'s reference-value set `name`.
     pub fn put_reference_values(
         &self,
+        repository: &str,
         name: &str,
         measurements: &[[u8; 48]],
     ) -> Result<(), ClientError> {
@@ -419,31 +475,37 @@ impl AdminClient {
         };
         self.call(
             "PUT",
-            &format!("/admin/v0/reference-values/{}", Self::checked_name(name)?),
+            &format!(
+                "/admin/v0/reference-values/{}/{}",
+                Self::checked_name(repository)?,
+                Self::checked_name(name)?
+            ),
             Some(&to_json(&body)?),
         )
         .map(drop)
     }
 
-    /// Creates or replaces the resource at `path`: its secret `data`, its
-    /// release `policy`, and the reference-value sets it also accepts.
+    /// Creates or replaces the resource at `path`: its release `policy`,
+    /// the reference-value sets of its repository it also accepts, and its
+    /// secret `data` if given (without it, the resource keeps its secret,
+    /// or gets one the broker generates at its first release).
     pub fn put_resource(
         &self,
         path: &ResourcePath,
-        data: &[u8],
-        policy: &AppraisalPolicy,
+        data: Option<&[u8]>,
+        policy: &ReleasePolicy,
         reference_values: &[String],
     ) -> Result<(), ClientError> {
         for name in reference_values {
             Self::checked_name(name)?;
         }
         let body = ResourceBody {
-            data: STANDARD.encode(data),
+            data: data.map(|data| STANDARD.encode(data)),
             policy: policy.to_toml(),
             reference_values: reference_values.to_vec(),
         };
         let json = Zeroizing::new(to_json(&body)?);
-        let _secret = Zeroizing::new(body.data);
+        let _secret = body.data.map(Zeroizing::new);
         self.call(
             "PUT",
             &format!("/admin/v0/resources/{path}"),
@@ -458,20 +520,58 @@ impl AdminClient {
             .map(drop)
     }
 
-    /// Deletes the reference-value set `name`.
-    pub fn delete_reference_values(&self, name: &str) -> Result<(), ClientError> {
+    /// Deletes `repository`'s reference-value set `name`.
+    pub fn delete_reference_values(&self, repository: &str, name: &str) -> Result<(), ClientError> {
         self.call(
             "DELETE",
-            &format!("/admin/v0/reference-values/{}", Self::checked_name(name)?),
+            &format!(
+                "/admin/v0/reference-values/{}/{}",
+                Self::checked_name(repository)?,
+                Self::checked_name(name)?
+            ),
             None,
         )
         .map(drop)
     }
 
-    /// Every resource's path, policy and reference-value sets (never data).
+    /// The path, policy and reference-value sets of each resource of the
+    /// token's repository (never data).
     pub fn list_resources(&self) -> Result<Vec<ResourceSummary>, ClientError> {
         self.call("GET", "/admin/v0/resources", None)?
             .into_json("resource list")
+    }
+
+    /// Says that VM `vm` of `repository` boots `image` (hex image id) and
+    /// should measure `expected_measurement`: information for the tenant,
+    /// which changes no release.
+    pub fn announce(
+        &self,
+        repository: &str,
+        vm: &str,
+        image: &str,
+        expected_measurement: Option<&[u8]>,
+    ) -> Result<(), ClientError> {
+        let body = AnnouncementBody {
+            image: image.to_owned(),
+            expected_measurement: expected_measurement.map(hex::encode),
+        };
+        self.call(
+            "PUT",
+            &format!(
+                "/admin/v0/announcements/{}/{}",
+                Self::checked_name(repository)?,
+                Self::checked_name(vm)?
+            ),
+            Some(&to_json(&body)?),
+        )
+        .map(drop)
+    }
+
+    /// The announcements the token may see (its repository's, or every one
+    /// for the operator).
+    pub fn announcements(&self) -> Result<Vec<Announcement>, ClientError> {
+        self.call("GET", "/admin/v0/announcements", None)?
+            .into_json("announcement list")
     }
 }
 
@@ -480,24 +580,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_must_be_plain_http() {
-        assert!(KbsClient::new("http://10.0.2.2:8080/", Duration::from_secs(1)).is_ok());
-        for bad in [
-            "https://kbs:1",
-            "kbs:1",
-            "http://",
-            "http://a/b",
-            "http://u@h:1",
+    fn https_needs_a_pin_and_plain_http_has_none() {
+        let second = Duration::from_secs(1);
+        let pin = SpkiPin([1; 32]);
+        assert!(KbsClient::new("https://10.0.2.2:8080/", Some(pin), second).is_ok());
+        assert!(KbsClient::new("http://10.0.2.2:8080/", None, second).is_ok());
+        for (bad, pin) in [
+            ("https://kbs:1", None),
+            ("http://kbs:1", Some(pin)),
+            ("kbs:1", None),
+            ("ftp://kbs:1", Some(pin)),
+            ("https://", Some(pin)),
+            ("https://a/b", Some(pin)),
+            ("https://u@h:1", Some(pin)),
         ] {
             assert!(
                 matches!(
-                    KbsClient::new(bad, Duration::from_secs(1)),
+                    KbsClient::new(bad, pin, second),
                     Err(ClientError::Protocol(_))
                 ),
                 "{bad}"
             );
         }
-        assert!(AdminClient::new("http://h:1", "", Duration::from_secs(1)).is_err());
+        let error = KbsClient::new("https://kbs:1", None, second).expect_err("no pin");
+        assert!(error.to_string().contains("pin"), "{error}");
+        assert!(AdminClient::new("https://h:1", Some(pin), "", second).is_err());
     }
 
     #[test]
@@ -521,7 +628,8 @@ mod tests {
     #[test]
     fn unreachable_broker_is_retryable() {
         // Port 9 on loopback: nothing listens (connection refused).
-        let client = KbsClient::new("http://127.0.0.1:9", Duration::from_secs(2)).expect("client");
+        let client =
+            KbsClient::new("http://127.0.0.1:9", None, Duration::from_secs(2)).expect("client");
         assert!(matches!(client.auth(), Err(ClientError::Unreachable(_))));
     }
 
@@ -533,7 +641,7 @@ mod tests {
             body: body.as_bytes().to_vec(),
         };
         let problem = r#"{"type":"https://github.com/confidential-containers/kbs/errors/PolicyDeny","detail":"measurement"}"#;
-        let refused = answer(403, problem).check().expect_err("403");
+        let refused = answer(401, problem).check().expect_err("401");
         assert_eq!(refused.refusal_kind(), Some("PolicyDeny"));
         assert!(matches!(
             answer(404, "no").check(),

@@ -1,8 +1,18 @@
 //! JWE (RFC 7516) in the flattened JSON serialization, for exactly the
-//! algorithms the KBS protocol uses: key management `ECDH-ES+A256KW` on
-//! P-256 (Concat KDF, RFC 7518 section 4.6, and AES key wrap, RFC 3394) or
-//! `RSA-OAEP-256`, content encryption `A256GCM` with the protected header
-//! as additional authenticated data.
+//! algorithms Trustee's client uses: key management `ECDH-ES+A256KW` on
+//! P-256 or P-521 (Concat KDF, RFC 7518 section 4.6, and AES key wrap,
+//! RFC 3394) or `RSA-OAEP-256`, content encryption `A256GCM` with the
+//! protected header as additional authenticated data.
+//!
+//! The protected header is written in its RFC 8785 canonical form (keys
+//! sorted, no whitespace): Trustee's client does not authenticate the
+//! bytes it receives but re-serialises the header it parsed with sorted
+//! keys (kbs-types' `ProtectedHeader::generate_aad`), so only a canonical
+//! header authenticates on both sides. A receiver that uses the received
+//! bytes, as RFC 7516 says and this module does, authenticates it too.
+//!
+//! `RSA1_5` (PKCS #1 v1.5 key transport), which Trustee's KBS still
+//! offers, is refused: its padding oracles are why JOSE deprecates it.
 //!
 //! Built on the `openssl` crate the rest of this crate already trusts: the
 //! JOSE crates that are well kept build on other cryptographic back ends
@@ -36,10 +46,10 @@ use super::protocol::{JweResponse, TeePubKey};
 const ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
 /// `alg` of RSA-OAEP with SHA-256 and MGF1-SHA-256.
 const RSA_OAEP_256: &str = "RSA-OAEP-256";
+/// `alg` of RSA PKCS #1 v1.5 key transport: refused.
+const RSA1_5: &str = "RSA1_5";
 /// `enc` of AES-256-GCM.
 const A256GCM: &str = "A256GCM";
-/// The only curve accepted for ECDH-ES.
-const P256: &str = "P-256";
 /// Modulus size of the RSA keys this module generates.
 const RSA_BITS: u32 = 3072;
 /// Smallest RSA modulus accepted from a peer.
@@ -68,6 +78,10 @@ pub enum JweError {
     /// Authentication failed: the JWE was altered or is not for this key.
     #[error("the JWE does not decrypt with this key (altered, or for another key)")]
     Decrypt,
+    /// The protected header has no canonical form (cannot happen for the
+    /// headers this module writes; kept so no error is swallowed).
+    #[error("protected header: {0}")]
+    Canonical(#[from] serde_json::Error),
     /// OpenSSL failed while making a JWE.
     #[error("openssl: {0}")]
     OpenSsl(#[from] openssl::error::ErrorStack),
@@ -90,11 +104,62 @@ fn unb64(field: &'static str, text: &str) -> Result<Vec<u8>, JweError> {
         .map_err(|error| malformed(field, format!("not base64url without padding: {error}")))
 }
 
-/// The key-management algorithms of [`TeeKeyPair`].
+/// The curves ECDH-ES+A256KW is accepted on: those Trustee's client
+/// offers (P-256, its default, and P-521).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Curve {
+    P256,
+    P521,
+}
+
+impl Curve {
+    fn from_jose(name: &str) -> Option<Self> {
+        match name {
+            "P-256" => Some(Curve::P256),
+            "P-521" => Some(Curve::P521),
+            _ => None,
+        }
+    }
+
+    fn jose_name(self) -> &'static str {
+        match self {
+            Curve::P256 => "P-256",
+            Curve::P521 => "P-521",
+        }
+    }
+
+    /// Bytes of one affine coordinate (RFC 7518 section 6.2.1.2).
+    fn coordinate_len(self) -> usize {
+        match self {
+            Curve::P256 => 32,
+            Curve::P521 => 66,
+        }
+    }
+
+    /// The curve's group, built once: building it costs as much as an ECDH.
+    fn group(self) -> Result<&'static EcGroup, JweError> {
+        static P256_GROUP: OnceLock<EcGroup> = OnceLock::new();
+        static P521_GROUP: OnceLock<EcGroup> = OnceLock::new();
+        let (cell, nid) = match self {
+            Curve::P256 => (&P256_GROUP, Nid::X9_62_PRIME256V1),
+            Curve::P521 => (&P521_GROUP, Nid::SECP521R1),
+        };
+        if let Some(group) = cell.get() {
+            return Ok(group);
+        }
+        let group = EcGroup::from_curve_name(nid)?;
+        Ok(cell.get_or_init(|| group))
+    }
+}
+
+/// The key-management algorithms of [`TeeKeyPair`], as Trustee's client
+/// names them (`TeeKeyAlgorithm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyAlgorithm {
     /// ECDH-ES on P-256, the derived key wrapping the content key (A256KW).
-    EcdhEsA256kw,
+    EcdhEsA256kwP256,
+    /// The same on P-521.
+    EcdhEsA256kwP521,
     /// RSA-OAEP with SHA-256 (3072-bit keys generated, 2048 accepted).
     RsaOaep256,
 }
@@ -103,25 +168,32 @@ impl KeyAlgorithm {
     /// The JOSE `alg` name.
     pub fn jose_name(self) -> &'static str {
         match self {
-            KeyAlgorithm::EcdhEsA256kw => ECDH_ES_A256KW,
+            KeyAlgorithm::EcdhEsA256kwP256 | KeyAlgorithm::EcdhEsA256kwP521 => ECDH_ES_A256KW,
             KeyAlgorithm::RsaOaep256 => RSA_OAEP_256,
+        }
+    }
+
+    fn curve(self) -> Option<Curve> {
+        match self {
+            KeyAlgorithm::EcdhEsA256kwP256 => Some(Curve::P256),
+            KeyAlgorithm::EcdhEsA256kwP521 => Some(Curve::P521),
+            KeyAlgorithm::RsaOaep256 => None,
+        }
+    }
+
+    fn for_curve(curve: Curve) -> Self {
+        match curve {
+            Curve::P256 => KeyAlgorithm::EcdhEsA256kwP256,
+            Curve::P521 => KeyAlgorithm::EcdhEsA256kwP521,
         }
     }
 }
 
-/// The P-256 group, built once: building it costs as much as an ECDH.
-fn p256() -> Result<&'static EcGroup, JweError> {
-    static GROUP: OnceLock<EcGroup> = OnceLock::new();
-    if let Some(group) = GROUP.get() {
-        return Ok(group);
-    }
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
-    Ok(GROUP.get_or_init(|| group))
-}
-
-/// The affine coordinates of an EC public key, 32 bytes each.
+/// The affine coordinates of an EC public key on `curve`, padded to the
+/// curve's coordinate length.
 fn ec_coordinates(
     key: &EcKey<impl openssl::pkey::HasPublic>,
+    curve: Curve,
 ) -> Result<(Vec<u8>, Vec<u8>), JweError> {
     let group = key.group();
     let mut x = BigNum::new()?;
@@ -129,33 +201,43 @@ fn ec_coordinates(
     let mut context = BigNumContext::new()?;
     key.public_key()
         .affine_coordinates(group, &mut x, &mut y, &mut context)?;
-    Ok((x.to_vec_padded(32)?, y.to_vec_padded(32)?))
+    let length = i32::try_from(curve.coordinate_len()).unwrap_or(i32::MAX);
+    Ok((x.to_vec_padded(length)?, y.to_vec_padded(length)?))
 }
 
-/// A P-256 public key from base64url coordinates, checked to lie on the
-/// curve (an invalid point would leak the private key through ECDH).
+/// A public key on `curve` from base64url coordinates, checked to lie on
+/// the curve (an invalid point would leak the private key through ECDH).
 /// Decoding the uncompressed point runs OpenSSL's on-curve check; P-256
-/// has cofactor 1, so a point on the curve is in the prime-order group and
-/// the costlier order multiplication of `EC_KEY_check_key` adds nothing
-/// (the point at infinity has no uncompressed encoding). Derivations
-/// therefore need not check the peer again.
-fn ec_public_key(x: &str, y: &str, field: &'static str) -> Result<PKey<Public>, JweError> {
+/// and P-521 have cofactor 1, so a point on the curve is in the
+/// prime-order group and the costlier order multiplication of
+/// `EC_KEY_check_key` adds nothing (the point at infinity has no
+/// uncompressed encoding). Derivations therefore need not check the peer
+/// again.
+fn ec_public_key(
+    curve: Curve,
+    x: &str,
+    y: &str,
+    field: &'static str,
+) -> Result<PKey<Public>, JweError> {
     let x = unb64(field, x)?;
     let y = unb64(field, y)?;
-    if x.len() != 32 || y.len() != 32 {
-        return Err(malformed(field, "P-256 coordinates are 32 bytes each"));
+    let length = curve.coordinate_len();
+    if x.len() != length || y.len() != length {
+        return Err(malformed(
+            field,
+            format!("{} coordinates are {length} bytes each", curve.jose_name()),
+        ));
     }
-    let group = p256()?;
-    let mut encoded = Vec::with_capacity(65);
+    let group = curve.group()?;
+    let mut encoded = Vec::with_capacity(1 + 2 * length);
     encoded.push(0x04);
     encoded.extend_from_slice(&x);
     encoded.extend_from_slice(&y);
     let mut context = BigNumContext::new()?;
     let point = EcPoint::from_bytes(group, &encoded, &mut context)
-        .map_err(|_| malformed(field, "the point is not on P-256"))?;
+        .map_err(|_| malformed(field, format!("the point is not on {}", curve.jose_name())))?;
     Ok(PKey::from_ec_key(EcKey::from_public_key(group, &point)?)?)
 }
-
 /// The Concat KDF of NIST SP 800-56A as JWA profiles it (RFC 7518 section
 /// 4.6.2): SHA-256 rounds over `counter || Z || OtherInfo`, OtherInfo being
 /// the length-prefixed AlgorithmID, PartyUInfo and PartyVInfo and the key
@@ -251,8 +333,9 @@ impl std::fmt::Debug for RecipientKey {
 }
 
 impl RecipientKey {
-    /// Checks a JWK from runtime data: a P-256 point on the curve for
-    /// ECDH-ES+A256KW, an RSA key of at least 2048 bits for RSA-OAEP-256.
+    /// Checks a JWK from runtime data: a P-256 or P-521 point on its curve
+    /// for ECDH-ES+A256KW, an RSA key of at least 2048 bits for
+    /// RSA-OAEP-256.
     pub fn from_jwk(jwk: &TeePubKey) -> Result<Self, JweError> {
         match jwk {
             TeePubKey::EC { crv, alg, x, y } => {
@@ -261,27 +344,33 @@ impl RecipientKey {
                         "EC key for alg {alg:?}; only {ECDH_ES_A256KW} is supported"
                     )));
                 }
-                if crv != P256 {
-                    return Err(JweError::UnusableKey(format!(
-                        "curve {crv:?}; only {P256} is supported"
-                    )));
-                }
-                let key = ec_public_key(x, y, "tee-pubkey")
+                let curve = Curve::from_jose(crv).ok_or_else(|| {
+                    JweError::UnusableKey(format!("curve {crv:?}; P-256 and P-521 are supported"))
+                })?;
+                let key = ec_public_key(curve, x, y, "tee-pubkey")
                     .map_err(|error| JweError::UnusableKey(error.to_string()))?;
                 Ok(RecipientKey {
-                    algorithm: KeyAlgorithm::EcdhEsA256kw,
+                    algorithm: KeyAlgorithm::for_curve(curve),
                     key,
                 })
             }
-            TeePubKey::RSA { alg, n, e } => {
+            TeePubKey::RSA { alg, k_mod, k_exp } => {
+                if alg == RSA1_5 {
+                    return Err(JweError::UnusableKey(format!(
+                        "RSA key for alg {RSA1_5}: this broker refuses PKCS #1 v1.5 key transport \
+                         (open to padding-oracle attacks, deprecated for JOSE); use {RSA_OAEP_256} \
+                         or {ECDH_ES_A256KW}"
+                    )));
+                }
                 if alg != RSA_OAEP_256 {
                     return Err(JweError::UnusableKey(format!(
                         "RSA key for alg {alg:?}; only {RSA_OAEP_256} is supported"
                     )));
                 }
                 let unusable = |error: JweError| JweError::UnusableKey(error.to_string());
-                let modulus = BigNum::from_slice(&unb64("tee-pubkey.n", n).map_err(unusable)?)?;
-                let exponent = BigNum::from_slice(&unb64("tee-pubkey.e", e).map_err(unusable)?)?;
+                let modulus = BigNum::from_slice(&unb64("tee-pubkey.n", k_mod).map_err(unusable)?)?;
+                let exponent =
+                    BigNum::from_slice(&unb64("tee-pubkey.e", k_exp).map_err(unusable)?)?;
                 if modulus.num_bits() < i32::try_from(RSA_MIN_BITS).unwrap_or(i32::MAX) {
                     return Err(JweError::UnusableKey(format!(
                         "RSA modulus of {} bits; at least {RSA_MIN_BITS} required",
@@ -299,6 +388,10 @@ impl RecipientKey {
                     key,
                 })
             }
+            TeePubKey::AKP { alg, .. } => Err(JweError::UnusableKey(format!(
+                "AKP key for alg {alg:?}: post-quantum key encapsulation is not supported; use \
+                 {ECDH_ES_A256KW} or {RSA_OAEP_256}"
+            ))),
         }
     }
 
@@ -308,23 +401,24 @@ impl RecipientKey {
     }
 
     /// Encrypts `plaintext` to this key: a fresh content key, and for
-    /// ECDH-ES a fresh ephemeral key, for every call.
+    /// ECDH-ES a fresh ephemeral key, for every call. The protected header
+    /// is canonical (see the module documentation).
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<JweResponse, JweError> {
         let mut cek = Zeroizing::new([0u8; CEK_LEN]);
         openssl::rand::rand_bytes(cek.as_mut_slice())?;
-        let (header, encrypted_key) = match self.algorithm {
-            KeyAlgorithm::EcdhEsA256kw => {
-                let ephemeral = EcKey::generate(p256()?)?;
-                let (x, y) = ec_coordinates(&ephemeral)?;
+        let (header, encrypted_key) = match self.algorithm.curve() {
+            Some(curve) => {
+                let ephemeral = EcKey::generate(curve.group()?)?;
+                let (x, y) = ec_coordinates(&ephemeral, curve)?;
                 let kek = ecdh_kek(&PKey::from_ec_key(ephemeral)?, &self.key)?;
                 let header = serde_json::json!({
                     "alg": ECDH_ES_A256KW,
                     "enc": A256GCM,
-                    "epk": {"kty": "EC", "crv": P256, "x": b64(&x), "y": b64(&y)},
+                    "epk": {"crv": curve.jose_name(), "kty": "EC", "x": b64(&x), "y": b64(&y)},
                 });
                 (header, aes_wrap(&kek, cek.as_slice())?)
             }
-            KeyAlgorithm::RsaOaep256 => {
+            None => {
                 let mut encrypter = Encrypter::new(&self.key)?;
                 encrypter.set_rsa_padding(Padding::PKCS1_OAEP)?;
                 encrypter.set_rsa_oaep_md(MessageDigest::sha256())?;
@@ -336,7 +430,7 @@ impl RecipientKey {
                 (header, encrypted)
             }
         };
-        let protected = b64(header.to_string().as_bytes());
+        let protected = b64(&serde_json_canonicalizer::to_vec(&header)?);
         let mut iv = [0u8; GCM_IV_LEN];
         openssl::rand::rand_bytes(&mut iv)?;
         let mut tag = [0u8; GCM_TAG_LEN];
@@ -406,11 +500,11 @@ impl std::fmt::Debug for TeeKeyPair {
 }
 
 impl TeeKeyPair {
-    /// A fresh key pair (P-256, or RSA-3072).
+    /// A fresh key pair (P-256, P-521, or RSA-3072).
     pub fn generate(algorithm: KeyAlgorithm) -> Result<Self, JweError> {
-        let key = match algorithm {
-            KeyAlgorithm::EcdhEsA256kw => PKey::from_ec_key(EcKey::generate(p256()?)?)?,
-            KeyAlgorithm::RsaOaep256 => PKey::from_rsa(Rsa::generate(RSA_BITS)?)?,
+        let key = match algorithm.curve() {
+            Some(curve) => PKey::from_ec_key(EcKey::generate(curve.group()?)?)?,
+            None => PKey::from_rsa(Rsa::generate(RSA_BITS)?)?,
         };
         Ok(TeeKeyPair { algorithm, key })
     }
@@ -422,22 +516,22 @@ impl TeeKeyPair {
 
     /// The public half as a JWK, for the runtime data.
     pub fn public_jwk(&self) -> Result<TeePubKey, JweError> {
-        match self.algorithm {
-            KeyAlgorithm::EcdhEsA256kw => {
-                let (x, y) = ec_coordinates(&self.key.ec_key()?)?;
+        match self.algorithm.curve() {
+            Some(curve) => {
+                let (x, y) = ec_coordinates(&self.key.ec_key()?, curve)?;
                 Ok(TeePubKey::EC {
-                    crv: P256.into(),
+                    crv: curve.jose_name().into(),
                     alg: ECDH_ES_A256KW.into(),
                     x: b64(&x),
                     y: b64(&y),
                 })
             }
-            KeyAlgorithm::RsaOaep256 => {
+            None => {
                 let rsa = self.key.rsa()?;
                 Ok(TeePubKey::RSA {
                     alg: RSA_OAEP_256.into(),
-                    n: b64(&rsa.n().to_vec()),
-                    e: b64(&rsa.e().to_vec()),
+                    k_mod: b64(&rsa.n().to_vec()),
+                    k_exp: b64(&rsa.e().to_vec()),
                 })
             }
         }
@@ -478,19 +572,22 @@ impl TeeKeyPair {
         if let Some(aad) = &jwe.aad {
             unb64("aad", aad)?;
         }
-        let cek = match self.algorithm {
-            KeyAlgorithm::EcdhEsA256kw => {
+        let cek = match self.algorithm.curve() {
+            Some(curve) => {
                 let epk = header
                     .epk
                     .ok_or_else(|| malformed("protected", "no epk for ECDH-ES"))?;
-                if epk.kty != "EC" || epk.crv != P256 {
-                    return Err(malformed("epk", "not a P-256 EC key"));
+                if epk.kty != "EC" || epk.crv != curve.jose_name() {
+                    return Err(malformed(
+                        "epk",
+                        format!("not a {} EC key", curve.jose_name()),
+                    ));
                 }
-                let peer = ec_public_key(&epk.x, &epk.y, "epk")?;
+                let peer = ec_public_key(curve, &epk.x, &epk.y, "epk")?;
                 let kek = ecdh_kek(&self.key, &peer).map_err(|_| JweError::Decrypt)?;
                 aes_unwrap(&kek, &encrypted_key)?
             }
-            KeyAlgorithm::RsaOaep256 => {
+            None => {
                 if header.epk.is_some() {
                     return Err(malformed("protected", "epk with RSA-OAEP-256"));
                 }
@@ -609,7 +706,40 @@ mod tests {
 
     #[test]
     fn ecdh_es_a256kw_round_trip() {
-        round_trip(KeyAlgorithm::EcdhEsA256kw);
+        round_trip(KeyAlgorithm::EcdhEsA256kwP256);
+    }
+
+    #[test]
+    fn ecdh_es_a256kw_on_p521_round_trip() {
+        round_trip(KeyAlgorithm::EcdhEsA256kwP521);
+        let pair = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP521).expect("key pair");
+        let TeePubKey::EC { crv, x, .. } = pair.public_jwk().expect("jwk") else {
+            panic!("EC key expected")
+        };
+        assert_eq!(crv, "P-521");
+        assert_eq!(URL_SAFE_NO_PAD.decode(x).expect("b64").len(), 66);
+    }
+
+    /// The header is what Trustee's client rebuilds from what it parsed
+    /// (kbs-types' `ProtectedHeader`: `alg`, `enc`, then the other members,
+    /// every object's keys sorted, no whitespace), byte for byte.
+    #[test]
+    fn protected_header_is_canonical() {
+        for algorithm in [KeyAlgorithm::EcdhEsA256kwP256, KeyAlgorithm::RsaOaep256] {
+            let pair = TeeKeyPair::generate(algorithm).expect("key pair");
+            let jwe = encrypt(&pair.public_jwk().expect("jwk"), b"x").expect("encrypts");
+            let text = String::from_utf8(URL_SAFE_NO_PAD.decode(&jwe.protected).expect("b64"))
+                .expect("utf-8");
+            let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let rebuilt = match value.get("epk") {
+                Some(epk) => format!(
+                    r#"{{"alg":{},"enc":{},"epk":{{"crv":{},"kty":{},"x":{},"y":{}}}}}"#,
+                    value["alg"], value["enc"], epk["crv"], epk["kty"], epk["x"], epk["y"]
+                ),
+                None => format!(r#"{{"alg":{},"enc":{}}}"#, value["alg"], value["enc"]),
+            };
+            assert_eq!(text, rebuilt, "{algorithm:?}");
+        }
     }
 
     #[test]
@@ -619,7 +749,7 @@ mod tests {
 
     #[test]
     fn header_of_another_algorithm_is_refused() {
-        let ec = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key pair");
+        let ec = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256).expect("key pair");
         let jwe = encrypt(&ec.public_jwk().expect("jwk"), b"x").expect("encrypts");
         let header =
             String::from_utf8(URL_SAFE_NO_PAD.decode(&jwe.protected).expect("b64")).expect("utf-8");
@@ -645,7 +775,7 @@ mod tests {
 
     #[test]
     fn unusable_public_keys_are_refused() {
-        let ec = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kw).expect("key pair");
+        let ec = TeeKeyPair::generate(KeyAlgorithm::EcdhEsA256kwP256).expect("key pair");
         let TeePubKey::EC { x, y, .. } = ec.public_jwk().expect("jwk") else {
             panic!("EC key expected")
         };
@@ -666,14 +796,39 @@ mod tests {
             y: y.clone(),
         };
         assert!(encrypt(&p384, b"x").is_err());
+        // P-256 coordinates named P-521: the wrong length.
+        let mislabelled = TeePubKey::EC {
+            crv: "P-521".into(),
+            alg: "ECDH-ES+A256KW".into(),
+            x: x.clone(),
+            y: y.clone(),
+        };
+        let error = encrypt(&mislabelled, b"x").expect_err("P-521 with 32-byte coordinates");
+        assert!(error.to_string().contains("66 bytes"), "{error}");
         let small = Rsa::generate(1024).expect("rsa");
         let small = TeePubKey::RSA {
             alg: "RSA-OAEP-256".into(),
-            n: b64(&small.n().to_vec()),
-            e: b64(&small.e().to_vec()),
+            k_mod: b64(&small.n().to_vec()),
+            k_exp: b64(&small.e().to_vec()),
         };
         let error = encrypt(&small, b"x").expect_err("1024-bit RSA");
         assert!(error.to_string().contains("2048"), "{error}");
+        let rsa = Rsa::generate(2048).expect("rsa");
+        let pkcs1 = TeePubKey::RSA {
+            alg: "RSA1_5".into(),
+            k_mod: b64(&rsa.n().to_vec()),
+            k_exp: b64(&rsa.e().to_vec()),
+        };
+        let error = encrypt(&pkcs1, b"x").expect_err("RSA1_5");
+        assert!(
+            error.to_string().contains("RSA1_5") && error.to_string().contains("RSA-OAEP-256"),
+            "{error}"
+        );
+        let akp = TeePubKey::AKP {
+            alg: "ML-KEM-768+A192KW".into(),
+            public_key: "AA".into(),
+        };
+        assert!(matches!(encrypt(&akp, b"x"), Err(JweError::UnusableKey(_))));
     }
 
     /// RFC 7518 Appendix C: ECDH-ES between Alice's ephemeral key and Bob's
@@ -682,18 +837,20 @@ mod tests {
     fn concat_kdf_matches_rfc7518_appendix_c() {
         let alice_d = unb64("d", "0_NxaRPUMQoAJt50Gz8YiTr8gRTwyEaCumd-MToTmIo").expect("d");
         let alice_public = ec_public_key(
+            Curve::P256,
             "gI0GAILBdu7T53akrFmMyGcsF3n5dO7MmwNBHKW5SV0",
             "SLW_xSffzlPWrHEVI30DHM_4egVwt3NQqeUD7nMFpps",
             "alice",
         )
         .expect("alice");
         let alice = EcKey::from_private_components(
-            p256().expect("group"),
+            Curve::P256.group().expect("group"),
             &BigNum::from_slice(&alice_d).expect("d"),
             alice_public.ec_key().expect("ec").public_key(),
         )
         .expect("alice private");
         let bob = ec_public_key(
+            Curve::P256,
             "weNJy2HscCSM6AEDTDg04biOvhFhyyWvOHQfeF_PxMQ",
             "e8lnCO-AlStT-NJVX-crhB7QRYhiix03illJOVAOyck",
             "bob",

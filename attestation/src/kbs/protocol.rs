@@ -1,7 +1,13 @@
-//! The Trustee KBS protocol (RCAR, kbs-types 0.4.0) on the wire: the JSON
+//! The Trustee KBS protocol (RCAR, version 0.4.0) on the wire: the JSON
 //! shapes of `/kbs/v0/auth`, `/kbs/v0/attest` and `/kbs/v0/resource`, the
-//! RFC 7807 error body, resource paths, and the binding of the runtime data
-//! into the report.
+//! RFC 7807 error body and Trustee's error type names, resource paths, and
+//! the binding of the runtime data into the report.
+//!
+//! The request and answer shapes are `kbs-types`' (the crate Trustee's KBS
+//! and client share), re-exported here. Two are this module's own, each
+//! saying why: [`AttestationToken`] (kbs-types has no type for the
+//! `/attest` answer) and [`JweResponse`] (the resource's JWE, whose
+//! protected header must keep the exact bytes its tag covers).
 //!
 //! This module owns only shapes and pure functions: it must never do I/O,
 //! and never decide whether evidence is acceptable (the verifier does).
@@ -12,13 +18,20 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The protocol version this crate speaks (`Request::version`).
+pub use kbs_types::{
+    Attestation, Challenge, CompositeEvidence, ErrorInformation, InitData, Request, RuntimeData,
+    Tee, TeePubKey,
+};
+
+/// The protocol version this crate speaks; Trustee's KBS requires exactly
+/// this one (`=0.4.0`).
 pub const PROTOCOL_VERSION: &str = "0.4.0";
 
 /// The cookie that carries the session between the three calls.
 pub const SESSION_COOKIE: &str = "kbs-session-id";
 
-/// The prefix of every RFC 7807 `type` URI, as Trustee spells it.
+/// The prefix of every RFC 7807 `type` URI, as Trustee's KBS writes it
+/// (`ERROR_TYPE_PREFIX` in its `kbs/src/error.rs`, plus the slash).
 pub const ERROR_TYPE_PREFIX: &str = "https://github.com/confidential-containers/kbs/errors/";
 
 /// Why a protocol value is malformed.
@@ -41,138 +54,27 @@ pub enum ProtocolError {
     Canonical(#[from] serde_json::Error),
 }
 
-/// The TEE a client attests from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tee {
-    /// AMD SEV-SNP.
-    Snp,
-    /// AMD SEV (no attestation report of its own).
-    Sev,
-    /// Intel TDX.
-    Tdx,
-    /// Intel SGX.
-    Sgx,
-    /// Arm CCA.
-    Cca,
-    /// Trustee's sample TEE: no hardware at all.
-    Sample,
+/// The name kbs-types (and so Trustee) gives a TEE on the wire: `snp`,
+/// `az-snp-vtpm`, `sample`, ...
+pub fn tee_name(tee: Tee) -> String {
+    serde_json::to_value(tee)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_else(|| format!("{tee:?}"))
 }
 
-impl fmt::Display for Tee {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tee::Snp => "snp",
-            Tee::Sev => "sev",
-            Tee::Tdx => "tdx",
-            Tee::Sgx => "sgx",
-            Tee::Cca => "cca",
-            Tee::Sample => "sample",
-        })
-    }
-}
-
-fn empty_extra_params() -> Value {
-    Value::String(String::new())
-}
-
-/// `POST /kbs/v0/auth` body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    /// Protocol version; this broker speaks 0.4.x.
-    pub version: String,
-    /// The TEE the client runs in.
-    pub tee: Tee,
-    /// TEE-specific parameters (unused for SNP).
-    #[serde(rename = "extra-params", default = "empty_extra_params")]
-    pub extra_params: Value,
-}
-
-/// `POST /kbs/v0/auth` answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Challenge {
-    /// Base64 (standard alphabet, padded) of 32 random bytes.
-    pub nonce: String,
-    /// TEE-specific parameters (unused for SNP).
-    #[serde(rename = "extra-params", default = "empty_extra_params")]
-    pub extra_params: Value,
-}
-
-/// The public half of the client's ephemeral key, as a JWK.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kty")]
-pub enum TeePubKey {
-    /// An elliptic-curve key (`crv` P-256, `alg` ECDH-ES+A256KW).
-    EC {
-        /// Curve name.
-        crv: String,
-        /// Key-management algorithm the key is for.
-        alg: String,
-        /// Base64url affine x coordinate.
-        x: String,
-        /// Base64url affine y coordinate.
-        y: String,
-    },
-    /// An RSA key (`alg` RSA-OAEP-256).
-    RSA {
-        /// Key-management algorithm the key is for.
-        alg: String,
-        /// Base64url modulus.
-        n: String,
-        /// Base64url public exponent.
-        e: String,
-    },
-}
-
-/// What the report binds: the challenge's nonce and the key the resource
-/// is encrypted to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuntimeData {
-    /// The nonce of the challenge, as received.
-    pub nonce: String,
-    /// The client's ephemeral public key.
-    #[serde(rename = "tee-pubkey")]
-    pub tee_pubkey: TeePubKey,
-}
-
-/// `POST /kbs/v0/attest` body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Attestation {
-    /// Initialisation data (unused by this broker).
-    #[serde(rename = "init-data", default, skip_serializing_if = "Option::is_none")]
-    pub init_data: Option<Value>,
-    /// The data whose binding the report carries.
-    #[serde(rename = "runtime-data")]
-    pub runtime_data: RuntimeData,
-    /// `{"primary_evidence": <SNP evidence JSON>, "additional_evidence": ""}`
-    /// (the bare evidence object is accepted too).
-    #[serde(rename = "tee-evidence")]
-    pub tee_evidence: Value,
-}
-
-impl Attestation {
-    /// Wraps SNP evidence in the composite form kbs-types 0.4.0 sends.
-    pub fn new(runtime_data: RuntimeData, snp_evidence: Value) -> Self {
-        Attestation {
-            init_data: None,
-            runtime_data,
-            tee_evidence: serde_json::json!({
-                "primary_evidence": snp_evidence,
-                "additional_evidence": "",
-            }),
-        }
-    }
-
-    /// The SNP evidence object, from the composite or the bare form.
-    pub fn primary_evidence(&self) -> &Value {
-        match self.tee_evidence.get("primary_evidence") {
-            Some(primary) => primary,
-            None => &self.tee_evidence,
-        }
+/// The `tee-evidence` of an SNP guest with no device evidence, as Trustee's
+/// client sends it.
+pub fn composite_evidence(snp_evidence: Value) -> CompositeEvidence {
+    CompositeEvidence {
+        primary_evidence: snp_evidence,
+        additional_evidence: String::new(),
     }
 }
 
 /// `POST /kbs/v0/attest` answer: a JWT signed by the broker (ES256).
+/// kbs-types has no type for it (Trustee's client reads it with a private
+/// struct of the same shape).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttestationToken {
     /// The compact JWS.
@@ -182,6 +84,12 @@ pub struct AttestationToken {
 /// `GET /kbs/v0/resource/...` answer: a JWE in the flattened JSON
 /// serialization (RFC 7516 section 7.2.2); every field base64url without
 /// padding. See [`super::jwe`].
+///
+/// It is the wire shape of kbs-types' `Response`, kept as text because
+/// that type re-serialises its protected header whenever it is written,
+/// with the key order of whatever `serde_json` features the build has
+/// (this workspace keeps insertion order); the bytes the tag covers are
+/// fixed once, canonically, by [`super::jwe`], and travel as they are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JweResponse {
     /// The protected header's JSON, base64url.
@@ -199,74 +107,79 @@ pub struct JweResponse {
     pub aad: Option<String>,
 }
 
-/// The kinds of refusal, each a Trustee error type URI.
+/// The kinds of refusal, each named by one of the error types of Trustee's
+/// KBS (the variants of `Error` in its `kbs/src/error.rs`), so that
+/// Trustee's client reads them as its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// The evidence did not verify, or its binding or nonce is wrong.
-    AttestationFailed,
-    /// A request that cannot be parsed or makes no sense.
-    InvalidRequest,
-    /// A protocol version this broker does not speak.
-    ProtocolVersion,
-    /// No session, or no valid credentials.
-    Unauthorized,
-    /// Valid credentials without the right to the call.
-    Forbidden,
-    /// The session's nonce was used or timed out.
-    ExpiredSession,
-    /// The attested guest does not satisfy the resource's release policy.
+    /// The admin API's bearer token is missing or not one of the broker's.
+    AdminAuthAccess,
+    /// `/auth` or `/attest` refused: a malformed request, another protocol
+    /// version or TEE, an unknown or spent session, evidence that fails.
+    AttestationError,
+    /// A path that names no resource (malformed, or nothing stored there).
+    InvalidRequestPath,
+    /// The resource could not be encrypted to the TEE's key.
+    JweError,
+    /// A release policy that does not parse (admin API).
+    ParsePolicyError,
+    /// The broker's store or audit log failed: nothing was released.
+    PluginInternalError,
+    /// A `/kbs/v0/` endpoint (a Trustee "plugin") this broker does not serve.
+    PluginNotFound,
+    /// The resource's release policy refuses the attested guest.
     PolicyDeny,
-    /// No such resource (or reference-value set).
-    ResourceNotFound,
-    /// The broker cannot serve now (retry later).
-    ServiceUnavailable,
-    /// The broker failed; nothing was released.
-    InternalError,
+    /// Reference values that cannot be registered (admin API).
+    RvpsError,
+    /// An admin request body that does not deserialize or make sense.
+    SerdeError,
+    /// A resource request with neither an attested session nor a token.
+    TokenNotFound,
+    /// A bearer token the broker did not issue, or no longer honours.
+    TokenVerifierError,
 }
 
 impl ErrorKind {
     /// Every kind, to map a type URI back.
-    pub const ALL: [ErrorKind; 10] = [
-        ErrorKind::AttestationFailed,
-        ErrorKind::InvalidRequest,
-        ErrorKind::ProtocolVersion,
-        ErrorKind::Unauthorized,
-        ErrorKind::Forbidden,
-        ErrorKind::ExpiredSession,
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::AdminAuthAccess,
+        ErrorKind::AttestationError,
+        ErrorKind::InvalidRequestPath,
+        ErrorKind::JweError,
+        ErrorKind::ParsePolicyError,
+        ErrorKind::PluginInternalError,
+        ErrorKind::PluginNotFound,
         ErrorKind::PolicyDeny,
-        ErrorKind::ResourceNotFound,
-        ErrorKind::ServiceUnavailable,
-        ErrorKind::InternalError,
+        ErrorKind::RvpsError,
+        ErrorKind::SerdeError,
+        ErrorKind::TokenNotFound,
+        ErrorKind::TokenVerifierError,
     ];
 
     /// The kind's name, the last segment of its type URI.
     pub fn name(self) -> &'static str {
         match self {
-            ErrorKind::AttestationFailed => "AttestationFailed",
-            ErrorKind::InvalidRequest => "InvalidRequest",
-            ErrorKind::ProtocolVersion => "ProtocolVersion",
-            ErrorKind::Unauthorized => "Unauthorized",
-            ErrorKind::Forbidden => "Forbidden",
-            ErrorKind::ExpiredSession => "ExpiredSession",
+            ErrorKind::AdminAuthAccess => "AdminAuthAccess",
+            ErrorKind::AttestationError => "AttestationError",
+            ErrorKind::InvalidRequestPath => "InvalidRequestPath",
+            ErrorKind::JweError => "JweError",
+            ErrorKind::ParsePolicyError => "ParsePolicyError",
+            ErrorKind::PluginInternalError => "PluginInternalError",
+            ErrorKind::PluginNotFound => "PluginNotFound",
             ErrorKind::PolicyDeny => "PolicyDeny",
-            ErrorKind::ResourceNotFound => "ResourceNotFound",
-            ErrorKind::ServiceUnavailable => "ServiceUnavailable",
-            ErrorKind::InternalError => "InternalError",
+            ErrorKind::RvpsError => "RvpsError",
+            ErrorKind::SerdeError => "SerdeError",
+            ErrorKind::TokenNotFound => "TokenNotFound",
+            ErrorKind::TokenVerifierError => "TokenVerifierError",
         }
     }
 
-    /// The HTTP status a refusal of this kind is answered with.
-    pub fn status(self) -> u16 {
+    /// The HTTP status Trustee's KBS answers this kind with: 404 for a
+    /// path that names nothing, 401 for everything else.
+    pub fn trustee_status(self) -> u16 {
         match self {
-            ErrorKind::InvalidRequest => 400,
-            ErrorKind::AttestationFailed
-            | ErrorKind::ProtocolVersion
-            | ErrorKind::Unauthorized
-            | ErrorKind::ExpiredSession => 401,
-            ErrorKind::Forbidden | ErrorKind::PolicyDeny => 403,
-            ErrorKind::ResourceNotFound => 404,
-            ErrorKind::ServiceUnavailable => 503,
-            ErrorKind::InternalError => 500,
+            ErrorKind::InvalidRequestPath | ErrorKind::PluginNotFound => 404,
+            _ => 401,
         }
     }
 
@@ -280,38 +193,49 @@ impl ErrorKind {
         let name = uri.strip_prefix(ERROR_TYPE_PREFIX)?;
         Self::ALL.into_iter().find(|kind| kind.name() == name)
     }
-}
 
-/// An RFC 7807 problem body, as Trustee answers every refusal.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorInformation {
-    /// `https://github.com/confidential-containers/kbs/errors/<Kind>`.
-    #[serde(rename = "type")]
-    pub error_type: String,
-    /// What is wrong, for a person.
-    pub detail: String,
-}
-
-impl ErrorInformation {
-    /// A problem of `kind`.
-    pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
+    /// An RFC 7807 problem of this kind.
+    pub fn problem(self, detail: impl Into<String>) -> ErrorInformation {
         ErrorInformation {
-            error_type: kind.type_uri(),
+            error_type: self.type_uri(),
             detail: detail.into(),
         }
     }
 }
 
-/// The 64 bytes a report's `report_data` must hold for `runtime_data`:
-/// SHA-384 of its RFC 8785 canonical JSON, zero-padded.
+/// What the primary evidence's runtime data is, as Trustee's client
+/// builds it and Trustee's KBS checks it (`kbs/src/attestation/backend.rs`):
+/// the runtime data and the additional evidence string exactly as sent.
+#[derive(Serialize)]
+struct PrimaryRuntimeData<'a> {
+    #[serde(rename = "tee-pubkey")]
+    tee_pubkey: &'a TeePubKey,
+    nonce: &'a str,
+    #[serde(rename = "additional-evidence")]
+    additional_evidence: &'a str,
+}
+
+/// The 64 bytes the report's `report_data` must hold: SHA-384 of the
+/// RFC 8785 canonical JSON of `{"tee-pubkey", "nonce",
+/// "additional-evidence"}` (the runtime data's two fields, and the
+/// composite evidence's `additional_evidence` string as sent), zero-padded.
+/// That is the binding of Trustee's client and KBS for every TEE but IBM
+/// SE, SNP included.
 ///
 /// RFC 8785 (JCS) fixes key order, whitespace and number and string
 /// escapes, so the guest and the broker hash the same bytes whatever JSON
-/// library either uses; `serde_json_canonicalizer` is a maintained,
-/// dependency-light implementation of exactly that RFC (plain
-/// `serde_json::to_vec` keeps insertion order and is no canonical form).
-pub fn runtime_data_binding(runtime_data: &RuntimeData) -> Result<[u8; 64], ProtocolError> {
-    let canonical = serde_json_canonicalizer::to_vec(runtime_data)?;
+/// library either uses; `serde_json_canonicalizer` is the implementation
+/// Trustee itself uses (plain `serde_json::to_vec` keeps insertion order
+/// and is no canonical form).
+pub fn runtime_data_binding(
+    runtime_data: &RuntimeData,
+    additional_evidence: &str,
+) -> Result<[u8; 64], ProtocolError> {
+    let canonical = serde_json_canonicalizer::to_vec(&PrimaryRuntimeData {
+        tee_pubkey: &runtime_data.tee_pubkey,
+        nonce: &runtime_data.nonce,
+        additional_evidence,
+    })?;
     let digest = openssl::sha::sha384(&canonical);
     let mut binding = [0u8; 64];
     binding[..48].copy_from_slice(&digest);
@@ -405,7 +329,7 @@ pub fn check_name(name: &str) -> Result<(), ProtocolError> {
     }
 }
 
-/// `PUT /admin/v0/reference-values/<name>` body.
+/// `PUT /admin/v0/reference-values/<repository>/<name>` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReferenceValuesBody {
@@ -417,12 +341,17 @@ pub struct ReferenceValuesBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourceBody {
-    /// The secret, base64 (standard alphabet, padded).
-    pub data: String,
-    /// The release policy, an [`crate::policy::AppraisalPolicy`] in TOML.
+    /// The secret, base64 (standard alphabet, padded). Absent: the
+    /// resource keeps the secret it has, or, new, gets one the broker
+    /// generates at its first release (32 random bytes), which no one
+    /// outside the broker and the attested guest ever sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// The release policy, a [`super::release_policy::ReleasePolicy`] in
+    /// TOML.
     pub policy: String,
-    /// Names of reference-value sets whose measurements the resource
-    /// also accepts.
+    /// Names of the repository's reference-value sets whose measurements
+    /// the resource also accepts.
     #[serde(default)]
     pub reference_values: Vec<String>,
 }
@@ -437,6 +366,42 @@ pub struct ResourceSummary {
     pub policy: String,
     /// The reference-value sets it accepts.
     pub reference_values: Vec<String>,
+    /// Whether it holds a secret yet (false: generated at the first
+    /// release).
+    #[serde(default)]
+    pub has_data: bool,
+}
+
+/// `PUT /admin/v0/announcements/<repository>/<vm>` body: what the
+/// operator says it runs for a tenant. Information for the tenant only:
+/// it never changes what the broker releases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnouncementBody {
+    /// The image id the VM boots (hex SHA-256 of its manifest).
+    pub image: String,
+    /// The launch measurement the operator expects, 96 hex digits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_measurement: Option<String>,
+}
+
+/// One entry of `GET /admin/v0/announcements`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Announcement {
+    /// The tenant's repository.
+    pub repository: String,
+    /// The VM's id.
+    pub vm: String,
+    /// The image id it boots, as announced.
+    pub image: String,
+    /// The operator's expected measurement, as announced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_measurement: Option<String>,
+    /// The admin token's holder that announced it.
+    pub announced_by: String,
+    /// When (RFC 3339).
+    pub updated: String,
 }
 
 #[cfg(test)]
@@ -453,40 +418,38 @@ mod tests {
     }
 
     #[test]
-    fn shapes_match_kbs_types() {
+    fn shapes_are_kbs_types() {
         let request: Request =
-            serde_json::from_str(r#"{"version":"0.4.0","tee":"snp"}"#).expect("request");
+            serde_json::from_str(r#"{"version":"0.4.0","tee":"snp","extra-params":""}"#)
+                .expect("request");
         assert_eq!(request.tee, Tee::Snp);
-        assert_eq!(request.extra_params, Value::String(String::new()));
-        let sample: Request =
-            serde_json::from_str(r#"{"version":"0.4.0","tee":"sample","extra-params":""}"#)
-                .expect("sample");
-        assert_eq!(sample.tee, Tee::Sample);
+        for (tee, name) in [
+            (Tee::Snp, "snp"),
+            (Tee::AzSnpVtpm, "az-snp-vtpm"),
+            (Tee::Sample, "sample"),
+            (Tee::NvidiaDpu, "nvidia-dpu"),
+        ] {
+            assert_eq!(tee_name(tee), name);
+        }
+        // `sev` is no TEE of the protocol: a parse error, not a value.
+        assert!(serde_json::from_str::<Request>(
+            r#"{"version":"0.4.0","tee":"sev","extra-params":""}"#
+        )
+        .is_err());
 
-        let attestation = Attestation::new(
-            RuntimeData {
+        let attestation = Attestation {
+            init_data: None,
+            runtime_data: RuntimeData {
                 nonce: "n".into(),
                 tee_pubkey: ec_key(),
             },
-            serde_json::json!({"attestation_report": {}}),
-        );
+            tee_evidence: composite_evidence(serde_json::json!({"attestation_report": {}})),
+        };
         let json = serde_json::to_value(&attestation).expect("serializes");
-        assert!(json.get("init-data").is_none());
         assert_eq!(json["runtime-data"]["tee-pubkey"]["kty"], "EC");
-        assert_eq!(
-            json["tee-evidence"]["primary_evidence"]["attestation_report"],
-            serde_json::json!({})
-        );
         assert_eq!(json["tee-evidence"]["additional_evidence"], "");
 
-        let bare: Attestation = serde_json::from_value(serde_json::json!({
-            "runtime-data": {"nonce": "n", "tee-pubkey": {"kty": "RSA", "alg": "RSA-OAEP-256", "n": "AQ", "e": "AQAB"}},
-            "tee-evidence": {"attestation_report": {"version": 3}}
-        }))
-        .expect("bare evidence");
-        assert_eq!(bare.primary_evidence()["attestation_report"]["version"], 3);
-
-        let error = ErrorInformation::new(ErrorKind::PolicyDeny, "measurement");
+        let error = ErrorKind::PolicyDeny.problem("measurement");
         let json = serde_json::to_value(&error).expect("serializes");
         assert_eq!(
             json["type"],
@@ -496,22 +459,27 @@ mod tests {
             ErrorKind::from_type_uri(&error.error_type),
             Some(ErrorKind::PolicyDeny)
         );
+        assert_eq!(ErrorKind::PolicyDeny.trustee_status(), 401);
+        assert_eq!(ErrorKind::InvalidRequestPath.trustee_status(), 404);
     }
 
     #[test]
-    fn binding_is_canonical() {
+    fn binding_is_trustees() {
         let runtime_data = RuntimeData {
             nonce: "abc".into(),
             tee_pubkey: ec_key(),
         };
-        // The same object with its keys in another order and with spaces.
-        let reordered = r#"{ "tee-pubkey": {"y":"y","x":"x","kty":"EC","alg":"ECDH-ES+A256KW","crv":"P-256"}, "nonce": "abc" }"#;
-        let parsed: RuntimeData = serde_json::from_str(reordered).expect("parses");
-        let binding = runtime_data_binding(&runtime_data).expect("binding");
-        assert_eq!(binding, runtime_data_binding(&parsed).expect("binding"));
-        let canonical = br#"{"nonce":"abc","tee-pubkey":{"alg":"ECDH-ES+A256KW","crv":"P-256","kty":"EC","x":"x","y":"y"}}"#;
+        let binding = runtime_data_binding(&runtime_data, "").expect("binding");
+        // Exactly what Trustee's client hashes: the three keys sorted, the
+        // JWK's keys sorted, no whitespace.
+        let canonical = br#"{"additional-evidence":"","nonce":"abc","tee-pubkey":{"alg":"ECDH-ES+A256KW","crv":"P-256","kty":"EC","x":"x","y":"y"}}"#;
         assert_eq!(binding[..48], openssl::sha::sha384(canonical));
         assert_eq!(binding[48..], [0; 16]);
+        // The additional evidence string is bound as sent.
+        assert_ne!(
+            binding,
+            runtime_data_binding(&runtime_data, "{}").expect("binding")
+        );
     }
 
     #[test]

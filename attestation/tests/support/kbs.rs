@@ -10,10 +10,10 @@ use std::time::Duration;
 use hsev_attestation::certs::parse_certificate_table;
 use hsev_attestation::firmware::simulated::{SimInit, SimulatedFirmware};
 use hsev_attestation::firmware::{GuestRequest, GuestResponse, LaunchFinish, LaunchedGuest};
-use hsev_attestation::kbs::client::{AdminClient, KbsClient};
+use hsev_attestation::kbs::client::{AdminClient, KbsClient, SpkiPin};
 use hsev_attestation::report::{AttestationReport, SnpEvidence};
 
-pub use hsev_e2e::kbs::{Kbs, KbsMode, KBS_ADMIN as ADMIN_TOKEN};
+pub use hsev_e2e::kbs::{reader_token, tenant_token, Kbs, KbsMode, KBS_OPERATOR};
 /// Launch policy of a normal guest: SMT allowed, ABI 0.0, no debug.
 pub const GUEST_POLICY: u64 = 0x30000;
 /// The same with the DEBUG bit (19) set.
@@ -79,12 +79,53 @@ pub fn evidence(
     .to_json())
 }
 
-/// A client of `kbs`'s guest protocol.
-pub fn guest_client(kbs: &Kbs) -> KbsClient {
-    KbsClient::new(&kbs.url(), Duration::from_secs(30)).expect("client")
+/// The pin of `kbs`'s TLS key (none for a plain-HTTP broker).
+pub fn pin(kbs: &Kbs) -> Option<SpkiPin> {
+    kbs.url().starts_with("https://").then(|| {
+        kbs.pin()
+            .parse()
+            .expect("hsev-kbs fingerprint prints a pin")
+    })
 }
 
-/// A client of `kbs`'s admin API, with its admin token.
-pub fn admin_client(kbs: &Kbs) -> AdminClient {
-    AdminClient::new(&kbs.url(), ADMIN_TOKEN, Duration::from_secs(30)).expect("admin client")
+/// A client of `kbs`'s guest protocol, pinning its key.
+pub fn guest_client(kbs: &Kbs) -> KbsClient {
+    KbsClient::new(&kbs.url(), pin(kbs), Duration::from_secs(30)).expect("client")
+}
+
+/// A client of `kbs`'s admin API with the token of the tenant whose
+/// repository is `repository`.
+pub fn admin_client(kbs: &Kbs, repository: &str) -> AdminClient {
+    AdminClient::new(
+        &kbs.url(),
+        pin(kbs),
+        &tenant_token(repository),
+        Duration::from_secs(30),
+    )
+    .expect("admin client")
+}
+
+/// A client of `kbs`'s admin API with the reader token of `repository`.
+pub fn reader_client(kbs: &Kbs, repository: &str) -> AdminClient {
+    AdminClient::new(
+        &kbs.url(),
+        pin(kbs),
+        &reader_token(repository),
+        Duration::from_secs(30),
+    )
+    .expect("reader client")
+}
+
+/// A client of `kbs`'s admin API with the operator's token.
+pub fn operator_client(kbs: &Kbs) -> AdminClient {
+    AdminClient::new(&kbs.url(), pin(kbs), KBS_OPERATOR, Duration::from_secs(30))
+        .expect("admin client")
+}
+
+/// A raw ureq agent of `config` that reaches `kbs` (pinning its key).
+pub fn raw_agent(kbs: &Kbs, config: ureq::config::Config) -> ureq::Agent {
+    match pin(kbs) {
+        Some(pin) => hsev_attestation::kbs::tls::pinned_agent(config, pin).expect("agent"),
+        None => config.into(),
+    }
 }

@@ -118,6 +118,7 @@ pub fn spec_from_proto(spec: v1::VmSpec) -> Result<VmSpec, OpError> {
         placement: placement_from_proto(spec.placement.unwrap_or_default())?,
         ha: ha_from_proto(spec.ha)?,
         ha_priority: spec.ha_priority,
+        labels: spec.labels.into_iter().collect(),
     })
 }
 
@@ -274,6 +275,11 @@ pub fn vm_to_proto(vm: &VmRecord, simulated_firmware: bool) -> v1::Vm {
             placement: Some(placement_to_proto(&spec.placement)),
             ha: ha_to_proto(spec.ha).into(),
             ha_priority: spec.ha_priority,
+            labels: spec
+                .labels
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect(),
         }),
         state: state_to_proto(vm.state).into(),
         state_reason: vm.state_reason.clone(),

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use hsev_xapi::cli::{
-    attest, completions, firmware, host, idkey, image, measure, output, pool, vm,
+    attest, completions, firmware, host, idkey, image, kbs, measure, output, pool, slapos, vm,
 };
 
 /// HyperSEV: confidential virtual machines on AMD SEV-SNP.
@@ -40,6 +40,12 @@ enum Command {
     Pool(pool::PoolArgs),
     /// Guest images: import (admins), list, show.
     Image(image::ImageArgs),
+    /// Your key broker: pin your VMs' release policies (tenants), announce
+    /// a VM (the operator).
+    Kbs(kbs::KbsArgs),
+    /// HyperSEV as a compute node of a SlapOS master.
+    #[command(subcommand)]
+    Slapos(slapos::SlaposCommand),
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completions(completions::CompletionsArgs),
 }
@@ -64,6 +70,20 @@ fn main() -> ExitCode {
         Command::Host(args) => host::run(&args),
         Command::Pool(args) => pool::run(&args),
         Command::Image(args) => image::run(&args),
+        Command::Kbs(args) => kbs::run(&args),
+        Command::Slapos(command) => slapos::run(&command),
         Command::Completions(args) => completions::run(&args, &mut Cli::command()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand's arguments are well formed (unique names, no
+    /// clashing flags): clap checks them only when a command is built.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
     }
 }

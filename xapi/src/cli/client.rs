@@ -661,7 +661,7 @@ impl RemoteError {
     }
 
     /// The message, with the endpoint for an unavailable daemon.
-    fn message(&self, endpoint: &Endpoint) -> String {
+    pub fn message(&self, endpoint: &Endpoint) -> String {
         match self {
             RemoteError::Status(status) if status.code() == Code::Unavailable => {
                 format!("cannot reach hsevd at {endpoint}: {}", status_text(status))
@@ -732,6 +732,18 @@ pub fn run<F>(args: &ConnectionArgs, operation: F) -> ExitCode
 where
     F: AsyncFnOnce(&Connection) -> Result<ExitCode, RemoteError>,
 {
+    run_with_exit_codes(args, operation, RemoteError::exit_code)
+}
+
+/// [`run`], with `exit_code` giving the exit code of each error.
+pub fn run_with_exit_codes<F>(
+    args: &ConnectionArgs,
+    operation: F,
+    exit_code: impl Fn(&RemoteError) -> u8,
+) -> ExitCode
+where
+    F: AsyncFnOnce(&Connection) -> Result<ExitCode, RemoteError>,
+{
     let settings = match Settings::resolve(args) {
         Ok(settings) => settings,
         Err(message) => {
@@ -760,7 +772,7 @@ where
                 "hsev: error: {}",
                 settings.redact(&error.message(&settings.endpoint))
             );
-            ExitCode::from(error.exit_code())
+            ExitCode::from(exit_code(&error))
         }
     }
 }
@@ -811,8 +823,16 @@ pub fn progress_line(progress: &Progress) -> String {
 pub async fn follow_progress(
     response: tonic::Response<tonic::Streaming<Progress>>,
 ) -> Result<Option<Vm>, RemoteError> {
+    follow_progress_to(response, std::io::stderr()).await
+}
+
+/// [`follow_progress`], printing on `out`.
+pub async fn follow_progress_to<W: Write>(
+    response: tonic::Response<tonic::Streaming<Progress>>,
+    out: W,
+) -> Result<Option<Vm>, RemoteError> {
     let mut stream = response.into_inner();
-    let mut printer = ProgressPrinter::new(std::io::stderr());
+    let mut printer = ProgressPrinter::new(out);
     while let Some(progress) = stream.message().await? {
         printer.record(progress);
     }

@@ -3,6 +3,11 @@
 //! measurement the VM must show. The host computes the same with the same
 //! code ([`crate::launch`]); the tenant's figure is the one its release
 //! policy pins and its ID block signs.
+//!
+//! The guest's key broker binding (URL, pin, repository) is measured with
+//! the command line: given by the tenant, it is the tenant's; otherwise it
+//! is the host's word, and a host that pointed the guest elsewhere would be
+//! measured as it chose.
 
 use std::path::Path;
 
@@ -12,7 +17,7 @@ use super::output::InputError;
 use crate::api::vm::spec_from_proto;
 use crate::launch::manifest::ImageFolder;
 use crate::launch::{self, ImageBytes};
-use crate::model::{VmId, VmSpec};
+use crate::model::{KeyBrokerBinding, VmId, VmSpec};
 
 /// A VM's expected launch measurement as its tenant computes it.
 #[derive(Debug)]
@@ -27,13 +32,22 @@ pub struct TenantMeasurement {
 
 /// Computes `vm`'s launch measurement from the image whose manifest is at
 /// `manifest` (a file or its folder): every artifact's sha256 is checked
-/// first, and the VM must boot that very image.
-pub fn measure_vm(vm: &v1::Vm, manifest: &Path) -> Result<TenantMeasurement, InputError> {
+/// first, and the VM must boot that very image. With `key_broker`, the
+/// guest's command line names that broker (the tenant's), whatever the
+/// host says.
+pub fn measure_vm(
+    vm: &v1::Vm,
+    manifest: &Path,
+    key_broker: Option<KeyBrokerBinding>,
+) -> Result<TenantMeasurement, InputError> {
     let spec = vm
         .spec
         .clone()
         .ok_or_else(|| InputError("hsevd sent a VM without its spec".into()))?;
-    let spec = spec_from_proto(spec).map_err(|error| InputError(error.message))?;
+    let mut spec = spec_from_proto(spec).map_err(|error| InputError(error.message))?;
+    if key_broker.is_some() {
+        spec.key_broker = key_broker;
+    }
     let folder = ImageFolder::read(manifest)?;
     if folder.image_id() != spec.image {
         return Err(InputError(format!(

@@ -20,6 +20,7 @@ use hsev_proto::v1::{
     MigrateVmRequest, MinimumTcb, Placement, PortForward, RootOrigin, SetVmHaRequest,
     SetVmIdBlockRequest, StopVmRequest, Vm, VmRef, VmSpec, VmState, WaitVmRequest,
 };
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::attest::{appraise_with, evidence_endorsement, print_appraisal};
@@ -76,6 +77,13 @@ pub enum VmCommand {
     /// Set the owner's SNP ID block of a stopped sev-snp VM (signed here
     /// with your ID key over the measurement computed here), or remove it.
     IdBlock(IdBlockArgs),
+    /// Make a VM what its spec file says (TOML or JSON): create it, change
+    /// its labels, leave it as it is, or re-create it with --recreate; says
+    /// which.
+    Apply(super::vm_apply::ApplyArgs),
+    /// One line and an exit code: 0 running (its disk key released, if it
+    /// has an encrypted disk), 1 stopped or absent, 2 anything else.
+    Status(super::vm_status::StatusArgs),
     /// Set what the pool does with a VM that is not running when its host
     /// fails: restart it elsewhere (`--ha restart`) or not (`--ha none`).
     Set(SetArgs),
@@ -123,7 +131,8 @@ pub struct SetArgs {
 }
 
 /// How a VM's memory is protected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// An ordinary VM: the host can read its memory.
     None,
@@ -246,6 +255,10 @@ pub struct CreateArgs {
     /// vCPU model the measurement uses (e.g. EPYC-v4); default: the host's.
     #[arg(long, value_name = "TYPE")]
     vcpu_type: Option<String>,
+    /// A label, KEY=VALUE (the one thing that changes after creation, with
+    /// `hsev vm apply`). Repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
     /// Start the VM once created.
     #[arg(long)]
     start: bool,
@@ -261,8 +274,8 @@ pub struct PlacementArgs {
     #[arg(long = "host", value_name = "NAME")]
     host: Option<String>,
     /// A label the host must carry (hsevd.toml `labels`). Repeatable.
-    #[arg(long = "label", value_name = "LABEL")]
-    labels: Vec<String>,
+    #[arg(long = "host-label", value_name = "LABEL")]
+    host_labels: Vec<String>,
     /// Never on a host holding a VM of this group.
     #[arg(long, value_name = "GROUP")]
     anti_affinity: Option<String>,
@@ -282,7 +295,7 @@ impl PlacementArgs {
     fn to_proto(&self) -> Placement {
         Placement {
             host: self.host.clone().unwrap_or_default(),
-            labels: self.labels.clone(),
+            labels: self.host_labels.clone(),
             anti_affinity: self.anti_affinity.clone().unwrap_or_default(),
             affinity: self.affinity.clone().unwrap_or_default(),
             driver: self.driver.clone().unwrap_or_default(),
@@ -292,7 +305,7 @@ impl PlacementArgs {
 }
 
 /// `fmc=..,bl=..,tee=..,snp=..,ucode=..`, any subset.
-fn parse_minimum_tcb(text: &str) -> Result<MinimumTcb, String> {
+pub(crate) fn parse_minimum_tcb(text: &str) -> Result<MinimumTcb, String> {
     let mut tcb = MinimumTcb::default();
     for part in text.split(',') {
         let (name, value) = part
@@ -347,6 +360,17 @@ pub struct KeyBrokerArgs {
 }
 
 impl KeyBrokerArgs {
+    /// The binding as the launch code measures it.
+    fn binding(&self) -> Result<Option<crate::model::KeyBrokerBinding>, RemoteError> {
+        Ok(self
+            .to_proto()?
+            .map(|broker| crate::model::KeyBrokerBinding {
+                guest_url: broker.url,
+                pin: broker.pin,
+                repository: broker.repository,
+            }))
+    }
+
     fn to_proto(&self) -> Result<Option<KeyBroker>, RemoteError> {
         match (&self.url, &self.repository) {
             (None, None) if self.pin.is_none() => Ok(None),
@@ -406,6 +430,10 @@ pub struct MeasureVmArgs {
     /// Your copy of the VM's image (its manifest.json or folder).
     #[arg(long, value_name = "FILE")]
     image_manifest: PathBuf,
+    /// The key broker you gave the VM (measured on its command line);
+    /// without it, the host's word is measured.
+    #[command(flatten)]
+    key_broker: KeyBrokerArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -436,6 +464,11 @@ pub struct AttestArgs {
     /// is the one the evidence must carry.
     #[arg(long, value_name = "FILE")]
     image_manifest: Option<PathBuf>,
+    /// The key broker you gave the VM (measured on its command line, so a
+    /// host that points the guest elsewhere fails the measurement); without
+    /// it, the host's word is measured.
+    #[command(flatten)]
+    key_broker: KeyBrokerArgs,
     /// Your appraisal policy (TOML); its report_data and host_data are set
     /// here to the nonce's binding and the VM's id.
     #[arg(long, value_name = "FILE")]
@@ -554,7 +587,7 @@ pub struct WaitArgs {
 }
 
 /// A guest policy in hex, with or without `0x`.
-fn parse_policy(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_policy(text: &str) -> Result<u64, String> {
     let digits = text
         .strip_prefix("0x")
         .or_else(|| text.strip_prefix("0X"))
@@ -564,7 +597,7 @@ fn parse_policy(text: &str) -> Result<u64, String> {
 }
 
 /// `NAME:SIZE_MIB`.
-fn parse_disk(text: &str) -> Result<DiskSpec, String> {
+pub(crate) fn parse_disk(text: &str) -> Result<DiskSpec, String> {
     let (name, size) = text
         .rsplit_once(':')
         .ok_or_else(|| "expected NAME:SIZE_MIB, e.g. data:1024".to_owned())?;
@@ -581,7 +614,7 @@ fn parse_disk(text: &str) -> Result<DiskSpec, String> {
 }
 
 /// `HOSTPORT:GUESTPORT`.
-fn parse_forward(text: &str) -> Result<PortForward, String> {
+pub(crate) fn parse_forward(text: &str) -> Result<PortForward, String> {
     let (host, guest) = text
         .split_once(':')
         .ok_or_else(|| "expected HOSTPORT:GUESTPORT, e.g. 2222:22".to_owned())?;
@@ -600,8 +633,43 @@ fn parse_forward(text: &str) -> Result<PortForward, String> {
     })
 }
 
+/// `KEY=VALUE`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| "expected KEY=VALUE, e.g. team=db".to_owned())?;
+    let labels = std::iter::once((key.to_owned(), value.to_owned())).collect();
+    crate::model::check_labels(&labels)?;
+    Ok((key.to_owned(), value.to_owned()))
+}
+
 /// Runs a VM command.
 pub fn run(args: &VmArgs) -> ExitCode {
+    match &args.command {
+        VmCommand::Apply(apply) => {
+            // The spec is checked before any connection: a bad one is
+            // refused even when hsevd is unreachable.
+            let desired = match super::vm_apply::load(apply) {
+                Ok(desired) => desired,
+                Err(error) => {
+                    eprintln!("hsev: error: {error}");
+                    return ExitCode::from(2);
+                }
+            };
+            return client::run(&args.connection, async |connection| {
+                super::vm_apply::execute(connection, apply, &desired).await
+            });
+        }
+        VmCommand::Status(_) => {
+            // Whatever goes wrong, the VM's status is unknown: 2.
+            return client::run_with_exit_codes(
+                &args.connection,
+                async |connection| execute(connection, &args.command).await,
+                |_| 2,
+            );
+        }
+        _ => {}
+    }
     if let VmCommand::Create(create) = &args.command {
         if create.policy.is_some() && create.mode == Mode::None {
             eprintln!("hsev: error: --policy applies to SEV modes only, not to --mode none");
@@ -655,6 +723,7 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                     placement: Some(args.placement.to_proto()),
                     ha: HaPolicy::from(args.ha).into(),
                     ha_priority: args.ha_priority,
+                    labels: args.labels.iter().cloned().collect(),
                 }),
                 // With an ID block, started once it is set.
                 start: args.start && !args.id_block.given(),
@@ -673,7 +742,8 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                 return finish(vm, args.output);
             }
             let vm = vm.ok_or_else(|| RemoteError::Failed("hsevd sent no VM".into()))?;
-            let mut vm = set_id_block(connection, &vm, &args.id_block).await?;
+            let mut vm =
+                set_id_block(connection, &vm, &args.id_block, args.key_broker.binding()?).await?;
             if args.start {
                 vm = follow_progress(vms.start_vm(vm_ref(&vm.id)).await?)
                     .await?
@@ -683,8 +753,12 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
         }
         VmCommand::Measure(args) => {
             let vm = vms.get_vm(vm_ref(&args.vm)).await?.into_inner();
-            let ours = measure_vm(&vm, &args.image_manifest)
-                .map_err(|error| RemoteError::Input(error.0))?;
+            let ours = measure_vm(
+                &vm,
+                &args.image_manifest,
+                tenants_binding(&vm, &args.key_broker)?,
+            )
+            .map_err(|error| RemoteError::Input(error.0))?;
             let equal = ours.measurement == vm.expected_measurement;
             match args.output {
                 OutputFormat::Json => print_json(&json!({
@@ -730,7 +804,7 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
                 };
                 vms.set_vm_id_block(request).await?.into_inner()
             } else if args.source.given() {
-                set_id_block(connection, &vm, &args.source).await?
+                set_id_block(connection, &vm, &args.source, None).await?
             } else {
                 return Err(RemoteError::Input(
                     "give --id-key (with --image-manifest), --id-block and --id-auth, or --remove"
@@ -808,6 +882,12 @@ async fn execute(connection: &Connection, command: &VmCommand) -> Result<ExitCod
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Console(args) => console(connection, args).await,
+        VmCommand::Apply(args) => {
+            let desired = super::vm_apply::load(args)
+                .map_err(|error| RemoteError::Input(error.to_string()))?;
+            super::vm_apply::execute(connection, args, &desired).await
+        }
+        VmCommand::Status(args) => super::vm_status::execute(connection, args).await,
         VmCommand::Wait(args) => {
             let request = WaitVmRequest {
                 vm: args.vm.clone(),
@@ -833,7 +913,8 @@ async fn attest(connection: &Connection, args: &AttestArgs) -> Result<ExitCode, 
         None => AppraisalPolicy::default(),
     };
     if let Some(manifest) = &args.image_manifest {
-        let ours = measure_vm(&vm, manifest).map_err(input)?;
+        let ours =
+            measure_vm(&vm, manifest, tenants_binding(&vm, &args.key_broker)?).map_err(input)?;
         let measurement: [u8; 48] = ours.measurement.as_slice().try_into().map_err(|_| {
             RemoteError::Input(format!("VM {} is not an sev-snp VM", ours.spec.name))
         })?;
@@ -928,11 +1009,62 @@ fn save_evidence(
     Ok(())
 }
 
-/// Signs (or reads) `vm`'s ID block and sets it.
+/// The key broker binding to measure `vm` with: the tenant's flags, or, with
+/// a warning, the host's word.
+fn tenants_binding(
+    vm: &Vm,
+    flags: &KeyBrokerArgs,
+) -> Result<Option<crate::model::KeyBrokerBinding>, RemoteError> {
+    let binding = flags.binding()?;
+    let host_names_one = vm
+        .spec
+        .as_ref()
+        .is_some_and(|spec| spec.key_broker.is_some());
+    if binding.is_none() && host_names_one {
+        eprintln!(
+            "hsev: warning: measuring the key broker the host says the guest uses; give \
+             --key-broker, --key-broker-pin and --key-broker-repository (yours) to check it"
+        );
+    }
+    Ok(binding)
+}
+
+/// Signs `vm`'s ID block with `source`'s ID key, over the measurement
+/// computed here from its image manifest, and sets it (`hsev vm apply`);
+/// with `key_broker` (the tenant's), the measurement names that broker.
+pub(crate) async fn sign_id_block(
+    connection: &Connection,
+    vm: &Vm,
+    source: &super::vm_spec::IdKeySource,
+    key_broker: Option<&KeyBroker>,
+) -> Result<Vm, RemoteError> {
+    let source = IdBlockSource {
+        id_key: Some(source.id_key.clone()),
+        author_key: source.author_key.clone(),
+        image_manifest: Some(source.image_manifest.clone()),
+        fields: IdBlockFields {
+            family_id: None,
+            image_id: None,
+            guest_svn: 0,
+        },
+        id_block: None,
+        id_auth: None,
+    };
+    let binding = key_broker.map(|broker| crate::model::KeyBrokerBinding {
+        guest_url: broker.url.clone(),
+        pin: broker.pin.clone(),
+        repository: broker.repository.clone(),
+    });
+    set_id_block(connection, vm, &source, binding).await
+}
+
+/// Signs (or reads) `vm`'s ID block and sets it; with `key_broker`, the
+/// measurement it signs names that broker.
 async fn set_id_block(
     connection: &Connection,
     vm: &Vm,
     source: &IdBlockSource,
+    key_broker: Option<crate::model::KeyBrokerBinding>,
 ) -> Result<Vm, RemoteError> {
     let input = |error: InputError| RemoteError::Input(error.0);
     let (block, auth) = match (&source.id_key, &source.id_block, &source.id_auth) {
@@ -941,7 +1073,7 @@ async fn set_id_block(
                 .image_manifest
                 .as_deref()
                 .ok_or_else(|| RemoteError::Input("--id-key needs --image-manifest".into()))?;
-            let ours = measure_vm(vm, manifest).map_err(input)?;
+            let ours = measure_vm(vm, manifest, key_broker).map_err(input)?;
             let launch_digest: [u8; 48] = ours.measurement.as_slice().try_into().map_err(|_| {
                 RemoteError::Input(format!("VM {} is not an sev-snp VM", ours.spec.name))
             })?;
@@ -1057,7 +1189,8 @@ pub fn mode_name(mode: i32) -> String {
     }
 }
 
-fn attestation_state_name(attestation: Option<&AttestationStatus>) -> String {
+/// The name of an attestation state (`-` when there is none).
+pub fn attestation_state_name(attestation: Option<&AttestationStatus>) -> String {
     let Some(attestation) = attestation else {
         return "-".to_owned();
     };
@@ -1082,6 +1215,13 @@ fn origin_name(origin: i32) -> String {
 fn measurements_equal(vm: &Vm) -> Option<bool> {
     (!vm.expected_measurement.is_empty() && !vm.launch_digest.is_empty())
         .then(|| vm.expected_measurement == vm.launch_digest)
+}
+
+/// Labels in key order (the API's map has none).
+fn sorted_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> std::collections::BTreeMap<&String, &String> {
+    labels.iter().collect()
 }
 
 fn forwards_text(forwards: &[PortForward]) -> String {
@@ -1149,6 +1289,16 @@ pub fn vm_json(vm: &Vm) -> Value {
             "key_resource": spec.key_resource,
             "ha": ha_name(spec.ha),
             "ha_priority": spec.ha_priority,
+            "key_broker": spec.key_broker.as_ref().map(|broker| json!({
+                "url": broker.url,
+                "pin": broker.pin,
+                "repository": broker.repository,
+            })),
+            "id_block": !spec.id_block.is_empty(),
+            "labels": sorted_labels(&spec.labels)
+                .into_iter()
+                .map(|(key, value)| (key.clone(), Value::String(value.clone())))
+                .collect::<serde_json::Map<String, Value>>(),
         },
         "expected_measurement": hex_or_none(&vm.expected_measurement),
         "launch_digest": hex_or_none(&vm.launch_digest),
@@ -1230,6 +1380,16 @@ pub fn render_vm(vm: &Vm) -> String {
                     &spec.key_resource
                 }
             ),
+        );
+    }
+    if !spec.labels.is_empty() {
+        fields.add(
+            "labels",
+            sorted_labels(&spec.labels)
+                .into_iter()
+                .map(|(key, value)| format!("{key}={value}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
     }
     fields.add("forwards asked", forwards_text(&spec.port_forwards));
@@ -1384,6 +1544,7 @@ mod tests {
                 placement: None,
                 ha: HaPolicy::None.into(),
                 ha_priority: 0,
+                labels: [("team".to_owned(), "db".to_owned())].into_iter().collect(),
             }),
             state: VmState::Running.into(),
             state_reason: String::new(),
@@ -1436,6 +1597,7 @@ mod tests {
             "guest policy:         0x30000 (default)",
             "vcpus:                2 (EPYC-v4)",
             "disks:                data 1024 MiB",
+            "labels:               team=db",
             "forwards asked:       0 -> 22",
             "forwarded now:        40123 -> 22",
             &format!("expected measurement: {}", "ab".repeat(48)),
@@ -1460,6 +1622,7 @@ mod tests {
         assert_eq!(value["attestation"]["state"], "refused");
         assert_eq!(value["attestation"]["verdict"]["origin"], "simulated");
         assert_eq!(value["port_forwards"][0]["host_port"], 40123);
+        assert_eq!(value["spec"]["labels"]["team"], "db");
     }
 
     #[test]

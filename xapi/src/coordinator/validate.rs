@@ -42,6 +42,7 @@ pub fn validate(mut spec: VmSpec, default_vcpu_type: &str) -> Result<VmSpec, OpE
     if spec.memory_mib < 64 {
         return Err(OpError::invalid("memory_mib must be at least 64"));
     }
+    crate::model::check_labels(&spec.labels).map_err(OpError::invalid)?;
     let mut disk_names = HashSet::new();
     for disk in &spec.disks {
         if disk.name == ENCRYPTED_DISK_NAME {

@@ -4,7 +4,7 @@
 //! the console. Blocking code: the gRPC layer calls it from
 //! `spawn_blocking`, with a progress callback.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,8 +20,8 @@ use crate::daemon::images;
 use crate::hypervisor::StopMode;
 use crate::launch::{self, ImageBytes};
 use crate::model::{
-    Attestation, ConfidentialMode, DiskRecord, ImageRecord, OwnerIdBlock, VmId, VmRecord, VmSpec,
-    VmState, ENCRYPTED_DISK_NAME,
+    check_labels, Attestation, ConfidentialMode, DiskRecord, ImageRecord, OwnerIdBlock, VmId,
+    VmRecord, VmSpec, VmState, ENCRYPTED_DISK_NAME,
 };
 use crate::placement::{Decision, Request};
 use crate::pool::{ConsoleChunk, LaunchImage, LaunchRequest, Progress};
@@ -441,6 +441,32 @@ impl Coordinator {
         })
     }
 
+    /// Replaces a VM's labels: the one change a spec takes after creation,
+    /// since nothing in a launch depends on them.
+    pub fn set_labels(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<VmRecord, OpError> {
+        check_labels(&labels).map_err(OpError::invalid)?;
+        self.locked(caller, vm, |record| {
+            if matches!(record.state, VmState::Creating | VmState::Deleting) {
+                return Err(OpError::precondition(format!(
+                    "VM {} is {}: its labels change once it is not",
+                    record.spec.name, record.state
+                )));
+            }
+            if record.spec.labels != labels {
+                self.store.set_vm_labels(&record.id, &labels)?;
+                let text = labels_text(&labels);
+                self.event(&record.id, "labelled", &text);
+                tracing::info!(vm = %record.id, labels = %text, "labelled");
+            }
+            self.get(caller, &record.id.0)
+        })
+    }
+
     /// Deletes a VM: stops it, removes (optionally wipes) its disks.
     pub fn delete(
         &self,
@@ -602,4 +628,13 @@ pub(super) fn request_of(spec: &VmSpec, excluded: &BTreeSet<String>) -> Request 
         pinned: spec.placement.host.clone(),
         excluded: excluded.clone(),
     }
+}
+
+/// Labels as `key=value` pairs, for the event log.
+fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

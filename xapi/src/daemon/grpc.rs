@@ -461,6 +461,21 @@ impl VmService for Api {
             .await?;
         Ok(Response::new(self.vm(&record)))
     }
+
+    async fn set_vm_labels(
+        &self,
+        request: Request<v1::SetVmLabelsRequest>,
+    ) -> Result<Response<v1::Vm>, Status> {
+        let caller = self.caller(&request)?;
+        let request = request.into_inner();
+        let labels = request.labels.into_iter().collect();
+        let record = self
+            .blocking("SetVmLabels", move |manager| {
+                manager.set_labels(&caller, &request.vm, labels)
+            })
+            .await?;
+        Ok(Response::new(self.vm(&record)))
+    }
 }
 
 #[tonic::async_trait]

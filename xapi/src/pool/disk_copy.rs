@@ -25,6 +25,10 @@ pub const CHUNK: usize = 1 << 20;
 /// The HTTP/2 flow-control window of a disk copy: a few chunks in flight.
 const WINDOW: u32 = 8 << 20;
 
+/// The largest HTTP/2 frame a disk copy takes: more than a chunk and its
+/// framing.
+const FRAME: u32 = 2 << 20;
+
 /// Streams `disk` of this host from `offset`, then its SHA-256 (of the
 /// whole file, the part already sent included).
 pub fn send_disk(
@@ -107,12 +111,14 @@ pub async fn fetch_disk(
         .map(|metadata| metadata.len())
         .unwrap_or(0);
     // HTTP/2's default 64 KiB windows would have the sender wait for a
-    // window update every 64 KiB: a disk streams through wide ones.
+    // window update every 64 KiB, and its 16 KiB frames cut each chunk in
+    // 64: a disk streams through wide windows in whole-chunk frames.
     let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))
         .map(|endpoint| {
             endpoint
                 .initial_stream_window_size(Some(WINDOW))
                 .initial_connection_window_size(Some(WINDOW))
+                .max_frame_size(Some(FRAME))
         })
         .and_then(|endpoint| {
             endpoint.tls_config(client_config(

@@ -146,6 +146,8 @@ store_interface! {
     fn set_vm_runtime(&self, id: &VmId, runtime: Option<&VmRuntime>) -> Result<()>;
     /// Replaces the VM's spec.
     fn set_vm_spec(&self, id: &VmId, spec: &VmSpec) -> Result<()>;
+    /// Replaces the VM's labels (in its spec).
+    fn set_vm_labels(&self, id: &VmId, labels: &std::collections::BTreeMap<String, String>) -> Result<()>;
     /// Records the VM's expected launch measurement.
     fn set_expected_measurement(&self, id: &VmId, measurement: &[u8]) -> Result<()>;
     /// Records the launch digest of the VM's last start.

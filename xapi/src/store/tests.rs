@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used)] // tests
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,6 +83,7 @@ pub(crate) fn vm(id: &str, owner: &str, name: &str, host: &str) -> VmRecord {
             placement: Default::default(),
             ha: HaPolicy::Restart,
             ha_priority: 3,
+            labels: [("team".to_owned(), "db".to_owned())].into(),
         },
         state: VmState::Stopped,
         state_reason: "created".to_owned(),
@@ -942,7 +944,30 @@ fn store_vm_updates() {
     not_found(store.set_expected_measurement(&missing, &[]));
     not_found(store.set_attestation(&missing, &Attestation::Pending));
     not_found(store.set_vm_host(&missing, "h1"));
+    not_found(store.set_vm_labels(&missing, &BTreeMap::new()));
     not_found(store.delete_vm(&missing));
+}
+
+#[test]
+fn store_vm_labels_change_and_nothing_else_of_the_spec() {
+    let (_dir, store) = seeded();
+    let record = vm("vm-1", "alice", "web", "h1");
+    store.insert_vm(&record, &[]).unwrap();
+    let labels: BTreeMap<String, String> = [
+        ("opensvc.node".to_owned(), "n2".to_owned()),
+        ("opensvc.service".to_owned(), "root/svc/web".to_owned()),
+    ]
+    .into();
+    store.set_vm_labels(&record.id, &labels).unwrap();
+    let read = store.get_vm("web", Some("alice")).unwrap();
+    assert_eq!(read.spec.labels, labels);
+    let mut expected = record.spec.clone();
+    expected.labels = labels;
+    assert_eq!(read.spec, expected, "the rest of the spec is as it was");
+    assert!(read.updated_at > record.updated_at);
+
+    store.set_vm_labels(&record.id, &BTreeMap::new()).unwrap();
+    assert!(store.get_vm("web", None).unwrap().spec.labels.is_empty());
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! VMs and their disks.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use rusqlite::types::ToSql;
 use rusqlite::{named_params, OptionalExtension, Params};
@@ -474,6 +474,25 @@ impl SqliteStore {
             id,
             "UPDATE vm SET attestation = ?2, attestation_reason = ?3 WHERE id = ?1",
             (&id.0, state, reason),
+        )
+    }
+
+    /// Replaces the VM's labels (in its spec), and sets its `updated_at`
+    /// to now.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`]; [`StoreError::Encode`] if they cannot be
+    /// encoded.
+    pub fn set_vm_labels(&self, id: &VmId, labels: &BTreeMap<String, String>) -> Result<()> {
+        let labels = codec::json(labels, "VM labels")?;
+        let updated_at = codec::nanos(codec::now(), "VM update time")?;
+        self.update_vm(
+            "record the VM labels",
+            id,
+            "UPDATE vm SET spec = json_set(spec, '$.labels', json(?2)), updated_at = ?3 \
+             WHERE id = ?1",
+            (&id.0, labels, updated_at),
         )
     }
 

@@ -6,22 +6,24 @@
 //! are checked once, together with everything that makes the evidence
 //! genuine and fresh: certificate validity, signing key, TCB and chip
 //! binding, simulated origin, and `report_data` equal to the binding of the
-//! runtime data. What the guest runs (measurement, debug policy, host data,
-//! TCB floors...) is judged per resource, by [`EvidenceVerifier::appraise_release`],
-//! with no second P-384 verification.
+//! runtime data, and init-data (when the guest presents one) whose digest
+//! is the report's HOST_DATA. What the guest runs (measurement, debug
+//! policy, host data, TCB floors, init-data entries...) is judged per
+//! resource, by [`EvidenceVerifier::appraise_release`], with no second
+//! P-384 verification.
 //!
 //! This module must never accept simulated evidence in production mode,
 //! whatever a policy says, and never release anything itself.
 
 use std::path::Path;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use super::config::Mode;
 use crate::certs::{RevocationList, RootOrigin, TrustAnchor, TrustStore};
 use crate::firmware::simulated::SIMULATED_ORGANIZATION;
+use crate::kbs::init_data::InitDataDocument;
+use crate::kbs::release_policy::ReleasePolicy;
 use crate::policy::AppraisalPolicy;
 use crate::product::Product;
 use crate::report::{EvidenceCertificate, SnpEvidence};
@@ -47,27 +49,6 @@ pub enum EvidenceError {
     },
 }
 
-/// The composite `tee-evidence` of kbs-types 0.4.0, as the broker reads
-/// it: the primary evidence kept as JSON text for [`EvidenceVerifier::verify`]
-/// to parse once; other members skipped. A bare evidence object reads as
-/// one without `primary_evidence`.
-#[derive(Debug, Deserialize)]
-pub struct CompositeEvidence<'a> {
-    /// The SNP evidence, unparsed.
-    #[serde(borrow, default)]
-    pub primary_evidence: Option<&'a RawValue>,
-}
-
-/// The SNP evidence inside a `tee-evidence` JSON text: the composite
-/// form's `primary_evidence`, or the text itself (the bare form).
-pub fn primary_evidence(tee_evidence: &str) -> Result<&str, EvidenceError> {
-    let composite: CompositeEvidence<'_> = serde_json::from_str(tee_evidence)
-        .map_err(|error| EvidenceError::Malformed(format!("not a JSON object: {error}")))?;
-    Ok(composite
-        .primary_evidence
-        .map_or(tee_evidence, |primary| primary.get()))
-}
-
 /// `name: detail; name: detail` of every failed check.
 pub fn describe_failures(failures: &[Check]) -> String {
     failures
@@ -77,17 +58,25 @@ pub fn describe_failures(failures: &[Check]) -> String {
         .join("; ")
 }
 
-/// Evidence that passed every check of `/attest`: genuine, fresh and bound
-/// to the session's runtime data. Only [`EvidenceVerifier::verify`] makes one.
+/// Evidence that passed every check of `/attest`: genuine, fresh, bound
+/// to the session's runtime data and to the init-data presented. Only
+/// [`EvidenceVerifier::verify`] makes one.
 #[derive(Debug, Clone)]
 pub struct AttestedEvidence {
     signed: SignedEvidence,
     binding: [u8; 64],
     product: Product,
     origin: RootOrigin,
+    init_data: Option<InitDataDocument>,
 }
 
 impl AttestedEvidence {
+    /// The init-data the guest presented, its digest checked against the
+    /// report's HOST_DATA.
+    pub fn init_data(&self) -> Option<&InitDataDocument> {
+        self.init_data.as_ref()
+    }
+
     /// The verified report and its key.
     pub fn signed(&self) -> &SignedEvidence {
         &self.signed
@@ -180,14 +169,16 @@ impl EvidenceVerifier {
     }
 
     /// Verifies the JSON text of SNP evidence in Trustee's form (the
-    /// primary evidence: see [`primary_evidence`]) whose `report_data` must
-    /// equal `expected_binding`, judging certificate validity at `at`. This
-    /// is the whole of what `/attest` decides about the evidence; the text
-    /// is parsed once, straight into the report.
+    /// composite evidence's `primary_evidence`) whose `report_data` must
+    /// equal `expected_binding` and, with `init_data`, whose HOST_DATA must
+    /// be that document's digest, judging certificate validity at `at`.
+    /// This is the whole of what `/attest` decides about the evidence; the
+    /// text is parsed once, straight into the report.
     pub fn verify(
         &self,
         snp_evidence: &str,
         expected_binding: &[u8; 64],
+        init_data: Option<InitDataDocument>,
         at: OffsetDateTime,
     ) -> Result<AttestedEvidence, EvidenceError> {
         let evidence = SnpEvidence::from_json(snp_evidence.as_bytes())
@@ -250,30 +241,46 @@ impl EvidenceVerifier {
                 ),
             ));
         }
+        if let Some(document) = &init_data {
+            let expected = document.host_data();
+            let host_data = signed.report().host_data;
+            if expected != host_data {
+                failures.push(failed(
+                    "init_data",
+                    format!(
+                        "the init-data digest ({}, cut to 32 bytes) is {}, but the report's HOST_DATA is {}: the guest was not launched with this init-data",
+                        document.algorithm.as_ref(),
+                        hex::encode(expected),
+                        hex::encode(host_data)
+                    ),
+                ));
+            }
+        }
         match (failures.is_empty(), appraisal.product(), appraisal.origin()) {
             (true, Some(product), Some(origin)) => Ok(AttestedEvidence {
                 signed,
                 binding: *expected_binding,
                 product,
                 origin,
+                init_data,
             }),
             _ => Err(EvidenceError::Refused(failures)),
         }
     }
 
     /// Appraises attested evidence against a resource's release `policy`,
-    /// the resource accepting `policy.allowed_measurements` and the
-    /// `reference_measurements` of its sets. A resource that accepts no
+    /// the resource accepting `policy.appraisal.allowed_measurements` and
+    /// the `reference_measurements` of its sets. A resource that accepts no
     /// measurement at all is never released. Every failed check is
     /// returned.
     pub fn appraise_release(
         &self,
         attested: &AttestedEvidence,
-        policy: &AppraisalPolicy,
+        policy: &ReleasePolicy,
         reference_measurements: &[[u8; 48]],
         at: OffsetDateTime,
     ) -> Result<(), Vec<Check>> {
-        let mut effective = policy.clone();
+        let mut effective = policy.appraisal.clone();
         effective
             .allowed_measurements
             .extend(reference_measurements.iter().copied().map(HexBytes));
@@ -297,6 +304,29 @@ impl EvidenceVerifier {
                 "simulated_evidence",
                 "simulated evidence is refused in production mode, whatever the resource policy says",
             ));
+        }
+        if let Some(requirement) = &policy.init_data {
+            match &attested.init_data {
+                None => failures.push(failed(
+                    "init_data",
+                    "the release policy requires init-data bound to HOST_DATA; the guest presented none",
+                )),
+                Some(document) => {
+                    for (key, expected) in &requirement.data {
+                        match document.data.get(key) {
+                            None => failures.push(failed(
+                                "init_data",
+                                format!("init-data has no data entry {key:?}, which the release policy requires"),
+                            )),
+                            Some(value) if value != expected => failures.push(failed(
+                                "init_data",
+                                format!("init-data entry {key:?} differs from the release policy's"),
+                            )),
+                            Some(_) => {}
+                        }
+                    }
+                }
+            }
         }
         if failures.is_empty() {
             Ok(())

@@ -1,6 +1,6 @@
 //! The HTTP transport of the broker (axum, HTTP/1.1): routes, cookies and
-//! headers in, JSON and RFC 7807 problems out. Every decision is the
-//! [`Broker`]'s; this module only translates.
+//! headers in, JSON and RFC 7807 problems (Trustee's error types) out.
+//! Every decision is the [`Broker`]'s; this module only translates.
 //!
 //! It must never log a request body (evidence is fine, but admin bodies
 //! carry secrets) nor an `Authorization` header.
@@ -9,15 +9,16 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 use serde::Serialize;
 use tracing::Instrument;
 
-use super::broker::{Broker, BrokerError};
-use crate::kbs::protocol::{ErrorInformation, ErrorKind, SESSION_COOKIE};
+use super::broker::{Admin, Broker};
+use super::error::BrokerError;
+use crate::kbs::protocol::SESSION_COOKIE;
 
 type Shared = State<Arc<Broker>>;
 
@@ -33,10 +34,13 @@ pub fn router(broker: Arc<Broker>) -> Router {
             put(put_resource).delete(delete_resource),
         )
         .route(
-            "/admin/v0/reference-values/{name}",
+            "/admin/v0/reference-values/{*route}",
             put(put_reference_values).delete(delete_reference_values),
         )
+        .route("/admin/v0/announcements", get(list_announcements))
+        .route("/admin/v0/announcements/{*route}", put(announce))
         .fallback(no_route)
+        .method_not_allowed_fallback(no_route)
         .with_state(broker)
 }
 
@@ -57,13 +61,13 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response {
 
 fn problem(error: &BrokerError) -> Response {
     let kind = error.kind();
-    let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    if kind == ErrorKind::InternalError {
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if error.is_failure() {
         tracing::error!(kind = kind.name(), detail = %error, "request failed");
     } else {
         tracing::info!(kind = kind.name(), detail = %error, "request refused");
     }
-    let body = ErrorInformation::new(kind, error.to_string());
+    let body = kind.problem(error.to_string());
     match serde_json::to_vec(&body) {
         Ok(bytes) => (
             status,
@@ -125,7 +129,11 @@ async fn resource(State(broker): Shared, headers: HeaderMap, Path(path): Path<St
     let span = tracing::info_span!("kbs", call = "resource", resource = %path);
     answer(
         broker
-            .resource(header_text(&headers, header::COOKIE), &path)
+            .resource(
+                header_text(&headers, header::COOKIE),
+                header_text(&headers, header::AUTHORIZATION),
+                &path,
+            )
             .instrument(span)
             .await,
     )
@@ -139,7 +147,7 @@ async fn admin_call<F, Fut>(
     work: F,
 ) -> Response
 where
-    F: FnOnce(Arc<Broker>, String) -> Fut,
+    F: FnOnce(Arc<Broker>, Admin) -> Fut,
     Fut: std::future::Future<Output = Response>,
 {
     let span = tracing::info_span!("admin", call);
@@ -164,8 +172,33 @@ fn done(result: Result<(), BrokerError>) -> Response {
 }
 
 async fn list_resources(State(broker): Shared, headers: HeaderMap) -> Response {
-    admin_call(broker, &headers, "list_resources", |broker, _| async move {
-        json(StatusCode::OK, &broker.list_resources())
+    admin_call(
+        broker,
+        &headers,
+        "list_resources",
+        |broker, admin| async move { answer(broker.list_resources(&admin).await) },
+    )
+    .await
+}
+
+async fn list_announcements(State(broker): Shared, headers: HeaderMap) -> Response {
+    admin_call(
+        broker,
+        &headers,
+        "list_announcements",
+        |broker, admin| async move { answer(broker.announcements(&admin).await) },
+    )
+    .await
+}
+
+async fn announce(
+    State(broker): Shared,
+    headers: HeaderMap,
+    Path(route): Path<String>,
+    body: Bytes,
+) -> Response {
+    admin_call(broker, &headers, "announce", |broker, admin| async move {
+        done(broker.announce(&admin, &route, &body).await)
     })
     .await
 }
@@ -202,11 +235,11 @@ async fn delete_resource(
 async fn put_reference_values(
     State(broker): Shared,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(route): Path<String>,
     body: Bytes,
 ) -> Response {
     admin_call(broker, &headers, "put_reference_values", |broker, admin| async move {
-        done(broker.put_reference_values(&admin, &name, &body).await)
+        done(broker.put_reference_values(&admin, &route, &body).await)
     })
     .await
 }
@@ -214,19 +247,26 @@ async fn put_reference_values(
 async fn delete_reference_values(
     State(broker): Shared,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    Path(route): Path<String>,
 ) -> Response {
     admin_call(
         broker,
         &headers,
         "delete_reference_values",
-        |broker, admin| async move { done(broker.delete_reference_values(&admin, &name).await) },
+        |broker, admin| async move { done(broker.delete_reference_values(&admin, &route).await) },
     )
     .await
 }
 
-async fn no_route() -> Response {
-    problem(&BrokerError::NotFound(
-        "no such endpoint (this broker serves /kbs/v0/{auth,attest,resource/...} and /admin/v0/...)".into(),
-    ))
+/// Anything not routed: under `/kbs/v0/`, a Trustee "plugin" this broker
+/// does not serve; elsewhere, a path that names nothing.
+async fn no_route(method: Method, uri: Uri) -> Response {
+    let path = uri.path();
+    let served = "this broker serves POST /kbs/v0/auth, POST /kbs/v0/attest, GET /kbs/v0/resource/<repository>/<type>/<tag> and /admin/v0/{resources,reference-values,announcements}/...";
+    let error = if path.starts_with("/kbs/v0/") {
+        BrokerError::NoEndpoint(format!("{method} {path}: not served ({served})"))
+    } else {
+        BrokerError::NotFound(format!("{method} {path}: no such endpoint ({served})"))
+    };
+    problem(&error)
 }

@@ -1,11 +1,15 @@
-//! The broker's durable state: resources and reference-value sets in
-//! SQLite (`kbs.db` in the state folder, WAL, `synchronous = FULL`: a write
-//! is acknowledged only once committed, so `kill -9` loses nothing
-//! acknowledged), with every resource's data sealed at rest by AES-256-GCM
-//! under the key-encryption key (KEK). The additional authenticated data
-//! binds the ciphertext to its path, release policy and reference-value
-//! names, so a row copied over another, or a policy edited in the file,
-//! no longer opens.
+//! The broker's durable state: resources, reference-value sets (each in a
+//! repository, as `<repository>/<name>`) and the operator's VM
+//! announcements in SQLite (`kbs.db` in the state folder, WAL,
+//! `synchronous = FULL`: a write is acknowledged only once committed, so
+//! `kill -9` loses nothing acknowledged), with every resource's data sealed
+//! at rest by AES-256-GCM under the key-encryption key (KEK). The
+//! additional authenticated data binds the ciphertext to its path, release
+//! policy and reference-value names, so a row copied over another, or a
+//! policy edited in the file, no longer opens.
+//!
+//! A resource registered without data holds none (an empty `sealed`) until
+//! [`Store::generate`] makes its secret, once, at its first release.
 //!
 //! Everything is also held in memory, loaded at start and updated after
 //! each commit, so the release path reads no database. Plaintext exists
@@ -23,8 +27,8 @@ use openssl::symm::Cipher;
 use rusqlite::{params, Connection};
 use zeroize::Zeroizing;
 
-use crate::kbs::protocol::{ResourcePath, ResourceSummary};
-use crate::policy::AppraisalPolicy;
+use crate::kbs::protocol::{Announcement, ResourcePath, ResourceSummary};
+use crate::kbs::release_policy::ReleasePolicy;
 
 /// The database's file name in the state folder.
 pub const DATABASE_FILE: &str = "kbs.db";
@@ -127,12 +131,25 @@ pub struct StoredResource {
     /// Where it lives.
     pub path: ResourcePath,
     /// The release policy.
-    pub policy: AppraisalPolicy,
+    pub policy: ReleasePolicy,
     /// The policy as the admin sent it.
     pub policy_toml: String,
-    /// Reference-value sets it also accepts.
+    /// Reference-value sets of its repository it also accepts.
     pub reference_values: Vec<String>,
+    /// Empty until it holds a secret.
     sealed: Vec<u8>,
+}
+
+impl StoredResource {
+    /// Whether it holds a secret (false: generated at its first release).
+    pub fn has_data(&self) -> bool {
+        !self.sealed.is_empty()
+    }
+}
+
+/// A reference-value set's key: `<repository>/<name>`.
+fn set_key(repository: &str, name: &str) -> String {
+    format!("{repository}/{name}")
 }
 
 /// The AAD that binds sealed data to its row.
@@ -187,6 +204,15 @@ impl Store {
                  name TEXT PRIMARY KEY NOT NULL,
                  measurements TEXT NOT NULL,
                  updated TEXT NOT NULL
+             ) STRICT;
+             CREATE TABLE IF NOT EXISTS announcements (
+                 repository TEXT NOT NULL,
+                 vm TEXT NOT NULL,
+                 image TEXT NOT NULL,
+                 expected_measurement TEXT,
+                 announced_by TEXT NOT NULL,
+                 updated TEXT NOT NULL,
+                 PRIMARY KEY (repository, vm)
              ) STRICT;",
         )?;
         let store = Store {
@@ -219,7 +245,7 @@ impl Store {
                 .parse()
                 .map_err(|error| corrupt(format!("resource {path_text:?}"), error))?;
             let policy_toml: String = row.get(1)?;
-            let policy = AppraisalPolicy::from_toml(&policy_toml)
+            let policy = ReleasePolicy::from_toml(&policy_toml)
                 .map_err(|error| corrupt(format!("resource {path} policy"), error))?;
             let names: String = row.get(2)?;
             let reference_values: Vec<String> = serde_json::from_str(&names)
@@ -232,7 +258,9 @@ impl Store {
                 sealed: row.get(3)?,
             };
             // Fail at start, not at the first release, if a row was altered.
-            self.unseal(&resource)?;
+            if resource.has_data() {
+                self.unseal(&resource)?;
+            }
             resources.insert(path, Arc::new(resource));
         }
         let mut sets = HashMap::new();
@@ -240,6 +268,12 @@ impl Store {
         let mut rows = statement.query([])?;
         while let Some(row) = rows.next()? {
             let name: String = row.get(0)?;
+            if name.split('/').count() != 2 {
+                return Err(corrupt(
+                    format!("reference values {name:?}"),
+                    "not <repository>/<name>",
+                ));
+            }
             let text: String = row.get(1)?;
             let hexes: Vec<String> = serde_json::from_str(&text)
                 .map_err(|error| corrupt(format!("reference values {name}"), error))?;
@@ -306,19 +340,34 @@ impl Store {
         .map_err(|_| StoreError::Unseal(resource.path.to_string()))
     }
 
-    /// Creates or replaces a resource; durable when this returns.
+    /// Creates or replaces a resource; durable when this returns. Without
+    /// `data`, a resource that exists keeps its secret (sealed again, bound
+    /// to the new policy) and a new one holds none until
+    /// [`Store::generate`].
     pub fn put_resource(
         &self,
         path: &ResourcePath,
-        data: &[u8],
-        policy: AppraisalPolicy,
+        data: Option<&[u8]>,
+        policy: ReleasePolicy,
         policy_toml: String,
         reference_values: Vec<String>,
     ) -> Result<(), StoreError> {
-        let sealed = self.seal(path, &policy_toml, &reference_values, data)?;
         let names = serde_json::to_string(&reference_values)
             .map_err(|error| corrupt(format!("resource {path}"), error))?;
         let database = self.database();
+        let kept = match data {
+            Some(_) => None,
+            None => self
+                .resource(path)
+                .filter(|existing| existing.has_data())
+                .map(|existing| self.unseal(&existing))
+                .transpose()?,
+        };
+        let sealed = match data.or(kept.as_ref().map(|kept| kept.as_slice())) {
+            Some(data) => self.seal(path, &policy_toml, &reference_values, data)?,
+            None => Vec::new(),
+        };
+        drop(kept);
         database.execute(
             "INSERT INTO resources (path, policy, reference_values, sealed, updated)
              VALUES (?1, ?2, ?3, ?4, ?5)
@@ -340,6 +389,49 @@ impl Store {
         Ok(())
     }
 
+    /// Gives a resource that holds no secret a fresh random one of `length`
+    /// bytes, durably; a resource that already holds one (another caller
+    /// was first) is answered as it is. `None`: no such resource.
+    pub fn generate(
+        &self,
+        path: &ResourcePath,
+        length: usize,
+    ) -> Result<Option<Arc<StoredResource>>, StoreError> {
+        // The connection's lock orders concurrent callers: the second sees
+        // the first one's secret.
+        let database = self.database();
+        let Some(current) = self.resource(path) else {
+            return Ok(None);
+        };
+        if current.has_data() {
+            return Ok(Some(current));
+        }
+        let mut secret = Zeroizing::new(vec![0u8; length]);
+        openssl::rand::rand_bytes(secret.as_mut_slice())?;
+        let sealed = self.seal(
+            path,
+            &current.policy_toml,
+            &current.reference_values,
+            &secret,
+        )?;
+        database.execute(
+            "UPDATE resources SET sealed = ?2, updated = ?3 WHERE path = ?1",
+            params![path.to_string(), sealed, now_text()],
+        )?;
+        let resource = Arc::new(StoredResource {
+            path: path.clone(),
+            policy: current.policy.clone(),
+            policy_toml: current.policy_toml.clone(),
+            reference_values: current.reference_values.clone(),
+            sealed,
+        });
+        self.resources
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(path.clone(), resource.clone());
+        Ok(Some(resource))
+    }
+
     /// Deletes a resource (if it exists); durable when this returns.
     pub fn delete_resource(&self, path: &ResourcePath) -> Result<(), StoreError> {
         let database = self.database();
@@ -354,41 +446,88 @@ impl Store {
         Ok(())
     }
 
-    /// Creates or replaces a reference-value set; durable when this returns.
+    /// Creates or replaces `repository`'s reference-value set `name`;
+    /// durable when this returns.
     pub fn put_reference_values(
         &self,
+        repository: &str,
         name: &str,
         measurements: Vec<[u8; 48]>,
     ) -> Result<(), StoreError> {
+        let key = set_key(repository, name);
         let hexes: Vec<String> = measurements.iter().map(hex::encode).collect();
         let text = serde_json::to_string(&hexes)
-            .map_err(|error| corrupt(format!("reference values {name}"), error))?;
+            .map_err(|error| corrupt(format!("reference values {key}"), error))?;
         let database = self.database();
         database.execute(
             "INSERT INTO reference_values (name, measurements, updated) VALUES (?1, ?2, ?3)
              ON CONFLICT (name) DO UPDATE SET measurements = ?2, updated = ?3",
-            params![name, text, now_text()],
+            params![key, text, now_text()],
         )?;
         self.reference_values
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.to_owned(), Arc::new(measurements));
+            .insert(key, Arc::new(measurements));
         Ok(())
     }
 
-    /// Deletes a reference-value set (if it exists); durable when this
-    /// returns.
-    pub fn delete_reference_values(&self, name: &str) -> Result<(), StoreError> {
+    /// Deletes `repository`'s reference-value set `name` (if it exists);
+    /// durable when this returns.
+    pub fn delete_reference_values(&self, repository: &str, name: &str) -> Result<(), StoreError> {
+        let key = set_key(repository, name);
         let database = self.database();
-        database.execute(
-            "DELETE FROM reference_values WHERE name = ?1",
-            params![name],
-        )?;
+        database.execute("DELETE FROM reference_values WHERE name = ?1", params![key])?;
         self.reference_values
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(name);
+            .remove(&key);
         Ok(())
+    }
+
+    /// Records (or replaces) an announcement; durable when this returns.
+    pub fn put_announcement(&self, announcement: &Announcement) -> Result<(), StoreError> {
+        self.database().execute(
+            "INSERT INTO announcements
+                 (repository, vm, image, expected_measurement, announced_by, updated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (repository, vm) DO UPDATE SET image = ?3,
+                 expected_measurement = ?4, announced_by = ?5, updated = ?6",
+            params![
+                announcement.repository,
+                announcement.vm,
+                announcement.image,
+                announcement.expected_measurement,
+                announcement.announced_by,
+                announcement.updated,
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The announcements for `repository` (every one for `None`), by
+    /// repository and VM.
+    pub fn announcements(&self, repository: Option<&str>) -> Result<Vec<Announcement>, StoreError> {
+        let database = self.database();
+        let mut statement = database.prepare(
+            "SELECT repository, vm, image, expected_measurement, announced_by, updated
+             FROM announcements WHERE ?1 IS NULL OR repository = ?1 ORDER BY repository, vm",
+        )?;
+        let rows = statement.query_map(params![repository], |row| {
+            Ok(Announcement {
+                repository: row.get(0)?,
+                vm: row.get(1)?,
+                image: row.get(2)?,
+                expected_measurement: row.get(3)?,
+                announced_by: row.get(4)?,
+                updated: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// The time as the store writes it.
+    pub fn now() -> String {
+        now_text()
     }
 
     /// The resource at `path`.
@@ -400,37 +539,43 @@ impl Store {
             .cloned()
     }
 
-    /// Whether a reference-value set is registered.
-    pub fn has_reference_values(&self, name: &str) -> bool {
+    /// Whether `repository` has a reference-value set `name`.
+    pub fn has_reference_values(&self, repository: &str, name: &str) -> bool {
         self.reference_values
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(name)
+            .contains_key(&set_key(repository, name))
     }
 
-    /// The measurements of the named sets (missing sets add none).
-    pub fn measurements_of(&self, names: &[String]) -> Vec<[u8; 48]> {
+    /// The measurements of `repository`'s sets `names` (missing sets add
+    /// none).
+    pub fn measurements_of(&self, repository: &str, names: &[String]) -> Vec<[u8; 48]> {
         let sets = self
             .reference_values
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         names
             .iter()
-            .filter_map(|name| sets.get(name))
+            .filter_map(|name| sets.get(&set_key(repository, name)))
             .flat_map(|set| set.iter().copied())
             .collect()
     }
 
-    /// Every resource's path, policy and sets, in path order (no data).
-    pub fn list(&self) -> Vec<ResourceSummary> {
+    /// The path, policy and sets of each resource of `repository` (every
+    /// one for `None`), in path order (no data).
+    pub fn list(&self, repository: Option<&str>) -> Vec<ResourceSummary> {
         self.resources
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .values()
+            .filter(|resource| {
+                repository.is_none_or(|repository| resource.path.repository == repository)
+            })
             .map(|resource| ResourceSummary {
                 path: resource.path.clone(),
                 policy: resource.policy_toml.clone(),
                 reference_values: resource.reference_values.clone(),
+                has_data: resource.has_data(),
             })
             .collect()
     }
@@ -477,8 +622,8 @@ mod tests {
             store
                 .put_resource(
                     path,
-                    data,
-                    AppraisalPolicy::default(),
+                    Some(data),
+                    ReleasePolicy::default(),
                     String::new(),
                     Vec::new(),
                 )
@@ -503,5 +648,46 @@ mod tests {
         let error =
             Store::open(dir.path(), Kek::load(&kek_path).expect("kek")).expect_err("altered");
         assert!(error.to_string().contains("r/k/a"), "{error}");
+    }
+
+    #[test]
+    fn a_resource_without_data_gets_one_secret_once_and_keeps_it_across_policy_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kek_path = kek_file(dir.path(), &[9; 32], 0o600);
+        let store = Store::open(dir.path(), Kek::load(&kek_path).expect("kek")).expect("opens");
+        let path: ResourcePath = "alice/disk-key/vm-1".parse().expect("path");
+        let policy = |text: &str| ReleasePolicy::from_toml(text).expect("policy");
+        store
+            .put_resource(&path, None, policy(""), String::new(), Vec::new())
+            .expect("puts");
+        assert!(!store.resource(&path).expect("stored").has_data());
+        assert!(store.list(Some("alice"))[0].path == path);
+        assert!(store.list(Some("bob")).is_empty());
+        let first = store
+            .generate(&path, 32)
+            .expect("generates")
+            .expect("exists");
+        let secret = store.unseal(&first).expect("opens");
+        assert_eq!(secret.len(), 32);
+        // A second caller gets the same secret, not a new one.
+        let again = store
+            .generate(&path, 32)
+            .expect("generates")
+            .expect("exists");
+        assert_eq!(store.unseal(&again).expect("opens"), secret);
+        // A new policy without data keeps the secret, bound to the policy.
+        let strict = "allow_debug = false";
+        store
+            .put_resource(&path, None, policy(strict), strict.to_owned(), Vec::new())
+            .expect("puts");
+        drop(store);
+        let store = Store::open(dir.path(), Kek::load(&kek_path).expect("kek")).expect("reopens");
+        let kept = store.resource(&path).expect("stored");
+        assert_eq!(kept.policy_toml, strict);
+        assert_eq!(store.unseal(&kept).expect("opens"), secret);
+        assert!(store
+            .generate(&"alice/disk-key/none".parse().expect("path"), 32)
+            .expect("no error")
+            .is_none());
     }
 }

@@ -1163,6 +1163,19 @@ impl EtcdKv {
         .await
     }
 
+    pub(crate) async fn set_vm_labels(
+        &self,
+        id: &VmId,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        self.update_vm("record the VM labels", id, |doc| {
+            doc.vm.spec.labels = labels.clone();
+            doc.vm.updated_at = OffsetDateTime::now_utc();
+            Ok(())
+        })
+        .await
+    }
+
     pub(crate) async fn set_expected_measurement(
         &self,
         id: &VmId,
