@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use crate::binary;
-use crate::daemon::sha256_hex;
+use crate::daemon::{image_dir, sha256_hex, Daemon, ALICE};
 
 /// The tenants every test broker knows: each one's admin token is scoped
 /// to the repository of its name.
@@ -257,6 +257,75 @@ impl Kbs {
             ),
         }
         self.child = Some(child);
+    }
+
+    /// The `hsev vm create` arguments of alice's SNP VM `name` (1 vCPU,
+    /// 512 MiB) with a 32 MiB encrypted disk whose key lives at this broker
+    /// (repository `alice`), which the guest reaches at `guest_url`.
+    pub fn encrypted_vm_args(&self, name: &str, guest_url: &str) -> Vec<String> {
+        [
+            "vm",
+            "create",
+            name,
+            "--image",
+            "debian",
+            "--vcpus",
+            "1",
+            "--memory",
+            "512",
+            "--mode",
+            "sev-snp",
+            "--encrypted-disk",
+            "32",
+            "--key-broker",
+            guest_url,
+            "--key-broker-pin",
+            &self.pin(),
+            "--key-broker-repository",
+            "alice",
+        ]
+        .iter()
+        .map(|arg| (*arg).to_owned())
+        .collect()
+    }
+
+    /// Alice pins the release policy of her VM `vm` at this broker from her
+    /// side (`hsev kbs policy set` through `daemon`): the measurement of the
+    /// image `make image` built with the guest's broker `guest_url`, a
+    /// simulated platform allowed. Panics unless it succeeds.
+    pub fn pin_alice_policy(&self, daemon: &Daemon, vm: &str, guest_url: &str) {
+        let manifest = image_dir().join("manifest.json");
+        let token = self.tenant_token_file("alice");
+        let (url, pin) = (self.url(), self.pin());
+        let output = daemon.hsev(
+            ALICE,
+            [
+                "kbs",
+                "policy",
+                "set",
+                "--broker",
+                &url,
+                "--broker-pin",
+                &pin,
+                "--broker-token-file",
+                token.to_str().expect("utf-8"),
+                "--repository",
+                "alice",
+                "--vm",
+                vm,
+                "--image-manifest",
+                manifest.to_str().expect("utf-8"),
+                "--key-broker",
+                guest_url,
+                "--allow-simulated",
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "hsev kbs policy set: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     /// Its process id.

@@ -55,62 +55,8 @@ fn manifest() -> PathBuf {
 fn tenant_vm(kbs: &Kbs, daemon: &Daemon) -> String {
     daemon.import_image();
     let guest_url = kbs.guest_url();
-    let pin = kbs.pin();
-    let vm = daemon.json(
-        ALICE,
-        [
-            "vm",
-            "create",
-            "vault",
-            "--image",
-            "debian",
-            "--vcpus",
-            "1",
-            "--memory",
-            "512",
-            "--mode",
-            "sev-snp",
-            "--encrypted-disk",
-            "32",
-            "--key-broker",
-            &guest_url,
-            "--key-broker-pin",
-            &pin,
-            "--key-broker-repository",
-            "alice",
-        ],
-    );
-    let url = kbs.url();
-    let token = kbs.tenant_token_file("alice");
-    let pinned = daemon.hsev(
-        ALICE,
-        [
-            "kbs",
-            "policy",
-            "set",
-            "--broker",
-            &url,
-            "--broker-pin",
-            &pin,
-            "--broker-token-file",
-            path(&token),
-            "--repository",
-            "alice",
-            "--vm",
-            "vault",
-            "--image-manifest",
-            path(&manifest()),
-            "--key-broker",
-            &guest_url,
-            "--allow-simulated",
-        ],
-    );
-    assert!(
-        pinned.status.success(),
-        "{}{}",
-        text(&pinned.stdout),
-        text(&pinned.stderr)
-    );
+    let vm = daemon.json(ALICE, kbs.encrypted_vm_args("vault", &guest_url));
+    kbs.pin_alice_policy(daemon, "vault", &guest_url);
     vm["id"].as_str().expect("id").to_owned()
 }
 

@@ -201,62 +201,14 @@ fn an_encrypted_disk_evacuated_with_its_vm_opens_on_the_new_host_after_a_fresh_a
     );
     let port = kbs.address().rsplit(':').next().expect("a port").to_owned();
     let guest_url = format!("https://{gateway}:{port}");
-    let pin = kbs.pin();
-    let vm = pool.coordinator().json(
-        ALICE,
-        [
-            "vm",
-            "create",
-            "vault",
-            "--image",
-            "debian",
-            "--vcpus",
-            "1",
-            "--memory",
-            "512",
-            "--mode",
-            "sev-snp",
-            "--encrypted-disk",
-            "32",
-            "--key-broker",
-            &guest_url,
-            "--key-broker-pin",
-            &pin,
-            "--key-broker-repository",
-            "alice",
-        ],
-    );
+    let vm = pool
+        .coordinator()
+        .json(ALICE, kbs.encrypted_vm_args("vault", &guest_url));
     let id = vm["id"].as_str().expect("an id").to_owned();
     let expected = vm["expected_measurement"].clone();
     let home = vm["host"].as_str().expect("a host").to_owned();
     let other = if home == "h1" { "h2" } else { "h1" };
-    let manifest = image_dir().join("manifest.json");
-    let token_file = kbs.tenant_token_file("alice");
-    let broker_url = kbs.url();
-    let pinned = pool.coordinator().hsev(
-        ALICE,
-        [
-            "kbs",
-            "policy",
-            "set",
-            "--broker",
-            &broker_url,
-            "--broker-pin",
-            &pin,
-            "--broker-token-file",
-            path(&token_file),
-            "--repository",
-            "alice",
-            "--vm",
-            "vault",
-            "--image-manifest",
-            path(&manifest),
-            "--key-broker",
-            &guest_url,
-            "--allow-simulated",
-        ],
-    );
-    assert!(pinned.status.success(), "{}", text(&pinned));
+    kbs.pin_alice_policy(pool.coordinator(), "vault", &guest_url);
 
     // First boot: the guest gets its key and formats its disk.
     let started = pool.coordinator().hsev(ALICE, ["vm", "start", "vault"]);
