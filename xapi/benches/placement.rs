@@ -199,11 +199,7 @@ fn vm(n: usize, host: &str, hosts: usize, now: OffsetDateTime) -> VmRecord {
         host: host.to_owned(),
         expected_measurement: vec![0xab; 48],
         launch_digest: Vec::new(),
-        attestation: if mode == ConfidentialMode::None {
-            Attestation::NotApplicable
-        } else {
-            Attestation::Pending
-        },
+        attestation: Attestation::initial(mode),
         runtime: None,
         created_at: now,
         updated_at: now,

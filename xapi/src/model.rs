@@ -356,6 +356,17 @@ pub enum Attestation {
     Refused(String),
 }
 
+impl Attestation {
+    /// Where a new VM of `mode` stands before its first boot.
+    pub fn initial(mode: ConfidentialMode) -> Attestation {
+        if mode == ConfidentialMode::None {
+            Attestation::NotApplicable
+        } else {
+            Attestation::Pending
+        }
+    }
+}
+
 /// What a running VM's process is, so a restarted daemon can find it again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRuntime {

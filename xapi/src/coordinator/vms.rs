@@ -154,11 +154,7 @@ impl Coordinator {
                 host: host.clone(),
                 expected_measurement,
                 launch_digest: Vec::new(),
-                attestation: if spec.mode == ConfidentialMode::None {
-                    Attestation::NotApplicable
-                } else {
-                    Attestation::Pending
-                },
+                attestation: Attestation::initial(spec.mode),
                 runtime: None,
                 created_at: now,
                 updated_at: now,
