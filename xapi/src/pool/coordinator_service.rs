@@ -3,7 +3,6 @@
 //! call a host makes before it has a certificate (its token is its
 //! credential); every other call needs a member's unrevoked certificate.
 
-use std::io::Read;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -14,7 +13,6 @@ use hsev_proto::internal::{
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::disk_copy::CHUNK;
 use super::tls::{peer, Peer};
 use super::wire::{from_json, PoolReport};
 use crate::coordinator::Coordinator;
@@ -116,48 +114,6 @@ impl CoordinatorRpc for CoordinatorService {
         let path = artifact_file(&dir, &wanted.role).ok_or_else(|| {
             Status::invalid_argument(format!("no artifact role {:?}", wanted.role))
         })?;
-        let (sender, receiver) = tokio::sync::mpsc::channel(4);
-        tokio::task::spawn_blocking(move || {
-            let result = (|| -> std::io::Result<()> {
-                let mut file = std::fs::File::open(&path)?;
-                let size = file.metadata()?.len();
-                let mut hasher = openssl::sha::Sha256::new();
-                let mut buffer = vec![0u8; CHUNK];
-                let mut at = 0;
-                loop {
-                    let read = file.read(&mut buffer)?;
-                    if read == 0 {
-                        break;
-                    }
-                    hasher.update(&buffer[..read]);
-                    let chunk = FileChunk {
-                        offset: at,
-                        data: buffer[..read].to_vec(),
-                        size: if at == 0 { size } else { 0 },
-                        sha256: Vec::new(),
-                    };
-                    at += read as u64;
-                    if sender.blocking_send(Ok(chunk)).is_err() {
-                        return Ok(());
-                    }
-                }
-                let _ = sender.blocking_send(Ok(FileChunk {
-                    offset: at,
-                    data: Vec::new(),
-                    size,
-                    sha256: hasher.finish().to_vec(),
-                }));
-                Ok(())
-            })();
-            if let Err(error) = result {
-                let _ = sender.blocking_send(Err(Status::internal(format!(
-                    "reading {}: {error}",
-                    path.display()
-                ))));
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(receiver),
-        )))
+        Ok(Response::new(super::disk_copy::send_file(path, 0)))
     }
 }

@@ -29,9 +29,10 @@ const WINDOW: u32 = 8 << 20;
 /// framing.
 const FRAME: u32 = 2 << 20;
 
-/// Streams `disk` of this host from `offset`, then its SHA-256 (of the
-/// whole file, the part already sent included).
-pub fn send_disk(
+/// Streams the file at `path` (a VM's disk, an image's artifact) from
+/// `offset`, then its SHA-256 (of the whole file, the part already sent
+/// included).
+pub fn send_file(
     path: PathBuf,
     offset: u64,
 ) -> Pin<Box<dyn Stream<Item = Result<FileChunk, Status>> + Send>> {

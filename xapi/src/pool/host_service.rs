@@ -213,7 +213,7 @@ impl HostAgentRpc for HostService {
             .ok_or_else(|| {
                 Status::not_found(format!("VM {} has no disk {} here", wanted.vm, wanted.disk))
             })?;
-        Ok(Response::new(super::disk_copy::send_disk(
+        Ok(Response::new(super::disk_copy::send_file(
             path,
             wanted.offset,
         )))
