@@ -231,15 +231,20 @@ fn without_an_etcd_quorum_writes_are_refused_and_the_same_hsevd_resumes_when_it_
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Two down: refused as unavailable, with the reason; hsevd keeps running.
+    // Two down: refused as unavailable, with the reason (or, for a write
+    // caught in flight as the quorum went, said to be unconfirmed); hsevd
+    // keeps running.
     cluster.kill(1);
     let started = Instant::now();
     let refused = create(&daemon, "no-quorum");
     let said = String::from_utf8_lossy(&refused.stderr).into_owned();
     println!("without quorum ({:?}): {said}", started.elapsed());
     assert!(!refused.status.success());
+    let unconfirmed = said.contains("may still take effect");
     assert!(
-        said.contains("etcd cluster is unavailable") || said.contains("does not lead the pool now"),
+        unconfirmed
+            || said.contains("etcd cluster is unavailable")
+            || said.contains("does not lead the pool now"),
         "{said}"
     );
     std::thread::sleep(Duration::from_secs(TTL_S + 1));
@@ -269,6 +274,9 @@ fn without_an_etcd_quorum_writes_are_refused_and_the_same_hsevd_resumes_when_it_
         .iter()
         .map(|vm| vm["name"].as_str().unwrap())
         .collect();
+    if unconfirmed {
+        names.retain(|name| *name != "no-quorum");
+    }
     names.sort_unstable();
     assert_eq!(names, ["after", "before", "one-down"]);
 }

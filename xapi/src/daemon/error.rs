@@ -78,6 +78,7 @@ impl From<StoreError> for OpError {
             StoreError::Ambiguous { .. } | StoreError::Invalid { .. } => Kind::InvalidArgument,
             StoreError::Busy { .. }
             | StoreError::Unavailable { .. }
+            | StoreError::Unconfirmed { .. }
             | StoreError::NotLeader { .. }
             | StoreError::Contended { .. } => Kind::Unavailable,
             _ => Kind::Internal,

@@ -51,8 +51,9 @@ impl fmt::Display for Entity {
 /// [`StoreError::Ambiguous`] are `FailedPrecondition`;
 /// [`StoreError::Invalid`] and [`StoreError::Constraint`] are
 /// `InvalidArgument`; [`StoreError::Busy`], [`StoreError::Unavailable`],
-/// [`StoreError::NotLeader`] and [`StoreError::Contended`] are
-/// `Unavailable` (retry, through the leader); the rest are `Internal`.
+/// [`StoreError::Unconfirmed`], [`StoreError::NotLeader`] and
+/// [`StoreError::Contended`] are `Unavailable` (retry, through the
+/// leader); the rest are `Internal`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -197,10 +198,23 @@ pub enum StoreError {
         /// SQLite's error.
         source: rusqlite::Error,
     },
-    /// The etcd cluster did not answer in time (no endpoint reachable, or
-    /// no quorum): nothing was changed.
+    /// The etcd cluster refused the request before applying anything (no
+    /// endpoint reachable, or no leader): nothing was changed.
     #[error("cannot {op}: the etcd cluster is unavailable ({reason})")]
     Unavailable {
+        /// The operation.
+        op: &'static str,
+        /// What etcd or the transport said.
+        reason: String,
+    },
+    /// A write reached the cluster but was not confirmed in time (the
+    /// quorum went away while it was in flight). Raft may still commit it
+    /// once a quorum is back, so it is reported as neither done nor undone.
+    #[error(
+        "cannot confirm that the pool did {op}: the etcd cluster did not answer in time \
+         ({reason}); the write may still take effect once a quorum of members is back"
+    )]
+    Unconfirmed {
         /// The operation.
         op: &'static str,
         /// What etcd or the transport said.

@@ -72,32 +72,45 @@ struct EventDoc {
     at: OffsetDateTime,
 }
 
-/// Turns an etcd client error into the store's: what cannot reach a
-/// quorum in time is [`StoreError::Unavailable`].
-pub(crate) fn classify(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StoreError {
-    move |source| {
-        let unavailable = match &source {
-            etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-            etcd_client::Error::GRpcStatus(status) => matches!(
-                status.code(),
-                tonic::Code::Unavailable
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::Cancelled
-                    | tonic::Code::Unknown
-            ),
-            _ => false,
-        };
-        if unavailable {
-            StoreError::Unavailable {
-                op,
-                reason: match &source {
-                    etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
-                    other => other.to_string(),
-                },
-            }
-        } else {
-            StoreError::Etcd { op, source }
+/// What etcd or the transport said, for an error that comes from the
+/// cluster's availability (rather than from the request itself).
+fn availability_reason(error: &etcd_client::Error) -> Option<String> {
+    match error {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+            Some(error.to_string())
         }
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+        )
+        .then(|| status.message().to_owned()),
+        _ => None,
+    }
+}
+
+/// Turns the error of a read (or of connecting) into the store's: what
+/// cannot reach a quorum in time is [`StoreError::Unavailable`].
+pub(crate) fn classify(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StoreError {
+    move |source| match availability_reason(&source) {
+        Some(reason) => StoreError::Unavailable { op, reason },
+        None => StoreError::Etcd { op, source },
+    }
+}
+
+/// Turns the error of a write into the store's. Only a write etcd refused
+/// before proposing it is [`StoreError::Unavailable`] (nothing changed);
+/// one that reached a leader which then lost its quorum may still be
+/// committed by raft later, so it is [`StoreError::Unconfirmed`].
+fn classify_write(op: &'static str) -> impl FnOnce(etcd_client::Error) -> StoreError {
+    move |source| match availability_reason(&source) {
+        Some(reason) if never_sent(&source) || no_leader(&source) => {
+            StoreError::Unavailable { op, reason }
+        }
+        Some(reason) => StoreError::Unconfirmed { op, reason },
+        None => StoreError::Etcd { op, source },
     }
 }
 
@@ -112,6 +125,17 @@ fn never_sent(error: &etcd_client::Error) -> bool {
         }
         _ => false,
     }
+}
+
+/// Whether the member refused the request because it knows no leader (the
+/// client requires one): it proposed nothing.
+fn no_leader(error: &etcd_client::Error) -> bool {
+    matches!(
+        error,
+        etcd_client::Error::GRpcStatus(status)
+            if status.code() == tonic::Code::Unavailable
+                && status.message() == "etcdserver: no leader"
+    )
 }
 
 fn encode<T: Serialize>(value: &T, field: &'static str) -> Result<Vec<u8>> {
@@ -186,7 +210,7 @@ impl EtcdKv {
     /// dead member's endpoint refuses the connection: the request was not
     /// sent, so sending it again cannot apply it twice), for at most the
     /// configured timeout.
-    async fn call<T, F, Fut>(&self, op: &'static str, request: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, request: F) -> std::result::Result<T, etcd_client::Error>
     where
         F: Fn(KvClient) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
@@ -194,21 +218,21 @@ impl EtcdKv {
         let start = Instant::now();
         loop {
             match request(self.client.kv_client()).await {
-                Ok(value) => return Ok(value),
                 Err(error) if never_sent(&error) && start.elapsed() < self.timeout => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(error) => return Err(classify(op)(error)),
+                result => return result,
             }
         }
     }
 
     async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse> {
-        self.call(op, |mut kv| {
+        self.call(|mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
         .await
+        .map_err(classify_write(op))
     }
 
     async fn get_with(
@@ -217,11 +241,12 @@ impl EtcdKv {
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<GetResponse> {
-        self.call(op, |mut kv| {
+        self.call(|mut kv| {
             let options = options.clone();
             async move { kv.get(key, options).await }
         })
         .await
+        .map_err(classify(op))
     }
 
     // ---- reads ---------------------------------------------------------
