@@ -1306,3 +1306,155 @@ fn plain_http_is_a_development_flag_said_loudly() {
     );
     assert_eq!(released.expect("released"), b"key");
 }
+
+/// A single-instance resource with a lease of `seconds`.
+fn single_instance(seconds: u32) -> ReleasePolicy {
+    ReleasePolicy::from_toml(&format!(
+        "{}\n[single_instance]\nlease_seconds = {seconds}\n",
+        AppraisalPolicy {
+            allowed_measurements: vec![HexBytes(MEASUREMENT)],
+            ..simulated_policy()
+        }
+        .to_toml()
+    ))
+    .expect("policy")
+}
+
+/// A 503 (retry later: the client's `Unreachable`) saying that another
+/// live launch holds the resource, naming `words`.
+fn assert_held<T: std::fmt::Debug>(result: Result<T, ClientError>, words: &[&str]) {
+    match result {
+        Err(ClientError::Unreachable(said)) => {
+            assert!(said.starts_with("HTTP 503"), "{said}");
+            for word in ["held by the live instance", "once that lease lapses"]
+                .iter()
+                .chain(words)
+            {
+                assert!(said.contains(word), "{word:?} not in {said:?}");
+            }
+        }
+        other => panic!("expected a live lease to refuse, got {other:?}"),
+    }
+}
+
+fn renew(
+    kbs: &Kbs,
+    guest: &hsev_attestation::firmware::LaunchedGuest,
+    resource: &str,
+) -> Result<hsev_attestation::kbs::protocol::LeaseGrant, ClientError> {
+    guest_client(kbs)
+        .renew_lease(&path(resource), &mut |binding| evidence(guest, binding))
+        .map(|lease| lease.grant)
+}
+
+#[test]
+fn a_single_instance_key_goes_to_one_live_launch_and_a_replaced_one_never_gets_it_back() {
+    let platform = SimPlatform::new();
+    let mut kbs = development_broker(&platform, "");
+    let alice = admin_client(&kbs, "alice");
+    let name = "alice/disk-key/vm-ha";
+    let resource = path(name);
+    alice
+        .put_resource(&resource, None, &single_instance(3), &[])
+        .expect("policy");
+    let first = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    let second = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    let client = guest_client(&kbs);
+    let key = fetch(&client, &first, name, KeyAlgorithm::EcdhEsA256kwP256).expect("released");
+
+    // A launch that was never released the key renews nothing.
+    assert_held(renew(&kbs, &second, name), &[]);
+    // While the first renews, the second launch is refused, naming it,
+    // across a restart of the broker too.
+    let first_report_id = renew(&kbs, &first, name).expect("renewed").report_id;
+    kbs.restart();
+    let client = guest_client(&kbs);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1000));
+        let grant = renew(&kbs, &first, name).expect("renewed");
+        assert_eq!(
+            (grant.lease_seconds, &grant.report_id),
+            (3, &first_report_id)
+        );
+        assert_held(
+            fetch(&client, &second, name, KeyAlgorithm::EcdhEsA256kwP256),
+            &[&first_report_id[..16]],
+        );
+    }
+    let holder = alice.lease(&resource).expect("lease");
+    assert!(holder.live);
+    assert_eq!(holder.report_id, first_report_id);
+    assert!(
+        reader_client(&kbs, "alice").lease(&resource).is_ok(),
+        "a reader sees who holds it"
+    );
+    assert!(admin_client(&kbs, "bob").lease(&resource).is_err());
+
+    // The first stops renewing: once its lease lapses, the second takes
+    // over, with the same key; the first is refused from then on.
+    std::thread::sleep(Duration::from_millis(3200));
+    let taken = fetch(&client, &second, name, KeyAlgorithm::EcdhEsA256kwP256).expect("takeover");
+    assert_eq!(taken, key);
+    for refused in [
+        renew(&kbs, &first, name).map(|_| Vec::new()),
+        fetch(&client, &first, name, KeyAlgorithm::EcdhEsA256kwP256),
+    ] {
+        assert_refused(
+            refused,
+            401,
+            "PolicyDeny",
+            &["superseded by report_id", "must stop"],
+        );
+    }
+
+    // The tenant ends the second's lease: a third launch may take it at
+    // once, and the second never again.
+    let ended = alice.end_lease(&resource).expect("ended");
+    assert_ne!(ended.report_id, first_report_id);
+    let third = platform.launch(MEASUREMENT, GUEST_POLICY, HOST_DATA);
+    assert_eq!(
+        fetch(&client, &third, name, KeyAlgorithm::EcdhEsA256kwP256).expect("third"),
+        key
+    );
+    assert_refused(
+        fetch(&client, &second, name, KeyAlgorithm::EcdhEsA256kwP256),
+        401,
+        "PolicyDeny",
+        &["superseded by the tenant"],
+    );
+    // A resource without [single_instance] has no lease to renew.
+    let plain = AppraisalPolicy {
+        allowed_measurements: vec![HexBytes(MEASUREMENT)],
+        ..simulated_policy()
+    };
+    alice
+        .put_resource(&path("alice/disk-key/plain"), None, &plain.into(), &[])
+        .expect("policy");
+    let (_, none) = client
+        .fetch_resource_and_lease(
+            &path("alice/disk-key/plain"),
+            KeyAlgorithm::EcdhEsA256kwP256,
+            &mut |binding| evidence(&third, binding),
+        )
+        .expect("released");
+    assert_eq!(none, None, "a plain resource has no lease");
+    let (_, some) = client
+        .fetch_resource_and_lease(&resource, KeyAlgorithm::EcdhEsA256kwP256, &mut |binding| {
+            evidence(&third, binding)
+        })
+        .expect("released");
+    assert_eq!(some.expect("a lease").grant.lease_seconds, 3);
+    match renew(&kbs, &third, "alice/disk-key/plain") {
+        Err(ClientError::Refused { status, detail, .. }) => {
+            assert_eq!(status, 404, "{detail}");
+            assert!(detail.contains("no [single_instance]"), "{detail}");
+        }
+        other => panic!("expected 404, got {other:?}"),
+    }
+
+    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
+    assert!(log.contains("taking over from report_id"), "{log}");
+    assert!(log.contains("\"event\":\"lease\""), "{log}");
+    assert!(log.contains("\"action\":\"end_lease\""), "{log}");
+    kbs.verify_audit();
+}

@@ -14,11 +14,12 @@
 //! [`SnpEvidence`].
 //!
 //! Modules: [`settings`] (kernel command line), [`disk`] (finding the data
-//! disk), [`luks`] (the LUKS2 format, shared with hsevd, which formats the
-//! disks with [`luks::luks_format`]), [`backoff`] (retries), [`boot_log`]
-//! (the log on the unlocked disk), [`status`] (progress lines to the host),
-//! [`unlock`] (the flow that ties them) and [`responder`] (evidence for the
-//! tenant's own verification, `hsev vm attest`).
+//! disk), [`luks`] (formatting the empty disk at first boot, opening it),
+//! [`backoff`] (retries), [`boot_log`] (the log on the unlocked disk),
+//! [`status`] (progress lines to the host), [`unlock`] (the flow that ties
+//! them), [`keeper`] (the lease of a single-instance key, and the fence
+//! when it cannot be kept) and [`responder`] (evidence for the tenant's own
+//! verification, `hsev vm attest`).
 
 use std::io::Write;
 use std::path::Path;
@@ -35,6 +36,7 @@ use hsev_attestation::report::{AttestationReport, ReportError, SnpEvidence};
 pub mod backoff;
 pub mod boot_log;
 pub mod disk;
+pub mod keeper;
 pub mod luks;
 pub mod responder;
 pub mod settings;

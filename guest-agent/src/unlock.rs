@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use hsev_attestation::agent_status::AgentPhase;
 use hsev_attestation::firmware::guest::GuestReporter;
+use hsev_attestation::kbs::client::Lease;
 use hsev_attestation::kbs::tls::{PinMismatch, SpkiPin};
 use zeroize::Zeroizing;
 
@@ -88,11 +89,18 @@ pub type EvidenceFn<'a> = dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, Stri
 
 /// What the flow needs of a key broker: one attested fetch of the disk key.
 pub trait KeyBroker {
-    /// Runs the RCAR exchange with `evidence` and fetches the key.
-    fn fetch_key(
-        &mut self,
-        evidence: &mut EvidenceFn<'_>,
-    ) -> Result<Zeroizing<Vec<u8>>, FetchError>;
+    /// Runs the RCAR exchange with `evidence` and fetches the key, and its
+    /// lease if the key is single-instance.
+    fn fetch_key(&mut self, evidence: &mut EvidenceFn<'_>) -> Result<Fetched, FetchError>;
+}
+
+/// A key as the broker answered it.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The disk key.
+    pub key: Zeroizing<Vec<u8>>,
+    /// Its lease, when one launch at a time may hold it.
+    pub lease: Option<Lease>,
 }
 
 /// A released disk key and the measurement of the report that got it.
@@ -100,6 +108,8 @@ pub trait KeyBroker {
 pub struct Released {
     /// The disk key.
     pub key: Zeroizing<Vec<u8>>,
+    /// Its lease, when one launch at a time may hold it.
+    pub lease: Option<Lease>,
     /// The launch measurement in the evidence the broker accepted.
     pub measurement: [u8; 48],
 }
@@ -113,6 +123,9 @@ pub struct Unlocked {
     pub mount: PathBuf,
     /// This boot's number in the boot log.
     pub boot: u64,
+    /// The key's lease, when one launch at a time may hold it: the agent
+    /// must keep it ([`crate::keeper`]) or stop the guest.
+    pub lease: Option<Lease>,
 }
 
 /// Why the unlock did not happen.
@@ -241,13 +254,17 @@ pub fn fetch_key<C: Clock>(
         };
         let fetched = broker.fetch_key(&mut make_evidence);
         match fetched {
-            Ok(key) => {
+            Ok(Fetched { key, lease }) => {
                 let measurement = measurement.ok_or_else(|| {
                     UnlockError::Protocol(
                         "a key came back without evidence being asked for".to_owned(),
                     )
                 })?;
-                return Ok(Released { key, measurement });
+                return Ok(Released {
+                    key,
+                    lease,
+                    measurement,
+                });
             }
             Err(FetchError::Refused {
                 status,
@@ -310,28 +327,41 @@ impl KbsBroker {
 }
 
 impl KeyBroker for KbsBroker {
-    fn fetch_key(
-        &mut self,
-        evidence: &mut EvidenceFn<'_>,
-    ) -> Result<Zeroizing<Vec<u8>>, FetchError> {
-        use hsev_attestation::kbs::client::ClientError;
+    fn fetch_key(&mut self, evidence: &mut EvidenceFn<'_>) -> Result<Fetched, FetchError> {
         use hsev_attestation::kbs::jwe::KeyAlgorithm;
         self.client
-            .fetch_resource(&self.resource, KeyAlgorithm::EcdhEsA256kwP256, evidence)
-            .map_err(|error| match error {
-                ClientError::Unreachable(reason) => FetchError::Unreachable(reason),
-                ClientError::Refused {
-                    status,
-                    error_type,
-                    detail,
-                } => FetchError::Refused {
-                    status,
-                    error_type,
-                    detail,
-                },
-                ClientError::WrongBroker(mismatch) => FetchError::WrongBroker(mismatch),
-                ClientError::Protocol(reason) => FetchError::Protocol(reason),
-            })
+            .fetch_resource_and_lease(&self.resource, KeyAlgorithm::EcdhEsA256kwP256, evidence)
+            .map(|(key, lease)| Fetched { key, lease })
+            .map_err(FetchError::from)
+    }
+}
+
+impl KbsBroker {
+    /// Renews the lease of the key, attested afresh with `evidence`.
+    pub fn renew_lease(&self, evidence: &mut EvidenceFn<'_>) -> Result<Lease, FetchError> {
+        self.client
+            .renew_lease(&self.resource, evidence)
+            .map_err(FetchError::from)
+    }
+}
+
+impl From<hsev_attestation::kbs::client::ClientError> for FetchError {
+    fn from(error: hsev_attestation::kbs::client::ClientError) -> Self {
+        use hsev_attestation::kbs::client::ClientError;
+        match error {
+            ClientError::Unreachable(reason) => FetchError::Unreachable(reason),
+            ClientError::Refused {
+                status,
+                error_type,
+                detail,
+            } => FetchError::Refused {
+                status,
+                error_type,
+                detail,
+            },
+            ClientError::WrongBroker(mismatch) => FetchError::WrongBroker(mismatch),
+            ClientError::Protocol(reason) => FetchError::Protocol(reason),
+        }
     }
 }
 
@@ -451,6 +481,7 @@ fn unlock(
     }
     let mapped = luks_open(&disk, MAPPED_NAME, &released.key)?;
     let measurement = released.measurement;
+    let lease = released.lease.clone();
     drop(released); // the key is zeroized here
     say(&format!(
         "opened {} as {}",
@@ -498,6 +529,7 @@ fn unlock(
         device: mapped,
         mount: settings.mount.clone(),
         boot: appended.boot,
+        lease,
     })
 }
 
@@ -588,10 +620,7 @@ mod tests {
     }
 
     impl KeyBroker for Scripted {
-        fn fetch_key(
-            &mut self,
-            evidence: &mut EvidenceFn<'_>,
-        ) -> Result<Zeroizing<Vec<u8>>, FetchError> {
+        fn fetch_key(&mut self, evidence: &mut EvidenceFn<'_>) -> Result<Fetched, FetchError> {
             let answer = self
                 .answers
                 .pop_front()
@@ -600,7 +629,10 @@ mod tests {
                 let json = evidence(&[0x11; 64]).map_err(FetchError::Protocol)?;
                 self.evidence_seen.push(json);
             }
-            answer.map(Zeroizing::new)
+            answer.map(|key| Fetched {
+                key: Zeroizing::new(key),
+                lease: None,
+            })
         }
     }
 

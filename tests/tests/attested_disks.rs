@@ -107,35 +107,44 @@ impl<'a> PolicyCall<'a> {
 
     /// `hsev kbs policy set` for `vm`, from the caller's machine.
     fn run(&self, daemon: &Daemon, vm: &str) -> Output {
+        self.run_with(daemon, vm, &[])
+    }
+
+    /// [`Self::run`] with the further flags `extra`.
+    fn run_with(&self, daemon: &Daemon, vm: &str, extra: &[&str]) -> Output {
         let manifest = image_dir().join("manifest.json");
-        daemon.hsev(
-            self.caller,
-            [
-                "kbs",
-                "policy",
-                "set",
-                "--broker",
-                &self.broker_url,
-                "--broker-pin",
-                &self.broker_pin,
-                "--broker-token-file",
-                path(&self.token_file),
-                "--repository",
-                self.repository,
-                "--vm",
-                vm,
-                "--image-manifest",
-                path(&manifest),
-                "--allow-simulated",
-            ],
-        )
+        let mut args = vec![
+            "kbs",
+            "policy",
+            "set",
+            "--broker",
+            &self.broker_url,
+            "--broker-pin",
+            &self.broker_pin,
+            "--broker-token-file",
+            path(&self.token_file),
+            "--repository",
+            self.repository,
+            "--vm",
+            vm,
+            "--image-manifest",
+            path(&manifest),
+            "--allow-simulated",
+        ];
+        args.extend_from_slice(extra);
+        daemon.hsev(self.caller, args)
     }
 }
 
 /// Alice's `hsev kbs policy set`, which must succeed; answers what it
 /// printed.
 fn pin_policy(daemon: &Daemon, kbs: &Kbs, vm: &str) -> String {
-    let output = PolicyCall::alice(kbs).run(daemon, vm);
+    pin_policy_with(daemon, kbs, vm, &[])
+}
+
+/// [`pin_policy`] with the further flags `extra`.
+fn pin_policy_with(daemon: &Daemon, kbs: &Kbs, vm: &str, extra: &[&str]) -> String {
+    let output = PolicyCall::alice(kbs).run_with(daemon, vm, extra);
     assert!(
         output.status.success(),
         "hsev kbs policy set: {}{}",
@@ -552,3 +561,159 @@ macro_rules! on_driver {
 
 on_driver!(qemu, hsev_e2e::daemon::Driver::Qemu);
 on_driver!(libvirt, hsev_e2e::daemon::Driver::Libvirt);
+
+/// The QEMU processes whose command line names `vm_id`.
+fn qemu_processes_of(vm_id: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.starts_with("/usr/bin/qemu-system") && cmdline.contains(vm_id)).then_some(pid)
+        })
+        .collect()
+}
+
+/// `hsev kbs lease show` of `resource`, as alice.
+fn lease_of(daemon: &Daemon, kbs: &Kbs, resource: &str) -> serde_json::Value {
+    let token = kbs.tenant_token_file("alice");
+    daemon.json(
+        ALICE,
+        [
+            "kbs",
+            "lease",
+            "show",
+            "--broker",
+            &kbs.url(),
+            "--broker-pin",
+            &kbs.pin(),
+            "--broker-token-file",
+            path(&token),
+            "--resource",
+            resource,
+        ],
+    )
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+/// A single-instance disk key: the guest keeps its lease while it can
+/// reach the broker; cut off from it, the guest powers itself off before
+/// the broker's lease lapses; the next launch then takes the key over, and
+/// the disk's data with it.
+#[test]
+fn a_single_instance_guest_cut_off_from_its_broker_powers_off_before_its_lease_lapses() {
+    const LEASE_SECONDS: u64 = 8;
+    let (kbs, daemon) = pool_on(Driver::Qemu, KbsMode::Development, "");
+    let vm = create_encrypted(&daemon, &kbs, "solo", &[]);
+    let id = vm["id"].as_str().expect("id").to_owned();
+    let resource = vm["spec"]["key_resource"]
+        .as_str()
+        .expect("resource")
+        .to_owned();
+    let lease = LEASE_SECONDS.to_string();
+    pin_policy_with(&daemon, &kbs, "solo", &["--single-instance", &lease]);
+    daemon.json(ALICE, ["vm", "start", "solo"]);
+    let booted = wait_for(&daemon, "solo", &VERDICTS, 1);
+    assert!(
+        booted.contains("HSEV-DISK-UNLOCKED /mnt/data boot=1"),
+        "{booted}"
+    );
+    assert!(
+        booted.contains(&format!("keeping its {LEASE_SECONDS} s lease")),
+        "{booted}"
+    );
+    let first = lease_of(&daemon, &kbs, &resource);
+    assert_eq!(first["live"], true, "{first}");
+
+    // It renews: two lease lengths later, it still runs and holds the key.
+    std::thread::sleep(Duration::from_secs(2 * LEASE_SECONDS));
+    let held = lease_of(&daemon, &kbs, &resource);
+    assert_eq!(held["live"], true, "{held}");
+    assert_eq!(held["report_id"], first["report_id"], "{held}");
+    assert_ne!(held["expires_at"], first["expires_at"], "renewed: {held}");
+    let running = qemu_processes_of(&id);
+    assert_eq!(running.len(), 1, "one QEMU for {id}");
+    assert!(!console_of_fence(&daemon));
+
+    // Cut off: the broker answers nothing (stopped, not refusing).
+    signal(kbs.pid(), "-STOP");
+    let cut = Instant::now();
+    while !qemu_processes_of(&id).is_empty() {
+        assert!(
+            cut.elapsed() < Duration::from_secs(3 * LEASE_SECONDS),
+            "the cut-off guest still runs after {:?}:\n{}",
+            cut.elapsed(),
+            console(&daemon, "solo")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone_at = time::OffsetDateTime::now_utc();
+    let gone_after = cut.elapsed();
+    signal(kbs.pid(), "-CONT");
+    let lapsed = lease_of(&daemon, &kbs, &resource);
+    let lapses_at = time::OffsetDateTime::parse(
+        lapsed["expires_at"].as_str().expect("expires_at"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .expect("RFC 3339");
+    println!(
+        "guest off {:.2} s after the cut, {:.2} s before the broker's lease lapsed",
+        gone_after.as_secs_f64(),
+        (lapses_at - gone_at).as_seconds_f64()
+    );
+    assert!(
+        gone_at < lapses_at,
+        "the guest ran until {gone_at}, past the lease's end {lapses_at}"
+    );
+    assert!(console_of_fence(&daemon), "{}", console(&daemon, "solo"));
+
+    // The next launch takes the key over once the lease lapsed, and finds
+    // the first boot's data.
+    while time::OffsetDateTime::now_utc() < lapses_at {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for_state(&daemon, "solo", "stopped");
+    daemon.json(ALICE, ["vm", "start", "solo"]);
+    let again = wait_for(
+        &daemon,
+        "solo",
+        &["HSEV-DISK-UNLOCKED /mnt/data boot=2", "HSEV-KBS-REFUSED"],
+        1,
+    );
+    assert!(
+        again.contains("HSEV-DISK-UNLOCKED /mnt/data boot=2"),
+        "{again}"
+    );
+    let successor = lease_of(&daemon, &kbs, &resource);
+    assert_ne!(successor["report_id"], first["report_id"], "{successor}");
+    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("audit");
+    assert!(log.contains("taking over from report_id"), "{log}");
+    kbs.verify_audit();
+}
+
+/// Whether the guest's console shows that it fenced itself.
+fn console_of_fence(daemon: &Daemon) -> bool {
+    console(daemon, "solo").contains("HSEV-FENCED")
+}
+
+/// Waits until hsevd shows `vm` in `state`.
+fn wait_for_state(daemon: &Daemon, vm: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let shown = daemon.json(ALICE, ["vm", "show", vm]);
+        if shown["state"] == state {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vm}: not {state}: {shown}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

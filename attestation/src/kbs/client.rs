@@ -24,8 +24,9 @@ use super::jwe::TeeKeyPair;
 pub use super::protocol::ResourcePath;
 use super::protocol::{
     check_name, composite_evidence, runtime_data_binding, Announcement, AnnouncementBody,
-    Attestation, AttestationToken, Challenge, ErrorInformation, JweResponse, ReferenceValuesBody,
-    Request, ResourceBody, ResourceSummary, RuntimeData, Tee, PROTOCOL_VERSION, SESSION_COOKIE,
+    Attestation, AttestationToken, Challenge, ErrorInformation, JweResponse, LeaseGrant,
+    LeaseHolder, ReferenceValuesBody, Request, ResourceBody, ResourceSummary, RuntimeData, Tee,
+    LEASE_HEADER, PROTOCOL_VERSION, SESSION_COOKIE,
 };
 use super::release_policy::ReleasePolicy;
 pub use super::tls::{PinMismatch, SpkiPin};
@@ -77,10 +78,11 @@ struct Http {
     base_url: String,
 }
 
-/// An answer: status, `Set-Cookie` values, body.
+/// An answer: status, `Set-Cookie` values, the lease header, body.
 struct Answer {
     status: u16,
     cookies: Vec<String>,
+    lease_seconds: Option<u32>,
     body: Vec<u8>,
 }
 
@@ -166,6 +168,10 @@ impl Http {
             .iter()
             .filter_map(|value| value.to_str().ok().map(str::to_owned))
             .collect();
+        let lease_seconds = response
+            .headers()
+            .get(LEASE_HEADER)
+            .and_then(|value| value.to_str().ok()?.parse().ok());
         let body = response
             .body_mut()
             .with_config()
@@ -175,6 +181,7 @@ impl Http {
         Ok(Answer {
             status,
             cookies,
+            lease_seconds,
             body,
         })
     }
@@ -292,6 +299,24 @@ fn to_json(value: &impl serde::Serialize) -> Result<Vec<u8>, ClientError> {
     Ok(json)
 }
 
+/// A lease the broker granted, and when (on this machine's monotonic
+/// clock) the request that got it was sent: the broker's lease began no
+/// earlier, so it lapses no earlier than `requested_at` + `lease_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The broker's answer.
+    pub grant: LeaseGrant,
+    /// When the request was sent.
+    pub requested_at: std::time::Instant,
+}
+
+impl Lease {
+    /// How long the lease lasts.
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(self.grant.lease_seconds.into())
+    }
+}
+
 /// A guest's client of the RCAR protocol.
 #[derive(Debug, Clone)]
 pub struct KbsClient {
@@ -355,15 +380,26 @@ impl KbsClient {
 
     /// `GET /kbs/v0/resource/<path>` in an attested session.
     pub fn resource(&self, session: &str, path: &ResourcePath) -> Result<JweResponse, ClientError> {
+        self.resource_and_lease_length(session, path)
+            .map(|(jwe, _)| jwe)
+    }
+
+    /// [`Self::resource`], and the length of its lease if the broker says
+    /// it is single-instance ([`LEASE_HEADER`]).
+    fn resource_and_lease_length(
+        &self,
+        session: &str,
+        path: &ResourcePath,
+    ) -> Result<(JweResponse, Option<u32>), ClientError> {
         let cookie = format!("{SESSION_COOKIE}={session}");
-        self.http
-            .send(
-                "GET",
-                &format!("/kbs/v0/resource/{path}"),
-                &[("cookie", &cookie)],
-                None,
-            )?
-            .into_json("resource")
+        let answer = self.http.send(
+            "GET",
+            &format!("/kbs/v0/resource/{path}"),
+            &[("cookie", &cookie)],
+            None,
+        )?;
+        let lease_seconds = answer.lease_seconds;
+        Ok((answer.into_json("resource")?, lease_seconds))
     }
 
     /// The whole RCAR flow, as Trustee's client runs it: auth, ephemeral
@@ -377,6 +413,72 @@ impl KbsClient {
         algorithm: KeyAlgorithm,
         evidence: &mut dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>,
     ) -> Result<Zeroizing<Vec<u8>>, ClientError> {
+        let (session, key_pair) = self.attested_session(algorithm, evidence)?;
+        let jwe = self.resource(&session, path)?;
+        key_pair
+            .decrypt(&jwe)
+            .map_err(|error| ClientError::Protocol(format!("resource: {error}")))
+    }
+
+    /// [`Self::fetch_resource`], then, in the same session, the lease of a
+    /// resource the broker says is single-instance (none for another
+    /// resource, or a broker that keeps no leases).
+    pub fn fetch_resource_and_lease(
+        &self,
+        path: &ResourcePath,
+        algorithm: KeyAlgorithm,
+        evidence: &mut dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>,
+    ) -> Result<(Zeroizing<Vec<u8>>, Option<Lease>), ClientError> {
+        let (session, key_pair) = self.attested_session(algorithm, evidence)?;
+        let (jwe, lease_seconds) = self.resource_and_lease_length(&session, path)?;
+        let secret = key_pair
+            .decrypt(&jwe)
+            .map_err(|error| ClientError::Protocol(format!("resource: {error}")))?;
+        match lease_seconds {
+            Some(_) => Ok((secret, Some(self.lease(&session, path)?))),
+            None => Ok((secret, None)),
+        }
+    }
+
+    /// Renews this launch's lease on the single-instance resource `path`
+    /// (HyperSEV's `POST /hsev/v0/lease/<path>`), in a session attested
+    /// afresh with `evidence`: the broker sees the launch is still running.
+    pub fn renew_lease(
+        &self,
+        path: &ResourcePath,
+        evidence: &mut dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>,
+    ) -> Result<Lease, ClientError> {
+        let (session, _key_pair) =
+            self.attested_session(KeyAlgorithm::EcdhEsA256kwP256, evidence)?;
+        self.lease(&session, path)
+    }
+
+    /// `POST /hsev/v0/lease/<path>` in an attested session.
+    fn lease(&self, session: &str, path: &ResourcePath) -> Result<Lease, ClientError> {
+        let cookie = format!("{SESSION_COOKIE}={session}");
+        let requested_at = std::time::Instant::now();
+        let grant = self
+            .http
+            .send(
+                "POST",
+                &format!("/hsev/v0/lease/{path}"),
+                &[("cookie", &cookie)],
+                Some(b"{}"),
+            )?
+            .into_json("lease")?;
+        Ok(Lease {
+            grant,
+            requested_at,
+        })
+    }
+
+    /// Auth and attest: the attested session's cookie value and the
+    /// ephemeral key pair the broker encrypts to.
+    fn attested_session(
+        &self,
+        algorithm: KeyAlgorithm,
+        evidence: &mut dyn FnMut(&[u8; 64]) -> Result<serde_json::Value, String>,
+    ) -> Result<(String, TeeKeyPair), ClientError> {
         let (challenge, session) = self.auth()?;
         let key_pair = TeeKeyPair::generate(algorithm)
             .map_err(|error| ClientError::Protocol(format!("ephemeral key: {error}")))?;
@@ -397,10 +499,7 @@ impl KbsClient {
             tee_evidence: composite_evidence(snp_evidence),
         };
         self.attest(&session, &attestation)?;
-        let jwe = self.resource(&session, path)?;
-        key_pair
-            .decrypt(&jwe)
-            .map_err(|error| ClientError::Protocol(format!("resource: {error}")))
+        Ok((session, key_pair))
     }
 }
 
@@ -512,6 +611,19 @@ impl AdminClient {
             Some(json.as_slice()),
         )
         .map(drop)
+    }
+
+    /// Which launch holds the single-instance resource at `path`.
+    pub fn lease(&self, path: &ResourcePath) -> Result<LeaseHolder, ClientError> {
+        self.call("GET", &format!("/admin/v0/leases/{path}"), None)?
+            .into_json("lease")
+    }
+
+    /// Ends the lease on `path`: its holder is refused from now on, and the
+    /// next launch that passes the policy takes the resource.
+    pub fn end_lease(&self, path: &ResourcePath) -> Result<LeaseHolder, ClientError> {
+        self.call("DELETE", &format!("/admin/v0/leases/{path}"), None)?
+            .into_json("lease")
     }
 
     /// Deletes the resource at `path`.
@@ -638,6 +750,7 @@ mod tests {
         let answer = |status, body: &str| Answer {
             status,
             cookies: Vec::new(),
+            lease_seconds: None,
             body: body.as_bytes().to_vec(),
         };
         let problem = r#"{"type":"https://github.com/confidential-containers/kbs/errors/PolicyDeny","detail":"measurement"}"#;

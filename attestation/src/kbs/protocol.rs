@@ -372,6 +372,48 @@ pub struct ResourceSummary {
     pub has_data: bool,
 }
 
+/// The header of a resource answer that says the resource is
+/// single-instance, its value the lease's length in seconds: the guest
+/// then keeps the lease (`POST /hsev/v0/lease/<path>`).
+pub const LEASE_HEADER: &str = "hsev-lease-seconds";
+
+/// `POST /hsev/v0/lease/<path>`'s answer (HyperSEV's own endpoint): the
+/// attested launch holds the single-instance resource until `expires_at`,
+/// `lease_seconds` after the broker took the renewal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseGrant {
+    /// The resource.
+    pub resource: String,
+    /// The holder's REPORT_ID, hex.
+    pub report_id: String,
+    /// How long a renewal holds it.
+    pub lease_seconds: u32,
+    /// When the lease lapses unless renewed (RFC 3339).
+    pub expires_at: String,
+}
+
+/// `GET /admin/v0/leases/<path>`'s answer: which launch holds a
+/// single-instance resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseHolder {
+    /// The resource.
+    pub resource: String,
+    /// The holder's REPORT_ID, hex.
+    pub report_id: String,
+    /// Its CHIP_ID, hex.
+    pub chip_id: String,
+    /// Its MEASUREMENT, hex.
+    pub measurement: String,
+    /// When it was first released the resource (RFC 3339).
+    pub since: String,
+    /// When its lease lapses unless renewed (RFC 3339).
+    pub expires_at: String,
+    /// Whether the lease still lives.
+    pub live: bool,
+}
+
 /// `PUT /admin/v0/announcements/<repository>/<vm>` body: what the
 /// operator says it runs for a tenant. Information for the tenant only:
 /// it never changes what the broker releases.

@@ -13,6 +13,10 @@
 //!   line) is refused: its measurement would pin the host's choice.
 //! - `policy list` and `policy delete`: the tenant's policies, and the
 //!   revocation of a disk key.
+//! - `lease show` and `lease end`: which launch holds a single-instance
+//!   disk key (`policy set --single-instance`), and the tenant's own end of
+//!   that lease (the holder is refused from then on; the next launch may
+//!   take the key).
 //! - `announce` (the operator's token): says which image a VM boots and
 //!   the measurement hsevd expects, for the tenant to compare.
 //!
@@ -26,7 +30,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use hsev_attestation::kbs::client::{AdminClient, ClientError, ResourcePath, SpkiPin};
-use hsev_attestation::kbs::release_policy::ReleasePolicy;
+use hsev_attestation::kbs::release_policy::{ReleasePolicy, SingleInstance};
 use hsev_attestation::policy::AppraisalPolicy;
 use hsev_attestation::HexBytes;
 use hsev_proto::v1::{Vm, VmRef};
@@ -59,6 +63,33 @@ pub enum KbsCommand {
     /// Announce a VM at its tenant's key broker: the image it boots and the
     /// measurement hsevd expects (the operator's token; changes no release).
     Announce(AnnounceArgs),
+    /// The lease of a single-instance disk key, at your own key broker.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+}
+
+/// `hsev kbs lease ...`.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Which launch (REPORT_ID, chip) holds the key, and until when.
+    Show(LeaseArgs),
+    /// End the lease: its holder is refused from now on (its guest powers
+    /// off at its next renewal) and the next launch that passes the policy
+    /// takes the key.
+    End(LeaseArgs),
+}
+
+/// `hsev kbs lease show|end`.
+#[derive(Debug, Args)]
+pub struct LeaseArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    /// The disk key, REPOSITORY/disk-key/<vm id>.
+    #[arg(long, value_name = "PATH")]
+    resource: ResourcePath,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    output: OutputFormat,
 }
 
 /// `hsev kbs policy ...`.
@@ -131,6 +162,12 @@ pub struct PolicySetArgs {
     /// pool: NO confidentiality; the broker must be in development mode).
     #[arg(long)]
     allow_simulated: bool,
+    /// One live launch at a time: the launch the key is released to holds
+    /// it for this many seconds, renewed by its agent; another launch (an
+    /// HA restart elsewhere) gets it only once that lease lapses, and the
+    /// guest powers itself off before then if it cannot renew.
+    #[arg(long, value_name = "SECONDS")]
+    single_instance: Option<u32>,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     output: OutputFormat,
@@ -180,17 +217,64 @@ pub struct AnnounceArgs {
 pub fn run(args: &KbsArgs) -> ExitCode {
     match &args.command {
         // The tenant's own repository: no hsevd involved.
-        KbsCommand::Policy(PolicyCommand::List(list)) => match policy_list(list) {
-            Ok(code) => code,
-            Err(error) => {
-                eprintln!("hsev: error: {error}");
-                ExitCode::from(error.exit_code())
-            }
-        },
+        KbsCommand::Policy(PolicyCommand::List(list)) => broker_only(policy_list(list)),
+        KbsCommand::Lease(LeaseCommand::Show(lease)) => broker_only(lease_show(lease, false)),
+        KbsCommand::Lease(LeaseCommand::End(lease)) => broker_only(lease_show(lease, true)),
         command => client::run(&args.connection, async |connection| {
             with_hsevd(connection, command).await
         }),
     }
+}
+
+/// The exit of a command that talks to the broker only.
+fn broker_only(result: Result<ExitCode, RemoteError>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("hsev: error: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// `hsev kbs lease show` (or, with `end`, `lease end`).
+fn lease_show(args: &LeaseArgs, end: bool) -> Result<ExitCode, RemoteError> {
+    let broker = admin(&args.broker)?;
+    let holder = if end {
+        broker.end_lease(&args.resource)
+    } else {
+        broker.lease(&args.resource)
+    }
+    .map_err(|error| broker_error(&args.broker, &error))?;
+    match args.output {
+        OutputFormat::Json => print_json(&json!({
+            "resource": holder.resource,
+            "report_id": holder.report_id,
+            "chip_id": holder.chip_id,
+            "measurement": holder.measurement,
+            "since": holder.since,
+            "expires_at": holder.expires_at,
+            "live": holder.live && !end,
+            "ended": end,
+        }))?,
+        OutputFormat::Text => {
+            let state = match (end, holder.live) {
+                (true, _) => "ENDED: this launch is refused from now on",
+                (false, true) => "live",
+                (false, false) => "lapsed: the next launch that passes the policy takes it",
+            };
+            print_stdout(&format!(
+                "{}\nheld by report_id {} on chip {}\nmeasurement {}\nsince {}, lease until {} ({state})\n",
+                holder.resource,
+                holder.report_id,
+                holder.chip_id,
+                holder.measurement,
+                holder.since,
+                holder.expires_at
+            ))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The commands that read the VM from hsevd first.
@@ -211,6 +295,8 @@ async fn with_hsevd(
             policy_set(set, &vm)
         }
         KbsCommand::Policy(PolicyCommand::List(list)) => policy_list(list),
+        KbsCommand::Lease(LeaseCommand::Show(lease)) => lease_show(lease, false),
+        KbsCommand::Lease(LeaseCommand::End(lease)) => lease_show(lease, true),
         KbsCommand::Policy(PolicyCommand::Delete(delete)) => {
             let resource = match (&delete.resource, &delete.vm, &delete.repository) {
                 (Some(resource), _, _) => resource.clone(),
@@ -366,8 +452,12 @@ fn policy_set(args: &PolicySetArgs, vm: &Vm) -> Result<ExitCode, RemoteError> {
         .map_err(|error| broker_error(&args.broker, &error))?
         .into_iter()
         .find(|announcement| announcement.vm == ours.vm.0);
+    let mut release_policy = ReleasePolicy::from(policy.clone());
+    release_policy.single_instance = args
+        .single_instance
+        .map(|lease_seconds| SingleInstance { lease_seconds });
     broker
-        .put_resource(&resource, None, &ReleasePolicy::from(policy.clone()), &[])
+        .put_resource(&resource, None, &release_policy, &[])
         .map_err(|error| broker_error(&args.broker, &error))?;
     let has_data = broker
         .list_resources()
@@ -398,6 +488,7 @@ fn policy_set(args: &PolicySetArgs, vm: &Vm) -> Result<ExitCode, RemoteError> {
             "id_key_digests": policy.allowed_id_key_digests.iter().map(|digest| hex::encode(digest.0)).collect::<Vec<_>>(),
             "author_key_digests": policy.allowed_author_key_digests.iter().map(|digest| hex::encode(digest.0)).collect::<Vec<_>>(),
             "allow_simulated": policy.allow_simulated,
+            "single_instance_lease_seconds": args.single_instance,
             "key": if has_data { "kept" } else { "generated by the broker at the first release" },
         }))?,
         OutputFormat::Text => {

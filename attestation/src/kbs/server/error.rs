@@ -6,7 +6,9 @@
 //! that names nothing. The admin API is this broker's own: its bad request
 //! bodies answer 400. A failure of the broker itself (store, audit log,
 //! encryption) answers 500, and a full session table 503, so that a client
-//! knows a retry can help; Trustee answers those 401 too. A valid admin
+//! knows a retry can help; Trustee answers those 401 too. So does a
+//! single-instance resource another live launch holds (503 `PolicyDeny`):
+//! waiting for that lease to lapse can help. A valid admin
 //! token outside its scope answers 403 (`AdminAuthAccess`, as Trustee names
 //! every admin refusal).
 //!
@@ -59,6 +61,10 @@ pub enum BrokerError {
     /// Too many sessions at once: retry later.
     #[error("{0}")]
     Busy(String),
+    /// A single-instance resource another live launch holds: retry once
+    /// its lease may have lapsed.
+    #[error("{0}")]
+    Held(String),
     /// The resource could not be encrypted to the guest's key.
     #[error("{0}")]
     Jwe(String),
@@ -74,7 +80,7 @@ impl BrokerError {
             BrokerError::Attestation(_) | BrokerError::Busy(_) => ErrorKind::AttestationError,
             BrokerError::NoToken(_) => ErrorKind::TokenNotFound,
             BrokerError::BadToken(_) => ErrorKind::TokenVerifierError,
-            BrokerError::PolicyDeny(_) => ErrorKind::PolicyDeny,
+            BrokerError::PolicyDeny(_) | BrokerError::Held(_) => ErrorKind::PolicyDeny,
             BrokerError::NotFound(_) => ErrorKind::InvalidRequestPath,
             BrokerError::NoEndpoint(_) => ErrorKind::PluginNotFound,
             BrokerError::AdminAuth(_) | BrokerError::Forbidden(_) => ErrorKind::AdminAuthAccess,
@@ -93,7 +99,7 @@ impl BrokerError {
             | BrokerError::InvalidPolicy(_)
             | BrokerError::InvalidReferenceValues(_) => 400,
             BrokerError::Forbidden(_) => 403,
-            BrokerError::Busy(_) => 503,
+            BrokerError::Busy(_) | BrokerError::Held(_) => 503,
             BrokerError::Jwe(_) | BrokerError::Internal(_) => 500,
             other => other.kind().trustee_status(),
         }
@@ -101,7 +107,7 @@ impl BrokerError {
 
     /// Whether the broker failed, rather than refused.
     pub fn is_failure(&self) -> bool {
-        self.status() >= 500
+        self.status() >= 500 && !matches!(self, BrokerError::Held(_))
     }
 }
 
@@ -151,5 +157,8 @@ mod tests {
         assert!(BrokerError::Internal(String::new()).is_failure());
         assert!(BrokerError::Busy(String::new()).is_failure());
         assert!(!BrokerError::PolicyDeny(String::new()).is_failure());
+        let held = BrokerError::Held(String::new());
+        assert_eq!((held.status(), held.kind().name()), (503, "PolicyDeny"));
+        assert!(!held.is_failure());
     }
 }

@@ -18,6 +18,7 @@ use tracing::Instrument;
 
 use super::broker::{Admin, Broker};
 use super::error::BrokerError;
+use crate::kbs::protocol::LEASE_HEADER;
 use crate::kbs::protocol::SESSION_COOKIE;
 
 type Shared = State<Arc<Broker>>;
@@ -28,6 +29,11 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/kbs/v0/auth", post(auth))
         .route("/kbs/v0/attest", post(attest))
         .route("/kbs/v0/resource/{*path}", get(resource))
+        .route("/hsev/v0/lease/{*path}", post(renew_lease))
+        .route(
+            "/admin/v0/leases/{*path}",
+            get(show_lease).delete(end_lease),
+        )
         .route("/admin/v0/resources", get(list_resources))
         .route(
             "/admin/v0/resources/{*path}",
@@ -127,9 +133,37 @@ async fn attest(State(broker): Shared, headers: HeaderMap, body: Bytes) -> Respo
 
 async fn resource(State(broker): Shared, headers: HeaderMap, Path(path): Path<String>) -> Response {
     let span = tracing::info_span!("kbs", call = "resource", resource = %path);
+    let released = broker
+        .resource(
+            header_text(&headers, header::COOKIE),
+            header_text(&headers, header::AUTHORIZATION),
+            &path,
+        )
+        .instrument(span)
+        .await;
+    match released {
+        Ok((jwe, lease_seconds)) => {
+            let mut response = json(StatusCode::OK, &jwe);
+            if let Some(seconds) = lease_seconds {
+                response
+                    .headers_mut()
+                    .insert(LEASE_HEADER, HeaderValue::from(seconds));
+            }
+            response
+        }
+        Err(error) => problem(&error),
+    }
+}
+
+async fn renew_lease(
+    State(broker): Shared,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
+    let span = tracing::info_span!("kbs", call = "lease", resource = %path);
     answer(
         broker
-            .resource(
+            .renew_lease(
                 header_text(&headers, header::COOKIE),
                 header_text(&headers, header::AUTHORIZATION),
                 &path,
@@ -232,6 +266,28 @@ async fn delete_resource(
     .await
 }
 
+async fn show_lease(
+    State(broker): Shared,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
+    admin_call(broker, &headers, "show_lease", |broker, admin| async move {
+        answer(broker.lease(&admin, &path).await)
+    })
+    .await
+}
+
+async fn end_lease(
+    State(broker): Shared,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
+    admin_call(broker, &headers, "end_lease", |broker, admin| async move {
+        answer(broker.end_lease(&admin, &path).await)
+    })
+    .await
+}
+
 async fn put_reference_values(
     State(broker): Shared,
     headers: HeaderMap,
@@ -262,7 +318,7 @@ async fn delete_reference_values(
 /// does not serve; elsewhere, a path that names nothing.
 async fn no_route(method: Method, uri: Uri) -> Response {
     let path = uri.path();
-    let served = "this broker serves POST /kbs/v0/auth, POST /kbs/v0/attest, GET /kbs/v0/resource/<repository>/<type>/<tag> and /admin/v0/{resources,reference-values,announcements}/...";
+    let served = "this broker serves POST /kbs/v0/auth, POST /kbs/v0/attest, GET /kbs/v0/resource/<repository>/<type>/<tag>, POST /hsev/v0/lease/<repository>/<type>/<tag> and /admin/v0/{resources,reference-values,announcements,leases}/...";
     let error = if path.starts_with("/kbs/v0/") {
         BrokerError::NoEndpoint(format!("{method} {path}: not served ({served})"))
     } else {

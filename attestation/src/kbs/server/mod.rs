@@ -10,6 +10,7 @@
 //! - [`http`]: the axum routes;
 //! - [`tls`]: its certificate and key, and the HTTPS listener's setup;
 //! - [`store`]: SQLite, resource data sealed under the KEK;
+//! - [`leases`]: which launch holds a single-instance resource;
 //! - [`audit`]: the hash-chained, group-committed audit log;
 //! - [`token`]: the ES256 attestation token (passport mode's bearer).
 //!
@@ -31,6 +32,7 @@ pub mod config;
 pub mod error;
 pub mod evidence;
 pub mod http;
+pub mod leases;
 pub mod sessions;
 pub mod store;
 pub mod tls;
@@ -45,6 +47,7 @@ use self::audit::{AuditError, AuditLog};
 use self::broker::Broker;
 use self::config::{ConfigError, KbsConfig, Mode};
 use self::evidence::{load_simulated_root, EvidenceError, EvidenceVerifier};
+use self::leases::Leases;
 use self::store::{Kek, Store, StoreError};
 use self::tls::TlsError;
 use self::token::{TokenError, TokenSigner};
@@ -157,11 +160,12 @@ pub fn open_broker(config: &KbsConfig, _lock: &StateLock) -> Result<Broker, Serv
     }
     let verifier = EvidenceVerifier::new(config.mode, anchors);
     let store = Store::open(&config.state_dir, kek)?;
+    let leases = Leases::open(&config.state_dir)?;
     let audit = AuditLog::open(&config.state_dir)?;
     if config.admin_tokens.is_empty() {
         tracing::warn!("no admin_tokens configured: the admin API refuses every call");
     }
-    Ok(Broker::new(config, verifier, store, audit, signer))
+    Ok(Broker::new(config, verifier, store, leases, audit, signer))
 }
 
 /// How long a client may take over its TLS handshake.

@@ -19,11 +19,12 @@ use zeroize::Zeroizing;
 
 use super::{AuditEvent, Broker, BrokerError};
 use crate::kbs::protocol::{
-    check_name, Announcement, AnnouncementBody, ReferenceValuesBody, ResourceBody, ResourcePath,
-    ResourceSummary,
+    check_name, Announcement, AnnouncementBody, LeaseHolder, ReferenceValuesBody, ResourceBody,
+    ResourcePath, ResourceSummary,
 };
 use crate::kbs::release_policy::ReleasePolicy;
 use crate::kbs::server::config::{AdminRole, AdminToken};
+use crate::kbs::server::leases::Holder;
 use crate::kbs::server::store::{Store, StoreError};
 use crate::HexBytes;
 
@@ -437,10 +438,69 @@ impl Broker {
             Ok(resource_path) => resource_path,
             Err(error) => return self.admin_refused(admin, action, path, error).await,
         };
-        self.admin_change(admin, action, &resource_path.to_string(), || {
-            self.store.delete_resource(&resource_path)
+        let target = resource_path.to_string();
+        self.admin_change(admin, action, &target, || {
+            self.store.delete_resource(&resource_path)?;
+            self.leases.forget(&target)
         })
         .await
+    }
+
+    /// `GET /admin/v0/leases/<path>`: which launch holds a single-instance
+    /// resource of the caller's repository (tenant or reader).
+    pub async fn lease(&self, admin: &Admin, path: &str) -> Result<LeaseHolder, BrokerError> {
+        let action = "show_lease";
+        let found = path
+            .parse::<ResourcePath>()
+            .map_err(|error| BrokerError::NotFound(error.to_string()))
+            .and_then(|resource_path| {
+                let repository = admin.listing(action)?;
+                if repository != resource_path.repository {
+                    return Err(BrokerError::Forbidden(format!(
+                        "{action}: the token of {} is scoped to repository {repository:?}, not {:?}",
+                        admin.name, resource_path.repository
+                    )));
+                }
+                let target = resource_path.to_string();
+                self.leases.holder(&target).ok_or_else(|| {
+                    BrokerError::NotFound(format!("no launch holds {target}"))
+                })
+            });
+        match found {
+            Ok(holder) => Ok(lease_holder(path, &holder)),
+            Err(error) => self.admin_refused(admin, action, path, error).await,
+        }
+    }
+
+    /// `DELETE /admin/v0/leases/<path>`: the tenant ends the lease on its
+    /// resource; its holder is retired (refused from now on) and the next
+    /// launch that passes the policy takes the resource. Answers the holder
+    /// it ended.
+    pub async fn end_lease(&self, admin: &Admin, path: &str) -> Result<LeaseHolder, BrokerError> {
+        let action = "end_lease";
+        let checked = path
+            .parse::<ResourcePath>()
+            .map_err(|error| BrokerError::NotFound(error.to_string()))
+            .and_then(|resource_path| {
+                admin.manage(&resource_path.repository, action)?;
+                let target = resource_path.to_string();
+                match self.leases.holder(&target) {
+                    Some(_) => Ok(target),
+                    None => Err(BrokerError::NotFound(format!("no launch holds {target}"))),
+                }
+            });
+        let target = match checked {
+            Ok(target) => target,
+            Err(error) => return self.admin_refused(admin, action, path, error).await,
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let ended = self
+            .admin_change(admin, action, &target, || self.leases.end(&target, now))
+            .await?;
+        match ended {
+            Some(holder) => Ok(lease_holder(&target, &holder)),
+            None => Err(BrokerError::NotFound(format!("no launch holds {target}"))),
+        }
     }
 
     /// `GET /admin/v0/resources`: the caller's repository's paths and
@@ -521,5 +581,22 @@ impl Broker {
             Scope::Operator => None,
         };
         Ok(Self::blocking(|| self.store.announcements(repository))?)
+    }
+}
+
+/// The admin API's view of a lease.
+fn lease_holder(path: &str, holder: &Holder) -> LeaseHolder {
+    let text = |at: time::OffsetDateTime| {
+        at.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    LeaseHolder {
+        resource: path.to_owned(),
+        report_id: holder.report_id.clone(),
+        chip_id: holder.chip_id.clone(),
+        measurement: holder.measurement.clone(),
+        since: text(holder.since),
+        expires_at: text(holder.expires),
+        live: holder.expires > time::OffsetDateTime::now_utc(),
     }
 }
