@@ -69,7 +69,7 @@ awk '
   /^migrate_to_plain_ratio/ { ratio = $2 }
   END { printf "migration: hsev vm migrate %.2f s, plain copy %.2f s, ratio %.2f (target <= 1.3)\n", ours, plain, ratio }' <<<"$migration"
 
-echo "== highly available pools: store writes on a 3-member etcd cluster beside SQLite, coordinator failover beside the lease TTL, HA restart beside the host lease and fence margin"
+echo "== highly available pools: store writes on a 3-member etcd cluster beside SQLite, coordinator failover beside the lease TTL, HA restart beside the host lease and fence margin (fake driver, then a QEMU guest with a single-instance encrypted disk beside its key lease)"
 ha=$(cargo bench --quiet -p hsev-e2e --bench ha 2>/dev/null)
 awk '
   /^store_writes_sqlite_per_s/ { sqlite = $2 }
@@ -80,8 +80,12 @@ awk '
   /^ha_restart_s/ { restart = $2 }
   /^host_lease_s/ { lease = $2 }
   /^fence_margin_s/ { margin = $2 }
+  /^ha_guest_running_s/ { guest_running = $2 }
+  /^ha_guest_unlocked_s/ { guest_unlocked = $2 }
+  /^key_lease_s/ { key_lease = $2 }
   END {
     printf "store writes: etcd %.0f/s, SQLite %.0f/s, ratio %.2f\n", etcd, sqlite, ratio
     printf "coordinator failover: %.2f s after the leader died, lease TTL %d s (bound: TTL + a few s)\n", failover, ttl
     printf "HA restart: %.2f s from the host cut to its VM running elsewhere, host lease %.1f s + fence margin %.1f s: the restart waits %.1f s after the last heartbeat heard\n", restart, lease, margin, lease + margin
+    printf "HA restart of a QEMU guest with a single-instance encrypted disk: running elsewhere %.2f s after the cut, disk unlocked there %.2f s after it; the key lease is %d s (the new launch gets the key only once the old launch'"'"'s lease lapsed)\n", guest_running, guest_unlocked, key_lease
   }' <<<"$ha"

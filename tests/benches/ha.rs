@@ -4,11 +4,15 @@
 //! candidate dies without resigning; the time until another leads) beside
 //! the lease TTL, and the HA restart time (a host's link cut, in a pool of
 //! hsevd hosts in network namespaces on the fake driver, until its HA VM
-//! runs on another host) beside the host lease and the fence margin.
+//! runs on another host) beside the host lease and the fence margin; then
+//! the same with a real QEMU guest whose encrypted disk's key is
+//! single-instance (tests/src/ha.rs), until it runs elsewhere and until
+//! its guest there opened the disk, beside the key's lease.
 //!
 //! Prints `store_writes_sqlite_per_s`, `store_writes_etcd_per_s`,
 //! `store_etcd_to_sqlite_ratio`, `failover_median_s`, `lease_ttl_s`,
-//! `ha_restart_s`, `host_lease_s`, `fence_margin_s`.
+//! `ha_restart_s`, `host_lease_s`, `fence_margin_s`,
+//! `ha_guest_running_s`, `ha_guest_unlocked_s`, `key_lease_s`.
 
 #![allow(clippy::unwrap_used)] // a benchmark: any failure is fatal anyway
 
@@ -181,4 +185,15 @@ fn main() {
     println!("ha_restart_s {:.2}", restart.as_secs_f64());
     println!("host_lease_s {:.1}", HOST_LEASE.as_secs_f64());
     println!("fence_margin_s {:.1}", FENCE_MARGIN.as_secs_f64());
+
+    let guest = hsev_e2e::ha::cut_and_restart();
+    println!(
+        "ha_guest_running_s {:.2}",
+        guest.running_after.as_secs_f64()
+    );
+    println!(
+        "ha_guest_unlocked_s {:.2}",
+        guest.unlocked_after.as_secs_f64()
+    );
+    println!("key_lease_s {}", hsev_e2e::ha::KEY_LEASE_SECONDS);
 }

@@ -294,32 +294,43 @@ impl Kbs {
     /// image `make image` built with the guest's broker `guest_url`, a
     /// simulated platform allowed. Panics unless it succeeds.
     pub fn pin_alice_policy(&self, daemon: &Daemon, vm: &str, guest_url: &str) {
+        self.pin_alice_policy_with(daemon, vm, guest_url, &[]);
+    }
+
+    /// [`Self::pin_alice_policy`] with the further `hsev kbs policy set`
+    /// flags `extra`.
+    pub fn pin_alice_policy_with(
+        &self,
+        daemon: &Daemon,
+        vm: &str,
+        guest_url: &str,
+        extra: &[&str],
+    ) {
         let manifest = image_dir().join("manifest.json");
         let token = self.tenant_token_file("alice");
         let (url, pin) = (self.url(), self.pin());
-        let output = daemon.hsev(
-            ALICE,
-            [
-                "kbs",
-                "policy",
-                "set",
-                "--broker",
-                &url,
-                "--broker-pin",
-                &pin,
-                "--broker-token-file",
-                token.to_str().expect("utf-8"),
-                "--repository",
-                "alice",
-                "--vm",
-                vm,
-                "--image-manifest",
-                manifest.to_str().expect("utf-8"),
-                "--key-broker",
-                guest_url,
-                "--allow-simulated",
-            ],
-        );
+        let mut args = vec![
+            "kbs",
+            "policy",
+            "set",
+            "--broker",
+            &url,
+            "--broker-pin",
+            &pin,
+            "--broker-token-file",
+            token.to_str().expect("utf-8"),
+            "--repository",
+            "alice",
+            "--vm",
+            vm,
+            "--image-manifest",
+            manifest.to_str().expect("utf-8"),
+            "--key-broker",
+            guest_url,
+            "--allow-simulated",
+        ];
+        args.extend_from_slice(extra);
+        let output = daemon.hsev(ALICE, args);
         assert!(
             output.status.success(),
             "hsev kbs policy set: {}{}",

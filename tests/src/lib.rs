@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod etcd;
 pub mod firmware_blob;
+pub mod ha;
 pub mod kbs;
 pub mod libvirt;
 pub mod netns;
