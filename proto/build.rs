@@ -20,6 +20,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_protos(&protos, &["."])?;
     let internal = "hsev/internal/v1/pool.proto";
     println!("cargo:rerun-if-changed={internal}");
-    tonic_prost_build::configure().compile_protos(&[internal], &["."])?;
+    // A disk's chunks are decoded without a copy of their megabyte.
+    tonic_prost_build::configure()
+        .bytes(".hsev.internal.v1.FileChunk.data")
+        .compile_protos(&[internal], &["."])?;
     Ok(())
 }

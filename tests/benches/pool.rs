@@ -3,14 +3,16 @@
 //!
 //! - `hsev vm migrate` of a stopped VM whose 1 GiB data disk is filled from
 //!   /dev/urandom (incompressible), from the call to its answer: the disk
-//!   streamed over the pool's mTLS channel, its SHA-256 checked, the VM
-//!   moved in the store;
+//!   streamed over the pool's mTLS channel, its BLAKE3 checksum checked,
+//!   the copy flushed to the device, the VM moved in the store;
 //! - the same file fetched over plain HTTP (`busybox httpd` in the source
 //!   host's namespace, `curl` in the target's), no TLS, no checksum.
 //!
 //! The moves alternate directions (h1 to h2, then back), and each is
 //! followed by the plain copy in the same direction, so that the load of
-//! the machine weighs on both alike. Printed: the medians and their ratio.
+//! the machine weighs on both alike. Printed: the medians and their ratio,
+//! and for each round the target's own account of the copy (how long the
+//! stream and the final flush took).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -152,8 +154,13 @@ fn main() {
             pool.host(here).log(),
             pool.host(there).log()
         );
+        let log = pool.host(there).log();
+        let copied = log
+            .lines()
+            .rfind(|line| line.contains("disk copied"))
+            .unwrap_or_default();
         eprintln!(
-            "round {}: {here} -> {there}: migrate {:.2} s, plain copy {:.2} s",
+            "round {}: {here} -> {there}: migrate {:.2} s, plain copy {:.2} s; {copied}",
             round + 1,
             migrations[round],
             plain[round]

@@ -1,13 +1,26 @@
 //! Moving a VM's disk between two hosts of the pool for a cold migration:
 //! the source streams the file over the pool's mTLS channel with the
-//! SHA-256 of the whole file last; the target appends to a `.partial` copy
-//! (so a cut-off copy resumes where it stopped), checks the checksum, and
-//! only then gives the copy the disk's name. An encrypted disk moves as the
-//! ciphertext it is: nothing here reads what a disk holds.
+//! BLAKE3 checksum of the whole file last; the target appends to a
+//! `.partial` copy (so a cut-off copy resumes where it stopped), checks the
+//! checksum, makes the copy durable, and only then gives it the disk's
+//! name. An encrypted disk moves as the ciphertext it is: nothing here
+//! reads what a disk holds.
+//!
+//! The checksum is BLAKE3 rather than SHA-256 because it is four times as
+//! fast here (8 GB/s against 1.9 on one core), and each end hashes every
+//! byte: what it proves is that the copy is the file, not who made it (the
+//! channel is mutual TLS). On the target, the network, the writes and the
+//! write-back to the device overlap: a writer thread takes the chunks and
+//! hashes them, and a syncer thread flushes what was written every
+//! [`WRITE_BACK`] bytes, so the final flush finds little left.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use prost::bytes::Bytes;
 
 use hsev_proto::internal::host_agent_client::HostAgentClient;
 use hsev_proto::internal::{DiskRef, FileChunk};
@@ -29,9 +42,16 @@ const WINDOW: u32 = 8 << 20;
 /// framing.
 const FRAME: u32 = 2 << 20;
 
+/// How much the target writes before it has the device flush it, in the
+/// background.
+const WRITE_BACK: u64 = 64 << 20;
+
+/// Chunks received and not yet written: the writer's slack.
+const WRITER_QUEUE: usize = 8;
+
 /// Streams the file at `path` (a VM's disk, an image's artifact) from
-/// `offset`, then its SHA-256 (of the whole file, the part already sent
-/// included).
+/// `offset`, then its BLAKE3 checksum (of the whole file, the part already
+/// sent included).
 pub fn send_file(
     path: PathBuf,
     offset: u64,
@@ -42,30 +62,28 @@ pub fn send_file(
         let result = (|| -> std::io::Result<()> {
             let mut file = std::fs::File::open(&path)?;
             let size = file.metadata()?.len();
-            let mut hasher = openssl::sha::Sha256::new();
-            let mut buffer = vec![0u8; CHUNK];
-            let mut at = 0u64;
+            let mut hasher = blake3::Hasher::new();
             // The part the receiver has goes into the checksum only.
-            while at < offset.min(size) {
-                let want =
-                    usize::try_from((offset.min(size) - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-                file.read_exact(&mut buffer[..want])?;
-                hasher.update(&buffer[..want]);
-                at += want as u64;
-            }
-            file.seek(SeekFrom::Start(at))?;
+            let start = offset.min(size);
+            std::io::copy(&mut (&mut file).take(start), &mut hasher)?;
+            file.seek(SeekFrom::Start(start))?;
+            let mut at = start;
             let mut first = true;
             loop {
-                let read = file.read(&mut buffer)?;
+                // A buffer of its own per chunk: it becomes the message's
+                // data without a copy.
+                let mut buffer = vec![0u8; CHUNK];
+                let read = read_full(&mut file, &mut buffer)?;
                 if read == 0 {
                     break;
                 }
-                hasher.update(&buffer[..read]);
+                buffer.truncate(read);
+                hasher.update(&buffer);
                 let chunk = FileChunk {
                     offset: at,
-                    data: buffer[..read].to_vec(),
+                    data: Bytes::from(buffer),
                     size: if first { size } else { 0 },
-                    sha256: Vec::new(),
+                    blake3: Vec::new(),
                 };
                 first = false;
                 at += read as u64;
@@ -75,9 +93,9 @@ pub fn send_file(
             }
             send(Ok(FileChunk {
                 offset: at,
-                data: Vec::new(),
+                data: Bytes::new(),
                 size: if first { size } else { 0 },
-                sha256: hasher.finish().to_vec(),
+                blake3: hasher.finalize().as_bytes().to_vec(),
             }));
             Ok(())
         })();
@@ -89,6 +107,18 @@ pub fn send_file(
         }
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(receiver))
+}
+
+/// Reads until `buffer` is full or the file ends; answers how much it read.
+fn read_full(file: &mut std::fs::File, buffer: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..])? {
+            0 => break,
+            read => filled += read,
+        }
+    }
+    Ok(filled)
 }
 
 /// Copies `disk` from the host at `address` into `target`, resuming a
@@ -143,16 +173,19 @@ pub async fn fetch_disk(
         .await
         .map_err(|status| super::wire::op_error(&status))?
         .into_inner();
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&partial)
         .map_err(|error| {
             OpError::internal(format!("cannot write {}: {error}", partial.display()))
         })?;
+    let write_error = |error: std::io::Error| {
+        OpError::internal(format!("cannot write {}: {error}", partial.display()))
+    };
     // The checksum is computed as the copy is written (the part a resumed
     // copy already holds read once first), so a disk is read only once.
-    let mut hasher = hash_prefix(&partial, offset)?;
+    let writer = CopyWriter::start(file, hash_prefix(&partial, offset)?).map_err(write_error)?;
     let started = std::time::Instant::now();
     let mut size = 0;
     let mut copied = offset;
@@ -162,11 +195,9 @@ pub async fn fetch_disk(
         if chunk.size > 0 {
             size = chunk.size;
         }
-        if !chunk.sha256.is_empty() {
+        if !chunk.blake3.is_empty() {
             let streamed = started.elapsed();
-            file.sync_all().map_err(|error| {
-                OpError::internal(format!("cannot write {}: {error}", partial.display()))
-            })?;
+            let local = writer.finish().map_err(write_error)?;
             tracing::info!(
                 vm = %disk.vm,
                 disk = %disk.name,
@@ -176,17 +207,15 @@ pub async fn fetch_disk(
                 synced_ms = (started.elapsed() - streamed).as_millis(),
                 "disk copied"
             );
-            drop(file);
-            let local = hasher.finish().to_vec();
-            if local != chunk.sha256 {
+            if local.as_bytes().as_slice() != chunk.blake3.as_slice() {
                 let _ = std::fs::remove_file(&partial);
                 return Err(OpError::internal(format!(
-                    "disk {} of VM {}: the copy's SHA-256 {} is not the source's {}: the copy is \
-                     dropped, a new migration starts it again",
+                    "disk {} of VM {}: the copy's BLAKE3 checksum {} is not the source's {}: the \
+                     copy is dropped, a new migration starts it again",
                     disk.name,
                     disk.vm,
-                    hex::encode(local),
-                    hex::encode(&chunk.sha256)
+                    local.to_hex(),
+                    hex::encode(&chunk.blake3)
                 )));
             }
             std::fs::rename(&partial, &target).map_err(|error| {
@@ -200,11 +229,14 @@ pub async fn fetch_disk(
                 disk.name, chunk.offset, copied
             )));
         }
-        file.write_all(&chunk.data).map_err(|error| {
-            OpError::internal(format!("cannot write {}: {error}", partial.display()))
-        })?;
-        hasher.update(&chunk.data);
         copied += chunk.data.len() as u64;
+        if writer.write(chunk.data).await.is_err() {
+            // The writer stopped on an I/O error: its result says which.
+            return Err(writer.finish().err().map_or_else(
+                || OpError::internal(format!("cannot write {}", partial.display())),
+                write_error,
+            ));
+        }
         let percent = (copied * 100).checked_div(size).unwrap_or(100);
         if percent >= reported + 10 {
             reported = percent;
@@ -221,24 +253,83 @@ pub async fn fetch_disk(
     )))
 }
 
-/// The SHA-256 state after the first `length` bytes of `path` (what a
+/// The target's writer: a thread that appends the chunks to the copy and
+/// hashes them, and a syncer thread it has flush the file to the device
+/// every [`WRITE_BACK`] bytes while the copy goes on.
+struct CopyWriter {
+    queue: tokio::sync::mpsc::Sender<Bytes>,
+    done: std::thread::JoinHandle<std::io::Result<blake3::Hash>>,
+}
+
+impl CopyWriter {
+    fn start(file: std::fs::File, hasher: blake3::Hasher) -> std::io::Result<CopyWriter> {
+        let (queue, mut chunks) = tokio::sync::mpsc::channel::<Bytes>(WRITER_QUEUE);
+        let done = std::thread::Builder::new()
+            .name("hsev-disk-write".into())
+            .spawn(move || {
+                let file = Arc::new(file);
+                let (flush, flushes) = mpsc::sync_channel::<()>(1);
+                let syncing = Arc::clone(&file);
+                let syncer = std::thread::Builder::new()
+                    .name("hsev-disk-sync".into())
+                    .spawn(move || -> std::io::Result<()> {
+                        while flushes.recv().is_ok() {
+                            syncing.sync_data()?;
+                        }
+                        Ok(())
+                    })?;
+                let mut hasher = hasher;
+                let written = (|| -> std::io::Result<()> {
+                    let mut unflushed = 0u64;
+                    while let Some(data) = chunks.blocking_recv() {
+                        (&*file).write_all(&data)?;
+                        hasher.update(&data);
+                        unflushed += data.len() as u64;
+                        if unflushed >= WRITE_BACK {
+                            // A flush already pending covers this too.
+                            let _ = flush.try_send(());
+                            unflushed = 0;
+                        }
+                    }
+                    Ok(())
+                })();
+                drop(flush);
+                let synced = syncer
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the disk syncer panicked")));
+                written?;
+                synced?;
+                file.sync_all()?;
+                Ok(hasher.finalize())
+            })?;
+        Ok(CopyWriter { queue, done })
+    }
+
+    /// Queues `data`; an error means the writer stopped.
+    async fn write(&self, data: Bytes) -> Result<(), ()> {
+        self.queue.send(data).await.map_err(drop)
+    }
+
+    /// Waits until everything queued is written and on the device; answers
+    /// the whole file's checksum.
+    fn finish(self) -> std::io::Result<blake3::Hash> {
+        drop(self.queue);
+        self.done
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the disk writer panicked")))
+    }
+}
+
+/// The checksum state after the first `length` bytes of `path` (what a
 /// resumed copy already holds).
-fn hash_prefix(path: &std::path::Path, length: u64) -> Result<openssl::sha::Sha256, OpError> {
-    let mut hasher = openssl::sha::Sha256::new();
+fn hash_prefix(path: &Path, length: u64) -> Result<blake3::Hasher, OpError> {
+    let mut hasher = blake3::Hasher::new();
     if length == 0 {
         return Ok(hasher);
     }
     let file = std::fs::File::open(path)
         .map_err(|error| OpError::internal(format!("cannot read {}: {error}", path.display())))?;
-    let mut reader = file.take(length);
-    let mut buffer = vec![0u8; CHUNK];
-    loop {
-        let read = reader.read(&mut buffer).map_err(|error| {
-            OpError::internal(format!("cannot read {}: {error}", path.display()))
-        })?;
-        if read == 0 {
-            return Ok(hasher);
-        }
-        hasher.update(&buffer[..read]);
-    }
+    std::io::copy(&mut file.take(length), &mut hasher)
+        .map_err(|error| OpError::internal(format!("cannot read {}: {error}", path.display())))?;
+    Ok(hasher)
 }
