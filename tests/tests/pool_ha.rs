@@ -144,6 +144,24 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
     assert_eq!(plain["state"], "running", "{plain}");
     hsev_admin(&["host", "enable", "h3"]);
 
+    // With local storage, an HA VM may not have disks: they would stay on
+    // a failed host. Refused, nothing made.
+    let with_disk = pool.coordinator().hsev(
+        ALICE,
+        [
+            "vm", "create", "kept", "--image", "debian", "--vcpus", "1", "--memory", "256",
+            "--mode", "none", "--disk", "data:16", "--ha", "restart",
+        ],
+    );
+    let said = String::from_utf8_lossy(&with_disk.stderr);
+    assert!(!with_disk.status.success(), "{said}");
+    assert!(
+        said.contains("storage = \"shared\"") && said.contains("data"),
+        "{said}"
+    );
+    let listed = pool.coordinator().json(ALICE, ["vm", "list"]);
+    assert!(!listed.to_string().contains("\"kept\""), "{listed}");
+
     // One HA VM on h2, room for it on h3: any one host may fail.
     let (restartable, json) = plan(&pool, "1");
     assert!(restartable, "{json}");

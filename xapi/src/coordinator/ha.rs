@@ -49,7 +49,7 @@ use super::{add_load, load_of, lock, remove_load, Coordinator};
 use crate::daemon::auth::Caller;
 use crate::daemon::config::PoolConfig;
 use crate::daemon::error::OpError;
-use crate::model::{HaPolicy, VmRecord, VmState};
+use crate::model::{HaPolicy, VmRecord, VmSpec, VmState};
 use crate::placement::HostState;
 use crate::store::VmFilter;
 
@@ -158,6 +158,7 @@ impl Coordinator {
             let mut spec = record.spec.clone();
             spec.ha = ha;
             spec.ha_priority = priority;
+            self.check_ha_storage(&spec)?;
             self.store.set_vm_spec(&record.id, &spec)?;
             self.event(
                 &record.id,
@@ -166,6 +167,26 @@ impl Coordinator {
             );
             self.get(caller, &record.id.0)
         })
+    }
+
+    /// An HA VM's disks must outlive its host: with local storage they stay
+    /// on a failed host, and a restart elsewhere would begin on empty ones
+    /// (an encrypted disk would be formatted anew), so such a VM is refused.
+    pub(super) fn check_ha_storage(&self, spec: &VmSpec) -> Result<(), OpError> {
+        let mut disks: Vec<String> = spec.disks.iter().map(|disk| disk.name.clone()).collect();
+        if spec.encrypted_disk_mib > 0 {
+            disks.push("its encrypted disk".to_owned());
+        }
+        if spec.ha != HaPolicy::Restart || self.storage != StorageKind::Local || disks.is_empty() {
+            return Ok(());
+        }
+        Err(OpError::precondition(format!(
+            "VM {}: --ha restart needs its disks on storage every host reaches ([pool] storage = \
+             \"shared\"): with local storage its disks ({}) would stay on a failed host and a \
+             restart elsewhere would begin on empty ones",
+            spec.name,
+            disks.join(", ")
+        )))
     }
 
     /// The fencing timing, when this coordinator has a pool listener.

@@ -112,6 +112,7 @@ impl Coordinator {
         }
         progress("validate", "checking the spec", 5);
         let mut spec = validate::validate(spec, &self.default_vcpu_type)?;
+        self.check_ha_storage(&spec)?;
         let image = self
             .store
             .get_image(&spec.image)
