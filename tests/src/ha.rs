@@ -27,7 +27,8 @@ pub struct EncryptedHaRestart {
     pub running_after: Duration,
     /// From the cut until its guest on h1 opened the disk.
     pub unlocked_after: Duration,
-    /// The guest's console on h1 once it opened the disk.
+    /// The guest's console on h1 once it opened the disk and keeps the
+    /// key's lease.
     pub console: String,
     /// The shared disk folder (kept until the pool is gone).
     _shared: TempDir,
@@ -100,10 +101,11 @@ pub fn cut_and_restart() -> EncryptedHaRestart {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let console = pool
-        .coordinator()
+    pool.coordinator()
         .wait_console(ALICE, "vault", "boot log: boot=2 ", 1);
     let unlocked_after = cut.elapsed();
+    // The agent then starts keeping the new launch's lease.
+    let console = pool.coordinator().wait_console(ALICE, "vault", &keeping, 1);
     EncryptedHaRestart {
         pool,
         kbs,
