@@ -504,6 +504,19 @@ impl Daemon {
 /// Every process whose command line mentions `needle`.
 pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
     let needle = needle.to_string_lossy().into_owned();
+    processes_whose_command_line(|cmdline| cmdline.contains(&needle))
+}
+
+/// The QEMU processes whose command line names `vm_id`, of any test host
+/// (their network namespaces share /proc).
+pub fn qemu_processes_of(vm_id: &str) -> Vec<u32> {
+    processes_whose_command_line(|cmdline| {
+        cmdline.starts_with("/usr/bin/qemu-system") && cmdline.contains(vm_id)
+    })
+}
+
+/// Every process whose command line (NULs and all) `matches`.
+fn processes_whose_command_line(matches: impl Fn(&str) -> bool) -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|entries| {
             entries
@@ -511,7 +524,7 @@ pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
                 .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
                 .filter(|pid| {
                     std::fs::read(format!("/proc/{pid}/cmdline"))
-                        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+                        .map(|cmdline| matches(&String::from_utf8_lossy(&cmdline)))
                         .unwrap_or(false)
                 })
                 .collect()

@@ -339,6 +339,16 @@ impl Kbs {
         );
     }
 
+    /// The `event` entries of its audit log whose `field` is `value`.
+    pub fn audited(&self, event: &str, field: &str, value: &str) -> Vec<serde_json::Value> {
+        let log =
+            std::fs::read_to_string(self.state_dir().join("audit.jsonl")).expect("the audit log");
+        log.lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON lines"))
+            .filter(|entry| entry["event"] == event && entry[field] == value)
+            .collect()
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(Child::id).expect("running")

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{image_dir, Daemon, Driver, ADMIN, ALICE};
+use hsev_e2e::daemon::{image_dir, qemu_processes_of, Daemon, Driver, ADMIN, ALICE};
 use hsev_e2e::kbs::{Kbs, KbsMode};
 
 /// How long a guest may take from start to its agent's verdict (OVMF and
@@ -561,20 +561,6 @@ macro_rules! on_driver {
 
 on_driver!(qemu, hsev_e2e::daemon::Driver::Qemu);
 on_driver!(libvirt, hsev_e2e::daemon::Driver::Libvirt);
-
-/// The QEMU processes whose command line names `vm_id`.
-fn qemu_processes_of(vm_id: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            (cmdline.starts_with("/usr/bin/qemu-system") && cmdline.contains(vm_id)).then_some(pid)
-        })
-        .collect()
-}
 
 /// `hsev kbs lease show` of `resource`, as alice.
 fn lease_of(daemon: &Daemon, kbs: &Kbs, resource: &str) -> serde_json::Value {

@@ -178,15 +178,6 @@ fn confidential_guests_spread_migrate_and_evacuate_across_three_hosts() {
     }
 }
 
-/// The `event` entries of `kbs`'s audit log whose `field` is `value`.
-fn audited(kbs: &Kbs, event: &str, field: &str, value: &str) -> Vec<serde_json::Value> {
-    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("the audit log");
-    log.lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON lines"))
-        .filter(|entry| entry["event"] == event && entry[field] == value)
-        .collect()
-}
-
 #[test]
 fn an_encrypted_disk_evacuated_with_its_vm_opens_on_the_new_host_after_a_fresh_attestation() {
     let qemu = |name| HostSpec::new(name, Driver::Qemu);
@@ -218,7 +209,7 @@ fn an_encrypted_disk_evacuated_with_its_vm_opens_on_the_new_host_after_a_fresh_a
         .wait_console(ALICE, "vault", "HSEV-DISK-UNLOCKED", 1);
     assert!(console.contains("boot=1"), "{console}");
     let resource = format!("alice/disk-key/{id}");
-    assert_eq!(audited(&kbs, "release", "resource", &resource).len(), 1);
+    assert_eq!(kbs.audited("release", "resource", &resource).len(), 1);
 
     // Its host into maintenance: the VM moves to the other one, a new
     // launch there.
@@ -252,7 +243,8 @@ fn an_encrypted_disk_evacuated_with_its_vm_opens_on_the_new_host_after_a_fresh_a
 
     // The broker saw a fresh attestation from the new host's chip, then
     // released the key a second time.
-    let chips: BTreeMap<String, usize> = audited(&kbs, "attestation", "result", "accepted")
+    let chips: BTreeMap<String, usize> = kbs
+        .audited("attestation", "result", "accepted")
         .iter()
         .filter(|entry| entry["measurement"] == expected)
         .fold(BTreeMap::new(), |mut chips, entry| {
@@ -262,6 +254,6 @@ fn an_encrypted_disk_evacuated_with_its_vm_opens_on_the_new_host_after_a_fresh_a
             chips
         });
     assert_eq!(chips.len(), 2, "one attestation per host's chip: {chips:?}");
-    assert_eq!(audited(&kbs, "release", "resource", &resource).len(), 2);
+    assert_eq!(kbs.audited("release", "resource", &resource).len(), 2);
     kbs.verify_audit();
 }

@@ -10,33 +10,8 @@
 
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::ALICE;
+use hsev_e2e::daemon::{qemu_processes_of, ALICE};
 use hsev_e2e::ha::{cut_and_restart, EncryptedHaRestart, KEY_LEASE_SECONDS};
-use hsev_e2e::kbs::Kbs;
-
-/// The `event` entries of `kbs`'s audit log whose `field` is `value`.
-fn audited(kbs: &Kbs, event: &str, field: &str, value: &str) -> Vec<serde_json::Value> {
-    let log = std::fs::read_to_string(kbs.state_dir().join("audit.jsonl")).expect("the audit log");
-    log.lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON lines"))
-        .filter(|entry| entry["event"] == event && entry[field] == value)
-        .collect()
-}
-
-/// The QEMU processes (of any host: the namespaces share /proc) whose
-/// command line names `vm_id`.
-fn qemu_processes_of(vm_id: &str) -> usize {
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter(|entry| {
-            std::fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| {
-                let cmdline = String::from_utf8_lossy(&cmdline);
-                cmdline.starts_with("/usr/bin/qemu-system") && cmdline.contains(vm_id)
-            })
-        })
-        .count()
-}
 
 #[test]
 fn an_ha_vm_with_a_single_instance_disk_key_restarts_on_another_host_with_its_data() {
@@ -60,7 +35,7 @@ fn an_ha_vm_with_a_single_instance_disk_key_restarts_on_another_host_with_its_da
         console.contains(&format!("keeping its {KEY_LEASE_SECONDS} s lease")),
         "{console}"
     );
-    let releases = audited(kbs, "release", "resource", &resource);
+    let releases = kbs.audited("release", "resource", &resource);
     assert_eq!(releases.len(), 2, "{releases:#?}");
     let lease = releases[1]["lease"].as_str().unwrap_or_default();
     let first_holder = releases[0]["report_id"].as_str().expect("the first holder");
@@ -68,12 +43,12 @@ fn an_ha_vm_with_a_single_instance_disk_key_restarts_on_another_host_with_its_da
         lease.contains("taking over from report_id") && lease.contains(first_holder),
         "{lease}"
     );
-    let chips: std::collections::BTreeSet<String> =
-        audited(kbs, "attestation", "result", "accepted")
-            .iter()
-            .filter(|entry| entry["measurement"] == vm["expected_measurement"])
-            .filter_map(|entry| entry["chip_id"].as_str().map(str::to_owned))
-            .collect();
+    let chips: std::collections::BTreeSet<String> = kbs
+        .audited("attestation", "result", "accepted")
+        .iter()
+        .filter(|entry| entry["measurement"] == vm["expected_measurement"])
+        .filter_map(|entry| entry["chip_id"].as_str().map(str::to_owned))
+        .collect();
     assert_eq!(
         chips.len(),
         2,
@@ -98,7 +73,7 @@ fn an_ha_vm_with_a_single_instance_disk_key_restarts_on_another_host_with_its_da
         assert!(Instant::now() < deadline, "h2 kept the VM's old folder");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(qemu_processes_of(&id), 1, "one instance of {id}");
+    assert_eq!(qemu_processes_of(&id).len(), 1, "one instance of {id}");
     let shown = pool.coordinator().json(ALICE, ["vm", "show", "vault"]);
     assert_eq!(
         (shown["host"].as_str(), shown["state"].as_str()),

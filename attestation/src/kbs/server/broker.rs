@@ -47,7 +47,7 @@ use super::audit::{AuditError, AuditEvent, AuditLog, AuditTicket};
 use super::config::KbsConfig;
 use super::error::BrokerError;
 use super::evidence::{describe_failures, AttestedEvidence, EvidenceError, EvidenceVerifier};
-use super::leases::{Claimed, Instance, Leases, Refused};
+use super::leases::{time_text, Claimed, Instance, Leases, Refused};
 use super::sessions::{SessionProblem, Sessions};
 use super::store::{Store, StoreError};
 use super::token::{TokenSigner, ISSUER};
@@ -692,9 +692,7 @@ impl Broker {
         let expires = match &claimed {
             Claimed::Granted { expires, .. } | Claimed::Renewed { expires } => *expires,
         };
-        let expires_at = expires
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let expires_at = time_text(expires);
         self.record(
             AuditEvent::new("lease")
                 .field("via", via)
@@ -714,10 +712,7 @@ impl Broker {
 
 /// What a claim did, for the audit log.
 fn describe_claim(claimed: &Claimed) -> String {
-    let until = |at: &OffsetDateTime| {
-        at.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
+    let until = |at: &OffsetDateTime| time_text(*at);
     match claimed {
         Claimed::Granted {
             replaced: None,

@@ -60,7 +60,7 @@ impl Holder {
             "report_id {}… on chip {}…, its lease renewed until {} ({left:.1} s from now)",
             short(&self.report_id),
             short(&self.chip_id),
-            self.expires.format(&Rfc3339).unwrap_or_default()
+            time_text(self.expires)
         )
     }
 }
@@ -118,7 +118,7 @@ impl Refused {
             ),
             Refused::Retired { by, at } => format!(
                 "this instance held {resource} and was superseded by {by} at {}: it must stop, and its host destroy it",
-                at.format(&Rfc3339).unwrap_or_default()
+                time_text(*at)
             ),
         }
     }
@@ -143,7 +143,8 @@ pub struct Leases {
     state: Mutex<(Connection, HashMap<String, Lease>)>,
 }
 
-fn time_text(at: OffsetDateTime) -> String {
+/// `at` as RFC 3339, as the tables, the audit log and the API write it.
+pub(crate) fn time_text(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap_or_default()
 }
 

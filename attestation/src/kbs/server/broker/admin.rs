@@ -24,7 +24,7 @@ use crate::kbs::protocol::{
 };
 use crate::kbs::release_policy::ReleasePolicy;
 use crate::kbs::server::config::{AdminRole, AdminToken};
-use crate::kbs::server::leases::Holder;
+use crate::kbs::server::leases::{time_text, Holder};
 use crate::kbs::server::store::{Store, StoreError};
 use crate::HexBytes;
 
@@ -586,17 +586,13 @@ impl Broker {
 
 /// The admin API's view of a lease.
 fn lease_holder(path: &str, holder: &Holder) -> LeaseHolder {
-    let text = |at: time::OffsetDateTime| {
-        at.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
     LeaseHolder {
         resource: path.to_owned(),
         report_id: holder.report_id.clone(),
         chip_id: holder.chip_id.clone(),
         measurement: holder.measurement.clone(),
-        since: text(holder.since),
-        expires_at: text(holder.expires),
+        since: time_text(holder.since),
+        expires_at: time_text(holder.expires),
         live: holder.expires > time::OffsetDateTime::now_utc(),
     }
 }
