@@ -3,3 +3,9 @@
 
 pub mod attestation;
 pub mod vm;
+
+/// The response header that says an answer was read from one etcd
+/// member's copy of the pool, which may be behind (the cluster has no
+/// quorum); its value says why. hsevd sets it, `hsev` prints it as a
+/// warning.
+pub const STALE_HEADER: &str = "hsev-stale";

@@ -477,12 +477,55 @@ impl Interceptor for BearerAuth {
 }
 
 /// A channel whose every call carries the token.
-pub type AuthChannel = InterceptedService<Channel, BearerAuth>;
+pub type AuthChannel = InterceptedService<StaleWarning, BearerAuth>;
+
+/// The channel, printing once on stderr the warning hsevd attaches to an
+/// answer read from a copy of the pool that may be stale
+/// ([`crate::api::STALE_HEADER`]): tonic's generated clients
+/// hand only the message on, so the header is read here, below them.
+#[derive(Debug, Clone)]
+pub struct StaleWarning {
+    channel: Channel,
+    warned: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for StaleWarning {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.channel.poll_ready(context)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        let answer = self.channel.call(request);
+        let warned = std::sync::Arc::clone(&self.warned);
+        Box::pin(async move {
+            let response = answer.await?;
+            if let Some(warning) = response
+                .headers()
+                .get(crate::api::STALE_HEADER)
+                .and_then(|value| value.to_str().ok())
+            {
+                if !warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    eprintln!("warning: {warning}");
+                }
+            }
+            Ok(response)
+        })
+    }
+}
 
 /// An open connection to hsevd.
 #[derive(Debug, Clone)]
 pub struct Connection {
-    channel: Channel,
+    channel: StaleWarning,
     auth: BearerAuth,
     endpoint: Endpoint,
 }
@@ -546,7 +589,10 @@ impl Connection {
             }
         };
         Ok(Connection {
-            channel,
+            channel: StaleWarning {
+                channel,
+                warned: std::sync::Arc::default(),
+            },
             auth,
             endpoint: settings.endpoint.clone(),
         })
@@ -660,10 +706,16 @@ impl RemoteError {
         }
     }
 
-    /// The message, with the endpoint for an unavailable daemon.
+    /// The message, with the endpoint for a daemon the call did not
+    /// reach. A status that came from the transport carries the error it
+    /// came from; one hsevd sent (a store without quorum, a coordinator
+    /// that does not lead) does not, and speaks for itself.
     pub fn message(&self, endpoint: &Endpoint) -> String {
         match self {
-            RemoteError::Status(status) if status.code() == Code::Unavailable => {
+            RemoteError::Status(status)
+                if status.code() == Code::Unavailable
+                    && std::error::Error::source(status).is_some() =>
+            {
                 format!("cannot reach hsevd at {endpoint}: {}", status_text(status))
             }
             other => other.to_string(),
@@ -703,7 +755,7 @@ fn status_text(status: &Status) -> String {
     }
 }
 
-/// The message for people of a status that is not `Unavailable`.
+/// The message for people of a status hsevd sent.
 fn describe_status(status: &Status) -> String {
     let text = status_text(status);
     match status.code() {
@@ -720,6 +772,7 @@ fn describe_status(status: &Status) -> String {
         | Code::FailedPrecondition
         | Code::AlreadyExists
         | Code::OutOfRange
+        | Code::Unavailable
         | Code::PermissionDenied => text,
         _ => format!("hsevd failed ({:?}): {text}", status.code()),
     }
@@ -1194,9 +1247,9 @@ mod tests {
             ),
             (
                 Code::Unavailable,
-                "connection refused",
+                "cannot record the VM: the etcd cluster is unavailable",
                 2,
-                "cannot reach hsevd at unix:///run/x.sock: connection refused",
+                "cannot record the VM: the etcd cluster is unavailable",
             ),
             (
                 Code::DeadlineExceeded,
@@ -1217,6 +1270,14 @@ mod tests {
             let text = error.message(&endpoint);
             assert!(text.starts_with(shown), "{code:?}: {text}");
         }
+        let mut cut = Status::new(Code::Unavailable, "connection refused");
+        cut.set_source(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert_eq!(
+            RemoteError::from(cut).message(&endpoint),
+            "cannot reach hsevd at unix:///run/x.sock: connection refused"
+        );
         let empty = RemoteError::from(Status::new(Code::NotFound, ""));
         assert_eq!(empty.message(&endpoint), Code::NotFound.description());
         let unreachable = RemoteError::Unreachable {

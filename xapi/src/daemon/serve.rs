@@ -16,6 +16,7 @@ use tonic::transport::Channel;
 
 use super::config::Config;
 use super::{grpc, tls};
+use crate::api::STALE_HEADER;
 use crate::coordinator::election::StandingView;
 
 /// Health and reflection, which every host answers itself.
@@ -48,13 +49,44 @@ async fn common_routes() -> anyhow::Result<Routes> {
         .add_service(reflection_v1alpha))
 }
 
-/// The coordinator's public API.
+/// The coordinator's public API; every answer given while the store reads
+/// from one member's copy carries [`STALE_HEADER`].
 pub async fn api_routes(api: grpc::Api) -> anyhow::Result<Routes> {
-    Ok(common_routes()
+    let coordinator = Arc::clone(&api.coordinator);
+    let router = common_routes()
         .await?
         .add_service(VmServiceServer::new(api.clone()))
         .add_service(ImageServiceServer::new(api.clone()))
-        .add_service(HostServiceServer::new(api)))
+        .add_service(HostServiceServer::new(api))
+        .into_axum_router()
+        .layer(axum::middleware::map_response(
+            move |response: axum::response::Response| {
+                let staleness = coordinator.store().staleness();
+                async move { mark_stale(response, staleness) }
+            },
+        ));
+    Ok(Routes::from(router))
+}
+
+/// `response`, with [`STALE_HEADER`] when the store's reads may be stale.
+fn mark_stale(
+    mut response: axum::response::Response,
+    staleness: Option<String>,
+) -> axum::response::Response {
+    if let Some(reason) = staleness {
+        let reason: String = reason
+            .chars()
+            .map(|c| if (' '..='~').contains(&c) { c } else { '?' })
+            .collect();
+        let text = format!(
+            "the pool's etcd cluster has no quorum ({reason}): this answer comes from one \
+             member's copy of the pool and may be stale"
+        );
+        if let Ok(value) = axum::http::HeaderValue::from_str(&text) {
+            response.headers_mut().insert(STALE_HEADER, value);
+        }
+    }
+    response
 }
 
 /// A member's public API: every call but health and reflection goes to the

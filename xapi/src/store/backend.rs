@@ -44,6 +44,12 @@ macro_rules! store_interface {
             fn as_etcd(&self) -> Option<&EtcdStore> {
                 None
             }
+
+            /// Why reads may be stale now (see [`EtcdStore::staleness`]);
+            /// `None` for a backend whose reads never are.
+            fn staleness(&self) -> Option<String> {
+                self.as_etcd().and_then(EtcdStore::staleness)
+            }
         }
 
         impl StoreBackend for SqliteStore {

@@ -98,13 +98,13 @@ impl EtcdStore {
                 reason: error.to_string(),
             })?;
         let timeout = Duration::from_millis(config.timeout_ms);
-        let mut options = ConnectOptions::new()
+        let mut member_options = ConnectOptions::new()
             .with_connect_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(1), timeout)
-            .with_require_leader(true);
+            .with_keep_alive(Duration::from_secs(1), timeout);
         if let Some(tls) = tls_options(config)? {
-            options = options.with_tls(tls);
+            member_options = member_options.with_tls(tls);
         }
+        let options = member_options.clone().with_require_leader(true);
         // The records' requests are bounded; the election's are not (a
         // campaign waits for as long as another coordinator leads), so it
         // has a client of its own.
@@ -121,11 +121,14 @@ impl EtcdStore {
             let election = Client::connect(&endpoints, Some(options))
                 .await
                 .map_err(records::classify("connect to etcd"))?;
-            Ok::<_, StoreError>((client, election))
+            let member = Client::connect(&endpoints, Some(member_options.with_timeout(timeout)))
+                .await
+                .map_err(records::classify("connect to etcd"))?;
+            Ok::<_, StoreError>((client, election, member))
         };
-        let (client, election) = run_on(&runtime, connect)?;
+        let (client, election, member) = run_on(&runtime, connect)?;
         Ok(EtcdStore {
-            kv: EtcdKv::new(client, &config.prefix, timeout),
+            kv: EtcdKv::new(client, member, &config.prefix, timeout),
             runtime: Some(runtime),
             client: election,
             endpoints: config.endpoints.clone(),
@@ -172,6 +175,13 @@ impl EtcdStore {
     /// [`StoreError::Unavailable`].
     pub fn written_by_others(&self) -> Result<bool> {
         self.block(self.kv.written_by_others())
+    }
+
+    /// Why reads are answered from one member's copy of the pool, which
+    /// may be behind, rather than the quorum's: the cluster has no quorum
+    /// now. `None` while the quorum answers.
+    pub fn staleness(&self) -> Option<String> {
+        self.kv.staleness()
     }
 
     /// The guard writes carry now.

@@ -181,9 +181,22 @@ fn delete(key: String) -> TxnOp {
     TxnOp::delete(key, None)
 }
 
+tokio::task_local! {
+    /// Set while a write decides what to do: its reads must be the
+    /// quorum's, never a member's possibly stale copy.
+    static DECIDING: ();
+}
+
 /// The etcd side of the store's operations.
 pub(crate) struct EtcdKv {
     client: Client,
+    /// A client that does not require a leader, for the reads answered
+    /// from one member's copy when the cluster has no quorum.
+    member_client: Client,
+    /// Why reads are answered from one member's copy now: set when a
+    /// quorum read fails for availability and a member answers instead;
+    /// cleared by the next request the quorum answers.
+    stale: std::sync::Mutex<Option<String>>,
     /// How long a request may keep failing to reach any member.
     timeout: Duration,
     keys: Keys,
@@ -194,9 +207,16 @@ pub(crate) struct EtcdKv {
 }
 
 impl EtcdKv {
-    pub(super) fn new(client: Client, prefix: &str, timeout: Duration) -> EtcdKv {
+    pub(super) fn new(
+        client: Client,
+        member_client: Client,
+        prefix: &str,
+        timeout: Duration,
+    ) -> EtcdKv {
         EtcdKv {
             client,
+            member_client,
+            stale: std::sync::Mutex::new(None),
             timeout,
             keys: Keys::new(prefix),
             serial: tokio::sync::Mutex::new(0),
@@ -210,14 +230,18 @@ impl EtcdKv {
     /// dead member's endpoint refuses the connection: the request was not
     /// sent, so sending it again cannot apply it twice), for at most the
     /// configured timeout.
-    async fn call<T, F, Fut>(&self, request: F) -> std::result::Result<T, etcd_client::Error>
+    async fn call<T, F, Fut>(
+        &self,
+        client: &Client,
+        request: F,
+    ) -> std::result::Result<T, etcd_client::Error>
     where
         F: Fn(KvClient) -> Fut,
         Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
         let start = Instant::now();
         loop {
-            match request(self.client.kv_client()).await {
+            match request(client.kv_client()).await {
                 Err(error) if never_sent(&error) && start.elapsed() < self.timeout => {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -227,26 +251,84 @@ impl EtcdKv {
     }
 
     async fn txn(&self, op: &'static str, txn: Txn) -> Result<TxnResponse> {
-        self.call(|mut kv| {
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await
-        .map_err(classify_write(op))
+        let response = self
+            .call(&self.client, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await
+            .map_err(classify_write(op))?;
+        self.set_stale(None);
+        Ok(response)
     }
 
+    /// A read the quorum answers; when it cannot (no quorum, no leader)
+    /// and no write is deciding on it, one member's own copy, which may be
+    /// behind: [`EtcdKv::staleness`] then says so until the quorum answers
+    /// again.
     async fn get_with(
         &self,
         op: &'static str,
         key: &str,
         options: Option<GetOptions>,
     ) -> Result<GetResponse> {
-        self.call(|mut kv| {
+        let error = match self
+            .get_on(&self.client, key, options.clone())
+            .await
+            .map_err(classify(op))
+        {
+            Ok(response) => {
+                self.set_stale(None);
+                return Ok(response);
+            }
+            Err(error) => error,
+        };
+        let StoreError::Unavailable { reason, .. } = &error else {
+            return Err(error);
+        };
+        if DECIDING.try_with(|()| ()).is_ok() {
+            return Err(error);
+        }
+        let serializable = options.unwrap_or_default().with_serializable();
+        match self
+            .get_on(&self.member_client, key, Some(serializable))
+            .await
+        {
+            Ok(response) => {
+                self.set_stale(Some(reason.clone()));
+                Ok(response)
+            }
+            Err(_) => Err(error),
+        }
+    }
+
+    async fn get_on(
+        &self,
+        client: &Client,
+        key: &str,
+        options: Option<GetOptions>,
+    ) -> std::result::Result<GetResponse, etcd_client::Error> {
+        self.call(client, |mut kv| {
             let options = options.clone();
             async move { kv.get(key, options).await }
         })
         .await
-        .map_err(classify(op))
+    }
+
+    fn set_stale(&self, reason: Option<String>) {
+        *self
+            .stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
+    }
+
+    /// Why the last reads came from one member's copy rather than the
+    /// quorum's, while they do.
+    pub(crate) fn staleness(&self) -> Option<String> {
+        self.stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     // ---- reads ---------------------------------------------------------
@@ -306,7 +388,7 @@ impl EtcdKv {
     ) -> Result<T> {
         let mut serial = self.serial.lock().await;
         for _ in 0..WRITE_ATTEMPTS {
-            let (operations, value) = plan().await?;
+            let (operations, value) = DECIDING.scope((), plan()).await?;
             if operations.is_empty() {
                 return Ok(value);
             }
