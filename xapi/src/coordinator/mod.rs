@@ -452,17 +452,24 @@ impl Coordinator {
         let down_after = self.down_after();
         let idle = HostLoad::default();
         // A host this coordinator has no client for (another coordinator's
-        // own host, on a shared store) cannot be commanded: down.
+        // own host, on a shared store) cannot be commanded: down. Both maps
+        // are ordered by name, so one pass over each finds which are
+        // connected: the cost stays linear in the host count.
+        let mut clients = connected.keys().peekable();
         let candidates: Vec<Candidate<'_>> = known
-            .values()
-            .map(|host| Candidate {
-                host: &host.view,
-                load: allocations.get(&host.view.name).unwrap_or(&idle),
-                down: !connected.contains_key(&host.view.name)
-                    || (host.remote
-                        && liveness
-                            .get(&host.view.name)
-                            .is_none_or(|last| last.elapsed() > down_after)),
+            .iter()
+            .map(|(name, host)| {
+                while clients.next_if(|client| *client < name).is_some() {}
+                let has_client = clients.next_if_eq(&name).is_some();
+                Candidate {
+                    host: &host.view,
+                    load: allocations.get(name).unwrap_or(&idle),
+                    down: !has_client
+                        || (host.remote
+                            && liveness
+                                .get(name)
+                                .is_none_or(|last| last.elapsed() > down_after)),
+                }
             })
             .collect();
         crate::placement::place(&vms::request_of(spec, excluded), &candidates, &self.policy)
