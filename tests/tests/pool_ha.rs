@@ -342,3 +342,65 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
         .collect();
     assert_eq!(names.len(), 3, "{all:#}");
 }
+
+#[test]
+fn a_pool_that_must_survive_a_host_failure_refuses_the_ha_vm_that_would_break_its_plan() {
+    // h2 and h3 have simulated Secure Processors, h3 room for one SEV
+    // guest only; the plan must survive any one host's failure.
+    let pool = Pool::start(
+        &[
+            HostSpec::new("h1", Driver::Fake).without_sev(),
+            HostSpec::new("h2", Driver::Fake),
+            HostSpec::new("h3", Driver::Fake).sim(&["--asids", "1"]),
+        ],
+        "[placement]\nha_host_failures_to_tolerate = 1",
+    );
+    let work = tempfile::tempdir().expect("a work folder");
+    let image = stand_in_image(work.path());
+    let imported = pool.coordinator().hsev(
+        ADMIN,
+        [
+            "image",
+            "import",
+            "debian",
+            "--from",
+            image.to_str().expect("utf-8"),
+        ],
+    );
+    assert!(imported.status.success());
+    let snp = ["--mode", "sev-snp"];
+    let ha = [&snp[..], &["--ha", "restart"]].concat();
+
+    // One HA SNP VM: whichever of h2 and h3 fails, the other takes it.
+    create(&pool, "first", &ha);
+
+    // A second would leave one of them without room (h3 has one ASID):
+    // refused, with the shortfall, and nothing recorded.
+    let mut args = vec![
+        "vm", "create", "second", "--image", "debian", "--vcpus", "1", "--memory", "256",
+    ];
+    args.extend_from_slice(&ha);
+    let refused = pool.coordinator().hsev(ALICE, &args);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("would break the pool's HA plan")
+            && said.contains("ha_host_failures_to_tolerate")
+            && said.contains("could not restart"),
+        "{said}"
+    );
+    let listed = pool.coordinator().json(ALICE, ["vm", "list"]);
+    assert!(!listed.to_string().contains("\"second\""), "{listed}");
+
+    // Without HA it is placed; made HA later, refused the same way.
+    create(&pool, "second", &snp);
+    let stopped = pool.coordinator().hsev(ALICE, ["vm", "stop", "second"]);
+    assert!(stopped.status.success());
+    let made_ha = pool
+        .coordinator()
+        .hsev(ALICE, ["vm", "set", "second", "--ha", "restart"]);
+    let said = String::from_utf8_lossy(&made_ha.stderr);
+    assert!(!made_ha.status.success(), "{said}");
+    assert!(said.contains("would break the pool's HA plan"), "{said}");
+    assert_eq!(show(&pool, "second")["spec"]["ha"], "none");
+}

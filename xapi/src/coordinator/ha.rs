@@ -39,13 +39,13 @@
 //!   coordinator to do it, as a hardware watchdog would.
 
 use std::cmp::Reverse;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use itertools::Itertools;
 
 use super::migration::StorageKind;
-use super::{add_load, load_of, lock, remove_load, Coordinator};
+use super::{add_load, load_of, lock, remove_load, Coordinator, HostLoad};
 use crate::daemon::auth::Caller;
 use crate::daemon::config::PoolConfig;
 use crate::daemon::error::OpError;
@@ -159,7 +159,16 @@ impl Coordinator {
             spec.ha = ha;
             spec.ha_priority = priority;
             self.check_ha_storage(&spec)?;
-            self.store.set_vm_spec(&record.id, &spec)?;
+            {
+                // Its host holds its load already, stopped as it is.
+                let allocations = lock(&self.allocations);
+                let candidate = VmRecord {
+                    spec: spec.clone(),
+                    ..record.clone()
+                };
+                self.check_ha_plan(&candidate, &allocations, true)?;
+                self.store.set_vm_spec(&record.id, &spec)?;
+            }
             self.event(
                 &record.id,
                 "ha",
@@ -357,9 +366,56 @@ impl Coordinator {
         }
     }
 
+    /// Refuses `candidate` (an HA VM about to be made on its host, or a
+    /// VM about to be made HA) if, with it, the pool's HA plan would no
+    /// longer survive `[placement] ha_host_failures_to_tolerate` host
+    /// failures. `counted`: whether `allocations` hold its load already.
+    pub(super) fn check_ha_plan(
+        &self,
+        candidate: &VmRecord,
+        allocations: &HashMap<String, HostLoad>,
+        counted: bool,
+    ) -> Result<(), OpError> {
+        let failures = self.policy.ha_host_failures_to_tolerate;
+        if candidate.spec.ha != HaPolicy::Restart || failures == 0 {
+            return Ok(());
+        }
+        let mut allocations = allocations.clone();
+        if !counted {
+            let load = load_of(&candidate.spec);
+            add_load(
+                allocations.entry(candidate.host.clone()).or_default(),
+                &load,
+            );
+        }
+        let plan = self.plan_ha(failures, &allocations, Some(candidate))?;
+        if plan.shortfalls.is_empty() {
+            return Ok(());
+        }
+        Err(OpError::precondition(format!(
+            "VM {} as an HA VM on {} would break the pool's HA plan, which must survive {failures} \
+             host failure(s) ([placement] ha_host_failures_to_tolerate): {}",
+            candidate.spec.name,
+            candidate.host,
+            plan.shortfalls.join("; ")
+        )))
+    }
+
     /// Whether every running HA VM could be restarted, by priority within
     /// the others' capacity, whichever `failures` hosts failed.
     pub fn ha_plan(&self, failures: u32) -> Result<HaPlan, OpError> {
+        let allocations = lock(&self.allocations).clone();
+        self.plan_ha(failures, &allocations, None)
+    }
+
+    /// [`Coordinator::ha_plan`] on `allocations`, with `extra` counted as a
+    /// running HA VM.
+    fn plan_ha(
+        &self,
+        failures: u32,
+        allocations: &HashMap<String, HostLoad>,
+        extra: Option<&VmRecord>,
+    ) -> Result<HaPlan, OpError> {
         let hosts: Vec<String> = self
             .known
             .read()
@@ -381,9 +437,10 @@ impl Coordinator {
             .list_vms(VmFilter::all())?
             .into_iter()
             .filter(|vm| vm.spec.ha == HaPolicy::Restart && live(vm.state))
+            .filter(|vm| extra.is_none_or(|extra| extra.id != vm.id))
+            .chain(extra.cloned())
             .collect();
         by_priority(&mut protected);
-        let allocations = lock(&self.allocations).clone();
         let mut plan = HaPlan::default();
         for failed in hosts.iter().combinations(failures) {
             plan.scenarios += 1;

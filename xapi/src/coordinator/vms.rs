@@ -160,6 +160,7 @@ impl Coordinator {
                 created_at: now,
                 updated_at: now,
             };
+            self.check_ha_plan(&record, &allocations, false)?;
             match &request {
                 Some(request) => self.store.insert_vm_once(request, &record, &disks),
                 None => self.store.insert_vm(&record, &disks),

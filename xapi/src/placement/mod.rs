@@ -151,6 +151,11 @@ pub struct PoolPolicy {
     pub minimum_tcb: MinimumTcb,
     /// Spread or pack.
     pub weigher: Weigher,
+    /// How many host failures the pool's HA plan must survive: an HA VM
+    /// that would leave some other HA VM (or itself) without a host to
+    /// restart on, were this many hosts to fail, is refused (XAPI's
+    /// host-failures-to-tolerate). 0: no such check.
+    pub ha_host_failures_to_tolerate: u32,
     /// The folder a shared pool keeps disks in, which a host must mount
     /// (`[pool] shared_dir`, not a `[placement]` key).
     #[serde(skip)]
@@ -165,6 +170,7 @@ impl Default for PoolPolicy {
             allow_simulated: false,
             minimum_tcb: MinimumTcb::default(),
             weigher: Weigher::Spread,
+            ha_host_failures_to_tolerate: 0,
             shared_dir: None,
         }
     }
