@@ -61,7 +61,7 @@ awk '
     printf "placement cost at 1000 hosts / at 10 hosts: %.1f (target <= 100); p99 at 1000 hosts target < 5 ms; coordinator RSS %s MB (target < 500)\n", ratio, rss
   }' <<<"$placement"
 
-echo "== cold migration of a stopped VM with a 1 GiB disk (mTLS stream + BLAKE3 checksum + flush to the device) beside a plain HTTP copy of the same file, between two test hosts"
+echo "== cold migration of a stopped VM with a 1 GiB disk (mTLS stream + BLAKE3 checksum + flush to the device) beside a plain HTTP copy of the same file flushed to the device, between two test hosts, each read from a cold page cache"
 migration=$(cargo bench --quiet -p hsev-e2e --bench pool 2>/dev/null)
 awk '
   /^migrate_1gib_median_s/ { ours = $2 }

@@ -6,7 +6,13 @@
 //!   streamed over the pool's mTLS channel, its BLAKE3 checksum checked,
 //!   the copy flushed to the device, the VM moved in the store;
 //! - the same file fetched over plain HTTP (`busybox httpd` in the source
-//!   host's namespace, `curl` in the target's), no TLS, no checksum.
+//!   host's namespace, `curl` in the target's), no TLS, no checksum, and
+//!   the copy flushed to the device (`fsync`) as the migration's is.
+//!
+//! Both start from the same cache state: before each, the source file is
+//! flushed and dropped from the page cache, so each reads it from the
+//! device (otherwise whichever goes second reads what the first just
+//! cached).
 //!
 //! The moves alternate directions (h1 to h2, then back), and each is
 //! followed by the plain copy in the same direction, so that the load of
@@ -61,6 +67,21 @@ fn fill(disk: &Path) {
     succeed("dd", output);
 }
 
+/// Flushes `file` and drops it from the page cache (`dd iflag=nocache`
+/// with `count=0` advises the kernel to drop the whole file's pages).
+fn evict(file: &Path) {
+    std::fs::File::open(file)
+        .and_then(|opened| opened.sync_all())
+        .expect("the disk flushes");
+    let output = Command::new("dd")
+        .arg(format!("if={}", file.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .stderr(Stdio::piped())
+        .output()
+        .expect("dd runs");
+    succeed("dd iflag=nocache", output);
+}
+
 /// `busybox httpd` serving `dir` in `from`'s namespace.
 fn serve(from: &Daemon, dir: &Path) -> Child {
     let host = from.net_host();
@@ -78,7 +99,8 @@ fn serve(from: &Daemon, dir: &Path) -> Child {
     child
 }
 
-/// Seconds `curl` in `to`'s namespace takes to fetch `file` from `from`.
+/// Seconds `curl` in `to`'s namespace takes to fetch `file` from `from`
+/// and the copy takes to reach the device.
 fn plain_copy_seconds(from: &Daemon, to: &Daemon, file: &Path, out: &Path) -> f64 {
     let dir = file.parent().expect("a folder");
     let name = file
@@ -86,6 +108,7 @@ fn plain_copy_seconds(from: &Daemon, to: &Daemon, file: &Path, out: &Path) -> f6
         .and_then(|name| name.to_str())
         .expect("a name");
     let mut server = serve(from, dir);
+    evict(file);
     let started = Instant::now();
     let output = to
         .net_host()
@@ -98,6 +121,11 @@ fn plain_copy_seconds(from: &Daemon, to: &Daemon, file: &Path, out: &Path) -> f6
         ))
         .output()
         .expect("curl runs");
+    if output.status.success() {
+        std::fs::File::open(out)
+            .and_then(|copy| copy.sync_all())
+            .expect("the plain copy flushes");
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let _ = server.kill();
     let _ = server.wait();
@@ -142,6 +170,7 @@ fn main() {
             &disk,
             &scratch.path().join("plain"),
         ));
+        evict(&disk);
         let started = Instant::now();
         let output = pool
             .coordinator()
