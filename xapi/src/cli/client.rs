@@ -21,6 +21,9 @@
 //! | CA | `--ca` | `HSEV_CA` | `ca =` | the system's roots |
 //! | token | `--token`, `--token-file` | `HSEV_TOKEN`, `HSEV_TOKEN_FILE` | `token =`, `token_file =` | none |
 //!
+//! The endpoint may be a comma-separated list: the coordinators of a pool
+//! on etcd, tried in turn until one answers the connection.
+//!
 //! The config file is `--config`, else `$HSEV_CONFIG`, else
 //! `$XDG_CONFIG_HOME/hsev/config.toml` (`~/.config/hsev/config.toml`); only
 //! the default one may be missing. Its relative paths are relative to its
@@ -58,8 +61,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// the environment or the config file.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ConnectionArgs {
-    /// hsevd's address: unix:///PATH or https://HOST:PORT [env: HSEV_ENDPOINT]
-    /// [default: unix:///run/hsev/hsevd.sock].
+    /// hsevd's address: unix:///PATH or https://HOST:PORT, or several,
+    /// comma-separated, tried in turn (a pool's coordinators)
+    /// [env: HSEV_ENDPOINT] [default: unix:///run/hsev/hsevd.sock].
     #[arg(long, global = true, help_heading = "Connection", value_name = "URL")]
     pub endpoint: Option<String>,
     /// Trust only this certificate authority (PEM or DER; hsevd's own
@@ -243,6 +247,9 @@ enum TokenSource {
 pub struct Settings {
     /// Where hsevd listens.
     pub endpoint: Endpoint,
+    /// Where else it may be reached (the pool's other coordinators), tried
+    /// in turn when `endpoint` cannot be.
+    pub fallbacks: Vec<Endpoint>,
     /// The only authority trusted for TLS; `None`: the system's roots.
     pub ca: Option<PathBuf>,
     token: Option<Token>,
@@ -287,7 +294,18 @@ impl Settings {
             .or_else(|| environment("HSEV_ENDPOINT"))
             .or(file.endpoint)
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
-        let endpoint = Endpoint::parse(&endpoint_text)?;
+        let mut endpoints = endpoint_text
+            .split(',')
+            .map(|text| match text.trim() {
+                "" => Err(format!(
+                    "endpoint list {endpoint_text:?} has an empty entry"
+                )),
+                text => Endpoint::parse(text),
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        let endpoint = endpoints.next().ok_or("no endpoint given")?;
+        let fallbacks = endpoints.collect();
 
         let ca = args
             .ca
@@ -341,6 +359,7 @@ impl Settings {
             .transpose()?;
         Ok(Settings {
             endpoint,
+            fallbacks,
             ca,
             token,
         })
@@ -532,15 +551,45 @@ pub struct Connection {
 
 impl Connection {
     /// Connects now, so that an unreachable daemon is reported before any
-    /// call.
+    /// call: to the endpoint, else to each fallback in turn. When none
+    /// answers, the error names each and why.
     pub async fn open(settings: &Settings) -> Result<Self, RemoteError> {
+        let auth = BearerAuth::new(settings.token.as_ref()).map_err(RemoteError::Input)?;
+        let mut failures = Vec::new();
+        for endpoint in std::iter::once(&settings.endpoint).chain(&settings.fallbacks) {
+            match Self::connect(settings, endpoint).await {
+                Ok(channel) => {
+                    return Ok(Connection {
+                        channel: StaleWarning {
+                            channel,
+                            warned: std::sync::Arc::default(),
+                        },
+                        auth,
+                        endpoint: endpoint.clone(),
+                    })
+                }
+                Err(RemoteError::Unreachable { endpoint, detail })
+                    if !settings.fallbacks.is_empty() =>
+                {
+                    failures.push(format!("{endpoint}: {detail}"));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        Err(RemoteError::Unreachable {
+            endpoint: "any of its endpoints".to_owned(),
+            detail: failures.join("; "),
+        })
+    }
+
+    /// A channel to `endpoint`, connected.
+    async fn connect(settings: &Settings, endpoint: &Endpoint) -> Result<Channel, RemoteError> {
         let unreachable = |error: &dyn std::error::Error| RemoteError::Unreachable {
-            endpoint: settings.endpoint.to_string(),
+            endpoint: endpoint.to_string(),
             detail: error_chain(error),
         };
-        let auth = BearerAuth::new(settings.token.as_ref()).map_err(RemoteError::Input)?;
         let user_agent = concat!("hsev/", env!("CARGO_PKG_VERSION"));
-        let channel = match &settings.endpoint {
+        let channel = match endpoint {
             Endpoint::Unix { path, .. } => {
                 // The URI only fills in the HTTP/2 `:authority`; the
                 // connector ignores it and dials the socket.
@@ -588,14 +637,7 @@ impl Connection {
                     })?
             }
         };
-        Ok(Connection {
-            channel: StaleWarning {
-                channel,
-                warned: std::sync::Arc::default(),
-            },
-            auth,
-            endpoint: settings.endpoint.clone(),
-        })
+        Ok(channel)
     }
 
     /// Where this connection goes.
@@ -814,17 +856,17 @@ where
             return ExitCode::from(1);
         }
     };
+    let mut reached = None;
     let outcome = runtime.block_on(async {
         let connection = Connection::open(&settings).await?;
+        reached = Some(connection.endpoint().clone());
         operation(&connection).await
     });
     match outcome {
         Ok(code) => code,
         Err(error) => {
-            eprintln!(
-                "hsev: error: {}",
-                settings.redact(&error.message(&settings.endpoint))
-            );
+            let endpoint = reached.as_ref().unwrap_or(&settings.endpoint);
+            eprintln!("hsev: error: {}", settings.redact(&error.message(endpoint)));
             ExitCode::from(exit_code(&error))
         }
     }
@@ -1187,6 +1229,52 @@ mod tests {
         let mut none = BearerAuth::new(None).expect("no header");
         let request = none.call(tonic::Request::new(())).expect("passes");
         assert!(request.metadata().get("authorization").is_none());
+    }
+
+    #[test]
+    fn a_list_of_endpoints_is_tried_in_turn_and_each_failure_is_named() {
+        let home = tempfile::tempdir().expect("tempdir");
+        let first = home.path().join("c0.sock");
+        let second = home.path().join("c1.sock");
+        let list = format!("unix://{}, unix://{}", first.display(), second.display());
+        let settings = Settings::resolve_with(
+            &ConnectionArgs::default(),
+            &environment(&[
+                ("HOME", home.path().to_str().expect("utf-8")),
+                ("HSEV_ENDPOINT", &list),
+            ]),
+        )
+        .expect("resolves");
+        assert_eq!(
+            settings.endpoint.to_string(),
+            format!("unix://{}", first.display())
+        );
+        assert_eq!(settings.fallbacks.len(), 1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let refused = runtime
+            .block_on(Connection::open(&settings))
+            .expect_err("no hsevd listens")
+            .to_string();
+        assert!(
+            refused.starts_with("cannot reach hsevd at any of its endpoints"),
+            "{refused}"
+        );
+        for socket in [&first, &second] {
+            assert!(
+                refused.contains(&format!("unix://{}:", socket.display())),
+                "{refused}"
+            );
+        }
+
+        let empty = Settings::resolve_with(
+            &ConnectionArgs::default(),
+            &environment(&[("HSEV_ENDPOINT", "unix:///a.sock,,unix:///b.sock")]),
+        )
+        .expect_err("an empty entry");
+        assert!(empty.contains("empty entry"), "{empty}");
     }
 
     #[test]
