@@ -39,11 +39,18 @@ fn free_port(host: &str) -> u16 {
 impl EtcdCluster {
     /// Starts `size` members on 127.0.0.1 and waits until they serve.
     pub fn start(size: usize) -> EtcdCluster {
+        Self::start_on(size, "127.0.0.1")
+    }
+
+    /// Starts `size` members on `host`'s address (the root namespace's on
+    /// a test network, which every test host reaches) and waits until
+    /// they serve.
+    pub fn start_on(size: usize, host: &str) -> EtcdCluster {
         assert!(
             std::path::Path::new(ETCD).exists(),
             "{ETCD} is missing: run `make deps` (Debian package etcd-server)"
         );
-        let host = "127.0.0.1".to_owned();
+        let host = host.to_owned();
         let dir = tempfile::tempdir().expect("a folder for etcd");
         let members = (0..size)
             .map(|index| Member {

@@ -1,83 +1,153 @@
-//! Three hsevd coordinators on one real 3-member etcd cluster: one leads
-//! and serves the API, the others stand by and forward it to the leader;
-//! `kill -9` of the leader in the
-//! middle of a stream of creates, and another leads within the lease TTL
-//! plus a few seconds, with every acknowledged VM present exactly once
-//! (creates carry a request id; a retry is applied once). And one
-//! coordinator through the loss of two etcd members: writes refused, reads
-//! answered from the remaining member's copy with a warning that they may
-//! be stale, the VMs left running, and the same process writing again once
-//! the members are back.
+//! Three hsevd coordinators on one real 3-member etcd cluster, each on a
+//! test host of its own (a network namespace), the etcd members on the
+//! test network's root-namespace address: one leads and serves the API,
+//! the others stand by and forward it to the leader over TLS (the
+//! coordinators share one `[tls]` certificate). `kill -9` of the leader in
+//! the middle of a stream of creates sent to all three addresses, and
+//! another leads within the lease TTL plus a few seconds, with every
+//! acknowledged VM present exactly once (creates carry a request id; a
+//! retry is applied once). And one coordinator through the loss of two
+//! etcd members: writes refused, reads answered from the remaining
+//! member's copy with a warning that they may be stale, the VMs left
+//! running, and the same process writing again once the members are back.
 //! The fake hypervisor driver: no guest is needed to count records.
 
 #![allow(clippy::unwrap_used)] // tests
 
+use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use hsev_e2e::daemon::{stand_in_image, Daemon, Driver, ADMIN, ALICE};
 use hsev_e2e::etcd::EtcdCluster;
+use hsev_e2e::netns::TestNet;
 
 /// The coordinators' lease TTL.
 const TTL_S: u64 = 3;
 
-fn coordinator(index: usize, endpoints: &[String]) -> Daemon {
+/// The port of each coordinator's public API over TLS.
+const API_PORT: u16 = 7443;
+
+/// The configuration of coordinator `index` on the etcd cluster at
+/// `endpoints`.
+fn coordinator_config(index: usize, endpoints: &[String]) -> String {
     let endpoints: Vec<String> = endpoints.iter().map(|e| format!("{e:?}")).collect();
-    Daemon::configured(
-        Driver::Fake,
-        &format!(
-            "host_name = \"c{index}\"\n\
-             [store]\nkind = \"etcd\"\nendpoints = [{}]\nprefix = \"/failover/\"\n\
-             lease_ttl_s = {TTL_S}\ntimeout_ms = 1500\n\
-             [placement]\nallow_simulated = true\n\
-             [pool]\nheartbeat_ms = 300\ndown_after_ms = 2500\n",
-            endpoints.join(", ")
-        ),
-        true,
+    format!(
+        "host_name = \"c{index}\"\n\
+         [store]\nkind = \"etcd\"\nendpoints = [{}]\nprefix = \"/failover/\"\n\
+         lease_ttl_s = {TTL_S}\ntimeout_ms = 1500\n\
+         [placement]\nallow_simulated = true\n\
+         [pool]\nheartbeat_ms = 300\ndown_after_ms = 2500\n",
+        endpoints.join(", ")
     )
 }
 
-/// Creates `name` through whichever coordinator answers, trying each in
-/// turn for up to 30 s, every attempt with the same request id (a retry
-/// after a lost answer is applied once). Answers which index served it.
-fn create_somewhere(coordinators: &mut [Daemon], name: &str) -> usize {
+/// One API certificate for every coordinator (self-signed, naming each
+/// one's address): a standby trusts the leader by it. Answers the
+/// certificate and its key.
+fn shared_api_certificate(dir: &Path, addresses: &[String]) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("api.pem"), dir.join("api.key"));
+    let names: Vec<String> = addresses
+        .iter()
+        .map(|address| format!("IP:{address}"))
+        .collect();
+    let output = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=hsev-coordinators"])
+        .arg("-addext")
+        .arg(format!("subjectAltName={}", names.join(",")))
+        // An end entity: a certificate marked as a CA is refused as a
+        // server's own.
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        output.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (cert, key)
+}
+
+/// `hsev` with `token`, reaching the coordinators at `endpoints` (a
+/// comma-separated list of https:// addresses, tried in turn) and
+/// trusting `ca`.
+fn hsev_at(daemon: &Daemon, endpoints: &str, ca: &Path, token: &str, args: &[&str]) -> Output {
+    daemon
+        .hsev_command(token, args)
+        .env("HSEV_ENDPOINT", endpoints)
+        .env("HSEV_CA", ca)
+        .output()
+        .expect("hsev runs")
+}
+
+/// What `hsev ... --output json` printed, parsed; panics on a failure.
+fn json_at(
+    daemon: &Daemon,
+    endpoints: &str,
+    ca: &Path,
+    token: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let mut args = args.to_vec();
+    args.extend(["--output", "json"]);
+    let output = hsev_at(daemon, endpoints, ca, token, &args);
+    assert!(
+        output.status.success(),
+        "hsev {args:?} at {endpoints}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn create_args<'a>(name: &'a str, request_id: &'a str) -> Vec<&'a str> {
+    vec![
+        "vm",
+        "create",
+        name,
+        "--image",
+        "debian",
+        "--vcpus",
+        "1",
+        "--memory",
+        "256",
+        "--mode",
+        "none",
+        "--request-id",
+        request_id,
+    ]
+}
+
+/// Creates `name` through the coordinators at `endpoints`, for up to
+/// 30 s, every attempt with the same request id (a retry after a lost
+/// answer is applied once). Answers the host the VM was placed on: the
+/// leader's own, as the pool has no other hosts.
+fn create_somewhere(daemon: &Daemon, endpoints: &str, ca: &Path, name: &str) -> String {
+    let request_id = format!("stream-{name}");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = String::new();
     loop {
-        for (index, daemon) in coordinators.iter_mut().enumerate() {
-            if !daemon.is_running() || !daemon.socket().exists() {
-                continue;
-            }
-            let output = daemon.hsev(
-                ALICE,
-                [
-                    "vm",
-                    "create",
-                    name,
-                    "--image",
-                    "debian",
-                    "--vcpus",
-                    "1",
-                    "--memory",
-                    "256",
-                    "--mode",
-                    "none",
-                    "--request-id",
-                    &format!("stream-{name}"),
-                ],
-            );
-            let said = format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-            if output.status.success() {
-                return index;
-            }
-            last = format!("c{index}: {said}");
+        let mut args = create_args(name, &request_id);
+        args.extend(["--output", "json"]);
+        let output = hsev_at(daemon, endpoints, ca, ALICE, &args);
+        if output.status.success() {
+            let created: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            return created["host"].as_str().unwrap().to_owned();
         }
         assert!(
             Instant::now() < deadline,
-            "no coordinator created {name}; last answer: {last}"
+            "no coordinator created {name}; the last answer: {}",
+            String::from_utf8_lossy(&output.stderr)
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -85,17 +155,40 @@ fn create_somewhere(coordinators: &mut [Daemon], name: &str) -> usize {
 
 #[test]
 fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or_doubled() {
-    let cluster = EtcdCluster::start(3);
-    let endpoints = cluster.endpoints();
-    let mut coordinators: Vec<Daemon> = (0..3).map(|i| coordinator(i, &endpoints)).collect();
+    let mut net = TestNet::new();
+    let hosts: Vec<_> = (0..3).map(|_| net.add_host()).collect();
+    let cluster = EtcdCluster::start_on(3, &net.gateway());
+    let work = tempfile::tempdir().unwrap();
+    let addresses: Vec<String> = hosts.iter().map(|host| host.address.clone()).collect();
+    let (cert, key) = shared_api_certificate(work.path(), &addresses);
+    let mut coordinators: Vec<Daemon> = hosts
+        .iter()
+        .enumerate()
+        .map(|(index, host)| {
+            let config = coordinator_config(index, &cluster.endpoints()).replacen(
+                "[store]",
+                &format!(
+                    "listen = \"{}:{API_PORT}\"\n[tls]\ncert = {:?}\nkey = {:?}\n[store]",
+                    host.address, cert, key
+                ),
+                1,
+            );
+            Daemon::on_host(Driver::Fake, host, &config, true)
+        })
+        .collect();
     coordinators[0].run();
     coordinators[1].run_standing_by();
     coordinators[2].run_standing_by();
-    let work = tempfile::tempdir().unwrap();
+    let at = |index: usize| format!("https://{}:{API_PORT}", addresses[index]);
+    let all = (0..3).map(at).collect::<Vec<_>>().join(",");
+    let client = &coordinators[0];
     let image = stand_in_image(work.path());
-    let imported = coordinators[0].hsev(
+    json_at(
+        client,
+        &at(0),
+        &cert,
         ADMIN,
-        [
+        &[
             "image",
             "import",
             "debian",
@@ -103,63 +196,72 @@ fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or
             image.to_str().unwrap(),
         ],
     );
-    assert!(
-        imported.status.success(),
-        "image import: {}",
-        String::from_utf8_lossy(&imported.stderr)
-    );
 
     let mut acknowledged = Vec::new();
     for n in 0..5 {
         let name = format!("vm-{n:02}");
-        assert_eq!(create_somewhere(&mut coordinators, &name), 0);
+        assert_eq!(create_somewhere(client, &all, &cert, &name), "c0");
         acknowledged.push(name);
     }
-    // The standbys forward the API to the leader: what c0 made, c1 and c2
-    // list, and a create through c2 is made by c0.
+    // The standbys forward the API to the leader over TLS, from their
+    // namespaces to its: what c0 made, c1 and c2 list, and a create
+    // through c2 is made by c0.
     for standby in [1, 2] {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !coordinators[standby].socket().exists() {
+        let listed = loop {
+            let output = hsev_at(
+                client,
+                &at(standby),
+                &cert,
+                ALICE,
+                &["vm", "list", "--output", "json"],
+            );
+            if output.status.success() {
+                break serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap();
+            }
             assert!(
                 Instant::now() < deadline,
-                "c{standby} serves no socket: {}",
+                "c{standby} does not answer: {}\n{}",
+                String::from_utf8_lossy(&output.stderr),
                 coordinators[standby].log()
             );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let listed = coordinators[standby].json(ALICE, ["vm", "list"]);
+            std::thread::sleep(Duration::from_millis(100));
+        };
         assert_eq!(listed.as_array().map(Vec::len), Some(5), "{listed}");
     }
-    let through_standby = coordinators[2].json(
+    let through_standby = json_at(
+        client,
+        &at(2),
+        &cert,
         ALICE,
-        [
-            "vm", "create", "vm-05", "--image", "debian", "--vcpus", "1", "--memory", "256",
-            "--mode", "none",
-        ],
+        &create_args("vm-05", "via-c2"),
     );
     assert_eq!(through_standby["host"], "c0", "{through_standby}");
     acknowledged.push("vm-05".to_owned());
+
     let killed = Instant::now();
     coordinators[0].kill_9();
+    let client = &coordinators[1];
     let mut failover = None;
     for n in 6..15 {
         let name = format!("vm-{n:02}");
-        let served_by = create_somewhere(&mut coordinators, &name);
-        failover.get_or_insert_with(|| (killed.elapsed(), served_by));
+        let placed_on = create_somewhere(client, &all, &cert, &name);
+        assert_ne!(placed_on, "c0", "{name} placed on the killed leader's host");
+        failover.get_or_insert_with(|| (killed.elapsed(), placed_on));
         acknowledged.push(name);
     }
     let (failover, leader) = failover.unwrap();
     println!(
-        "failover: c{leader} served the first create {failover:?} after kill -9 of c0 \
+        "failover: {leader} served the first create {failover:?} after kill -9 of c0 \
          (lease TTL {TTL_S} s)"
     );
     assert!(
         failover < Duration::from_secs(TTL_S + 5),
         "failover took {failover:?}\n{}",
-        coordinators[leader].log()
+        coordinators[1].log()
     );
 
-    let listed = coordinators[leader].json(ADMIN, ["vm", "list"]);
+    let listed = json_at(client, &all, &cert, ADMIN, &["vm", "list"]);
     let mut names: Vec<String> = listed
         .as_array()
         .unwrap()
@@ -170,27 +272,15 @@ fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or
     assert_eq!(names, acknowledged, "every acknowledged VM once");
 
     // A create sent again with the same request id answers the same VM.
-    let again = coordinators[leader].json(
+    let again = json_at(
+        client,
+        &all,
+        &cert,
         ALICE,
-        [
-            "vm",
-            "create",
-            "vm-00",
-            "--image",
-            "debian",
-            "--vcpus",
-            "1",
-            "--memory",
-            "256",
-            "--mode",
-            "none",
-            "--request-id",
-            "stream-vm-00",
-        ],
+        &create_args("vm-00", "stream-vm-00"),
     );
     assert_eq!(again["name"], "vm-00");
-    let count = coordinators[leader]
-        .json(ADMIN, ["vm", "list"])
+    let count = json_at(client, &all, &cert, ADMIN, &["vm", "list"])
         .as_array()
         .unwrap()
         .len();
@@ -200,7 +290,11 @@ fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or
 #[test]
 fn without_an_etcd_quorum_writes_are_refused_and_the_same_hsevd_resumes_when_it_is_back() {
     let mut cluster = EtcdCluster::start(3);
-    let mut daemon = coordinator(0, &cluster.endpoints());
+    let mut daemon = Daemon::configured(
+        Driver::Fake,
+        &coordinator_config(0, &cluster.endpoints()),
+        true,
+    );
     daemon.run();
     let pid = daemon.pid();
     let work = tempfile::tempdir().unwrap();

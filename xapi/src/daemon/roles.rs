@@ -139,12 +139,14 @@ fn watch_leadership(candidacy: Candidacy, address: String, store: Arc<crate::sto
 }
 
 /// Stands for the pool's leadership on `store`; answers the candidacy and
-/// the address it stands as (what standby coordinators forward to).
+/// the address it stands as (what standby coordinators forward to): its
+/// public API's TLS listener, else its Unix socket (coordinators on one
+/// machine). Never the pool listener: that one serves the pool's internal
+/// service, to certificates of the pool's CA only.
 fn stand(config: &Config, store: &Arc<crate::store::Store>) -> (Candidacy, String) {
     let address = config
         .listen
         .map(|address| address.to_string())
-        .or_else(|| config.pool.listen.map(|address| address.to_string()))
         .unwrap_or_else(|| config.socket_path().display().to_string());
     let ttl = Duration::from_secs(config.store.lease_ttl_s);
     let candidacy = Candidacy::start(store, &address, ttl);
