@@ -287,12 +287,25 @@ impl Coordinator {
     /// A host's heartbeat: it is heard from; the first one after it (or
     /// the coordinator) started attaches it (its VMs reconciled). Answers
     /// the revoked certificates.
+    ///
+    /// Refused while this coordinator does not lead (a pool on etcd): an
+    /// answered heartbeat keeps the host from fencing its HA VMs, so only
+    /// the leader, which alone may declare the host failed, may answer
+    /// one. A leader answers only before its own writing deadline, which
+    /// passes before the next leader can be elected; and the next leader
+    /// counts the host as last heard from at its own start, later still
+    /// (the timing argument in `coordinator::ha` holds across leaders).
     pub fn beat(
         &self,
         peer: &Peer,
         capabilities: &HostCapabilities,
         running: &[VmId],
     ) -> Result<Vec<String>, OpError> {
+        if self.store.as_etcd().is_some_and(|etcd| !etcd.leads_now()) {
+            return Err(OpError::unavailable(
+                "this coordinator does not lead the pool now: send heartbeats to the leader",
+            ));
+        }
         let record = self.member(peer)?;
         let first = lock(&self.liveness)
             .insert(record.name.clone(), Instant::now())

@@ -91,6 +91,44 @@ fn coordinator_identity(
     Ok(identity)
 }
 
+/// Refuses a coordinator whose pool CA (`mine`, its fingerprint; `None`:
+/// it has none yet) is not the pool's (`recorded`): the coordinators of
+/// a pool on etcd share one CA, which the first of them made (its
+/// fingerprint is in etcd, its key in each one's state folder, copied
+/// there by the operator), or the hosts would refuse them.
+fn ensure_pool_ca(recorded: &str, mine: Option<&str>, dir: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        mine == Some(recorded),
+        "this coordinator's pool CA ({}: {}) is not the pool's (fingerprint {recorded}): copy \
+         ca.pem and ca.key from the pool folder of the coordinator that made the pool into {}",
+        dir.join("ca.pem").display(),
+        mine.map_or_else(|| "none".to_owned(), |mine| format!("fingerprint {mine}")),
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Warns when a change of leader would outlast the hosts' fence timeout:
+/// a host hears from no coordinator from the old leader's death until the
+/// new one serves (its lease TTL, then an election), and would stop its HA
+/// VMs meanwhile.
+fn warn_if_failover_fences(config: &Config) {
+    let failover_ms = config.store.lease_ttl_s * 1000 + 2000;
+    let fence_ms = config
+        .pool
+        .fence_after_ms
+        .unwrap_or(config.pool.down_after_ms);
+    if config.pool.listen.is_some() && fence_ms < failover_ms {
+        tracing::warn!(
+            fence_after_ms = fence_ms,
+            lease_ttl_s = config.store.lease_ttl_s,
+            "[pool] fence_after_ms (or down_after_ms) is shorter than a change of leader takes \
+             (about lease_ttl_s plus 2 s): the hosts will fence their HA VMs whenever the \
+             leading coordinator dies"
+        );
+    }
+}
+
 /// hsevd's exit status when it stops leading the pool.
 pub const EXIT_NOT_LEADER: i32 = 75;
 
@@ -197,6 +235,22 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
                 })
                 .await??
             };
+            warn_if_failover_fences(&config);
+            if let (Some(pool_address), Some(etcd)) = (config.pool.listen, store.as_etcd()) {
+                // Found out now rather than when it is this one's turn to lead.
+                let recorded = etcd
+                    .recorded_pool_ca_fingerprint()
+                    .map_err(|error| anyhow::anyhow!("{error}"))?;
+                if let Some(recorded) = recorded {
+                    let dir = pool_dir(&config.state_dir);
+                    let mine = std::fs::read_to_string(dir.join("ca.pem"))
+                        .ok()
+                        .and_then(|pem| crate::pool::pki::fingerprint(&pem).ok());
+                    ensure_pool_ca(&recorded, mine.as_deref(), &dir)?;
+                }
+                etcd.announce_coordinator(&super::host_name(&config), &pool_address.to_string())
+                    .map_err(|error| anyhow::anyhow!("{error}"))?;
+            }
             let (candidacy, address) = stand(&config, &store);
             let local: Arc<OnceLock<axum::Router>> = Arc::default();
             let routes = serve::standby_routes(
@@ -247,6 +301,15 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
             .pool_name()
             .context("the pool's name")?;
         let ca = PoolCa::open_or_create(&dir, &pool).map_err(|error| anyhow::anyhow!("{error}"))?;
+        if let Some(etcd) = roles.coordinator.store().as_etcd() {
+            let mine = ca
+                .fingerprint()
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            let recorded = etcd
+                .pool_ca_fingerprint(&mine)
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            ensure_pool_ca(&recorded, Some(&mine), &dir)?;
+        }
         let identity = coordinator_identity(&dir, &ca, &super::host_name(&config), address)?;
         let ca_pem = ca.cert_pem().to_owned();
         let membership = Membership {
@@ -271,9 +334,11 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
                 .await?
                 .map_err(|error| anyhow::anyhow!("{error}"))?;
         }
-        let (coordinator, revoked) = (
+        let coordinators = Arc::new(std::sync::RwLock::new(vec![address.to_string()]));
+        let (coordinator, revoked, known) = (
             Arc::clone(&roles.coordinator),
             Arc::clone(&membership.revoked),
+            Arc::clone(&coordinators),
         );
         {
             let coordinator = Arc::clone(&roles.coordinator);
@@ -289,12 +354,25 @@ pub async fn run_coordinator(config: Config) -> anyhow::Result<()> {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) =
                     list.into_iter().collect();
             }
+            if let Some(Ok(others)) = coordinator
+                .store()
+                .as_etcd()
+                .map(crate::store::EtcdStore::coordinator_addresses)
+            {
+                let own = address.to_string();
+                let mut list = vec![own.clone()];
+                list.extend(others.into_iter().filter(|other| *other != own));
+                *known
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+            }
         });
         let routes = serve::api_routes(api.clone())
             .await?
-            .add_service(CoordinatorServer::new(CoordinatorService::new(Arc::clone(
-                &roles.coordinator,
-            ))))
+            .add_service(CoordinatorServer::new(CoordinatorService::new(
+                Arc::clone(&roles.coordinator),
+                coordinators,
+            )))
             .add_service(HostAgentServer::new(HostService::new(
                 Arc::clone(&roles.host_agent),
                 membership,
@@ -334,6 +412,7 @@ pub async fn run_member(config: Config, member: MemberState) -> anyhow::Result<(
     serve::every(Duration::from_millis(500), move || monitor.monitor_tick());
     tokio::spawn(heartbeats(
         channel.clone(),
+        (config.state_dir.clone(), member.clone()),
         Arc::clone(&agent),
         membership.clone(),
         Duration::from_millis(config.pool.heartbeat_ms),

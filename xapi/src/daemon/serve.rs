@@ -18,6 +18,7 @@ use super::config::Config;
 use super::{grpc, tls};
 use crate::api::STALE_HEADER;
 use crate::coordinator::election::StandingView;
+use crate::pool::leader_channel::LeaderChannel;
 
 /// Health and reflection, which every host answers itself.
 async fn common_routes() -> anyhow::Result<Routes> {
@@ -92,7 +93,7 @@ fn mark_stale(
 /// A member's public API: every call but health and reflection goes to the
 /// coordinator as it came (the caller's token with it), over the pool's
 /// mTLS channel.
-pub async fn forwarding_routes(coordinator: Channel) -> anyhow::Result<Routes> {
+pub async fn forwarding_routes(coordinator: LeaderChannel) -> anyhow::Result<Routes> {
     let router = common_routes()
         .await?
         .into_axum_router()
@@ -102,11 +103,15 @@ pub async fn forwarding_routes(coordinator: Channel) -> anyhow::Result<Routes> {
 
 /// Sends `request` on `channel` as it came; a channel that cannot carry it
 /// answers `Unavailable`.
-async fn forward(
-    mut channel: Channel,
-    request: axum::extract::Request,
-) -> axum::response::Response {
-    use tower::{Service, ServiceExt};
+async fn forward<S>(mut channel: S, request: axum::extract::Request) -> axum::response::Response
+where
+    S: tower::Service<
+        tonic::codegen::http::Request<tonic::body::Body>,
+        Response = tonic::codegen::http::Response<tonic::body::Body>,
+        Error = tonic::transport::Error,
+    >,
+{
+    use tower::ServiceExt;
     let request = request.map(tonic::body::Body::new);
     // `ready` first: the channel's buffer takes a request only once it has
     // a slot for it.

@@ -4,7 +4,7 @@
 //! credential); every other call needs a member's unrevoked certificate.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use hsev_proto::internal::coordinator_server::Coordinator as CoordinatorRpc;
 use hsev_proto::internal::{
@@ -24,12 +24,18 @@ use crate::model::VmId;
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
     coordinator: Arc<Coordinator>,
+    coordinators: Arc<RwLock<Vec<String>>>,
 }
 
 impl CoordinatorService {
-    /// The service over `coordinator`.
-    pub fn new(coordinator: Arc<Coordinator>) -> Self {
-        CoordinatorService { coordinator }
+    /// The service over `coordinator`; heartbeats are answered with
+    /// `coordinators`, every coordinator's pool address (kept up to date
+    /// by the caller), this one's first.
+    pub fn new(coordinator: Arc<Coordinator>, coordinators: Arc<RwLock<Vec<String>>>) -> Self {
+        CoordinatorService {
+            coordinator,
+            coordinators,
+        }
     }
 
     async fn blocking<T: Send + 'static>(
@@ -87,7 +93,15 @@ impl CoordinatorRpc for CoordinatorService {
         let revoked = self
             .blocking(move |coordinator| coordinator.beat(&peer, &capabilities, &running))
             .await?;
-        Ok(Response::new(HeartbeatReply { revoked }))
+        let coordinators = self
+            .coordinators
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Ok(Response::new(HeartbeatReply {
+            revoked,
+            coordinators,
+        }))
     }
 
     async fn report(&self, request: Request<HostReport>) -> Result<Response<Empty>, Status> {

@@ -15,9 +15,10 @@ use hsev_proto::internal::coordinator_client::CoordinatorClient;
 use hsev_proto::internal::{Heartbeat, HostReport, ImageRef, JoinRequest};
 use serde::{Deserialize, Serialize};
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use super::host_service::Membership;
+use super::leader_channel::LeaderChannel;
 use super::pki::{host_request, Identity, COORDINATOR_NAME};
 use super::tls::{client_config, fetch_pool_ca, joining_config};
 use super::wire::{op_error, PoolReport};
@@ -39,6 +40,10 @@ pub struct MemberState {
     pub coordinator: String,
     /// Where this host's agent listens.
     pub listen: String,
+    /// Every coordinator's pool address, as the leader last told it (a
+    /// pool on etcd has several): where to look for the next leader.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinators: Vec<String>,
 }
 
 /// The folder of a state directory that holds the pool's identity files.
@@ -61,6 +66,27 @@ impl MemberState {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(error) => Err(OpError::internal(format!("{}: {error}", path.display()))),
         }
+    }
+
+    /// Keeps it in `<state_dir>/pool/member.json`.
+    pub fn save(&self, state_dir: &Path) -> Result<(), OpError> {
+        let json = serde_json::to_vec_pretty(self)
+            .map_err(|error| OpError::internal(error.to_string()))?;
+        std::fs::write(Self::path(state_dir), json)
+            .map_err(|error| OpError::internal(format!("saving the membership: {error}")))
+    }
+
+    /// Where to look for the leading coordinator: the one joined first,
+    /// then the others the leader told of.
+    pub fn coordinator_addresses(&self) -> Vec<String> {
+        let mut addresses = vec![self.coordinator.clone()];
+        addresses.extend(
+            self.coordinators
+                .iter()
+                .filter(|address| **address != self.coordinator)
+                .cloned(),
+        );
+        addresses
     }
 
     /// Its identity and the pool's CA.
@@ -143,35 +169,21 @@ pub async fn join(
         name: name.to_owned(),
         coordinator: token.address,
         listen: listen.to_owned(),
+        coordinators: Vec::new(),
     };
-    let json =
-        serde_json::to_vec_pretty(&state).map_err(|error| OpError::internal(error.to_string()))?;
-    std::fs::write(MemberState::path(state_dir), json)
-        .map_err(|error| OpError::internal(format!("saving the membership: {error}")))?;
+    state.save(state_dir)?;
     Ok(state)
 }
 
-/// This member's channel to the coordinator (its pool listener).
+/// This member's channel to the leading coordinator (its pool
+/// listener), made inside the tokio runtime.
 pub fn coordinator_channel(
     state: &MemberState,
     membership: &Membership,
-) -> Result<Channel, OpError> {
-    Ok(
-        Endpoint::from_shared(format!("https://{}", state.coordinator))
-            .and_then(|endpoint| {
-                endpoint.tls_config(client_config(
-                    &membership.identity,
-                    &membership.ca_pem,
-                    COORDINATOR_NAME,
-                ))
-            })
-            .map_err(|error| {
-                OpError::invalid(format!("coordinator {}: {error}", state.coordinator))
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy(),
+) -> Result<LeaderChannel, OpError> {
+    LeaderChannel::new(
+        state.coordinator_addresses(),
+        client_config(&membership.identity, &membership.ca_pem, COORDINATOR_NAME),
     )
 }
 
@@ -179,13 +191,19 @@ pub fn coordinator_channel(
 /// its capabilities and the VMs it runs; keeps the pool's revocations the
 /// coordinator answers. An outage is logged once, its end once.
 ///
+/// A heartbeat that goes unanswered moves the channel on to the next
+/// coordinator the leader told of (only the leader answers), and the
+/// addresses each answer lists are kept, in `state`'s file under
+/// `state_dir` too, for the next start.
+///
 /// The heartbeat is this host's liveness lease: a watchdog thread of its
 /// own (it needs neither the runtime nor the coordinator) hard-stops the
 /// VMs it launched as HA once no heartbeat has been answered for
 /// `fence_after`, measured from when the last answered one was sent. Why
 /// that is soon enough is argued in `coordinator::ha`.
 pub async fn heartbeats(
-    channel: Channel,
+    channel: LeaderChannel,
+    (state_dir, mut state): (PathBuf, MemberState),
     agent: Arc<HostAgent>,
     membership: Membership,
     interval: Duration,
@@ -193,7 +211,7 @@ pub async fn heartbeats(
 ) {
     let answered = Arc::new(Mutex::new(Instant::now()));
     watchdog(Arc::clone(&agent), Arc::clone(&answered), fence_after);
-    let mut client = CoordinatorClient::new(channel);
+    let mut client = CoordinatorClient::new(channel.clone());
     let mut ticker = tokio::time::interval(interval);
     let mut out_since: Option<Instant> = None;
     loop {
@@ -221,16 +239,27 @@ pub async fn heartbeats(
                         "the coordinator answers again"
                     );
                 }
+                let reply = reply.into_inner();
                 *membership
                     .revoked
                     .write()
-                    .unwrap_or_else(PoisonError::into_inner) =
-                    reply.into_inner().revoked.into_iter().collect();
+                    .unwrap_or_else(PoisonError::into_inner) = reply.revoked.into_iter().collect();
+                if channel.learn(&reply.coordinators) {
+                    state.coordinators = channel.addresses();
+                    if let Err(error) = state.save(&state_dir) {
+                        tracing::warn!(%error, "the coordinators' addresses are not kept");
+                    }
+                }
             }
             Err(status) => {
                 if out_since.is_none() {
                     out_since = Some(Instant::now());
-                    tracing::warn!(error = %status.message(), "the coordinator does not answer; its VMs run on");
+                    tracing::warn!(error = %status.message(), coordinator = %channel.address(), "the coordinator does not answer; its VMs run on");
+                }
+                let before = channel.address();
+                let next = channel.move_on();
+                if next != before {
+                    tracing::info!(coordinator = %next, "looking for the leading coordinator");
                 }
             }
         }
@@ -273,13 +302,13 @@ fn watchdog(agent: Arc<HostAgent>, answered: Arc<Mutex<Instant>>, fence_after: D
 /// a few times: a lost report is made good by the next reconciliation).
 #[derive(Debug, Clone)]
 pub struct RemoteSink {
-    channel: Channel,
+    channel: LeaderChannel,
     runtime: tokio::runtime::Handle,
 }
 
 impl RemoteSink {
     /// Reports over `channel`.
-    pub fn new(channel: Channel, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(channel: LeaderChannel, runtime: tokio::runtime::Handle) -> Self {
         RemoteSink { channel, runtime }
     }
 
@@ -331,13 +360,13 @@ impl PoolSink for RemoteSink {
 /// sha256 before the image folder takes its id.
 #[derive(Debug, Clone)]
 pub struct CoordinatorImages {
-    channel: Channel,
+    channel: LeaderChannel,
     runtime: tokio::runtime::Handle,
 }
 
 impl CoordinatorImages {
     /// Images over `channel`.
-    pub fn new(channel: Channel, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(channel: LeaderChannel, runtime: tokio::runtime::Handle) -> Self {
         CoordinatorImages { channel, runtime }
     }
 }
@@ -384,7 +413,7 @@ impl super::ImageSource for CoordinatorImages {
 
 /// Receives one artifact into `target`; answers its sha256, hex.
 async fn receive(
-    mut client: CoordinatorClient<Channel>,
+    mut client: CoordinatorClient<LeaderChannel>,
     image: &str,
     role: &str,
     target: &Path,

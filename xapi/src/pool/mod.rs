@@ -11,6 +11,7 @@
 pub mod coordinator_service;
 pub mod disk_copy;
 pub mod host_service;
+pub mod leader_channel;
 pub mod member;
 pub mod pki;
 pub mod remote_host;

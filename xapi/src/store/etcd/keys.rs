@@ -15,6 +15,8 @@
 //! PREFIX request/ID                 -> the VM a create with this request id made
 //! PREFIX event/UUID                 an event (its seq: the key's create revision)
 //! PREFIX vm-event/VM/UUID           the same event, under its VM
+//! PREFIX pool-ca                    the pool CA's fingerprint (its certificate's)
+//! PREFIX coordinator/NAME           where coordinator NAME's pool listener is
 //! ```
 //!
 //! A NUL separates an owner from a name: neither may contain one (the API
@@ -127,5 +129,17 @@ impl Keys {
 
     pub(super) fn vm_event(&self, vm: &str, id: &str) -> String {
         self.key(&["vm-event/", vm, "/", id])
+    }
+
+    pub(super) fn pool_ca(&self) -> String {
+        self.key(&["pool-ca"])
+    }
+
+    pub(super) fn coordinators(&self) -> String {
+        self.key(&["coordinator/"])
+    }
+
+    pub(super) fn coordinator(&self, name: &str) -> String {
+        self.key(&["coordinator/", name])
     }
 }

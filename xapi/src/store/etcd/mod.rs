@@ -20,6 +20,7 @@
 //! (they never conflict) and take the revision etcd gives them as their
 //! sequence number.
 
+mod coordinators;
 mod keys;
 mod records;
 #[cfg(test)]
