@@ -19,7 +19,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{stand_in_image, Driver, ADMIN, ALICE};
+use hsev_e2e::daemon::{Driver, ADMIN, ALICE};
 use hsev_e2e::etcd::EtcdCluster;
 use hsev_e2e::pool::{HostSpec, Pool};
 use hsev_xapi::coordinator::election::Candidacy;
@@ -45,8 +45,6 @@ fn ha_restart() -> Duration {
         ],
         "",
     );
-    let work = tempfile::tempdir().unwrap();
-    let image = stand_in_image(work.path());
     let via = pool.coordinator();
     let run = |token: &str, args: &[&str]| {
         let output = via.hsev(token, args);
@@ -56,16 +54,7 @@ fn ha_restart() -> Duration {
             String::from_utf8_lossy(&output.stderr)
         );
     };
-    run(
-        ADMIN,
-        &[
-            "image",
-            "import",
-            "debian",
-            "--from",
-            image.to_str().unwrap(),
-        ],
-    );
+    via.import_stand_in_image();
     // Created on h2, the others disabled meanwhile.
     run(ADMIN, &["host", "disable", "h1"]);
     run(ADMIN, &["host", "disable", "h3"]);

@@ -483,6 +483,19 @@ impl Daemon {
 
     /// Imports the test image as `debian`.
     pub fn import_image(&self) {
+        self.import_debian(&image_dir());
+    }
+
+    /// Imports a [`stand_in_image`] (for the fake driver, which boots
+    /// nothing) as `debian`: no `make image` needed. The stand-in is made
+    /// in its own folder, kept as long as it is.
+    pub fn import_stand_in_image(&self) {
+        self.import_debian(&stand_in_image(&self.dir.path().join("stand-in")));
+    }
+
+    /// Imports the image folder `from` as `debian`, as the admin; panics
+    /// unless it succeeds.
+    fn import_debian(&self, from: &Path) {
         let output = self.hsev(
             ADMIN,
             [
@@ -490,7 +503,7 @@ impl Daemon {
                 "import",
                 "debian",
                 "--from",
-                image_dir().to_str().expect("utf-8"),
+                from.to_str().expect("utf-8"),
             ],
         );
         assert!(

@@ -303,19 +303,7 @@ fn without_an_etcd_quorum_writes_are_refused_and_the_same_hsevd_resumes_when_it_
     );
     daemon.run();
     let pid = daemon.pid();
-    let work = tempfile::tempdir().unwrap();
-    let image = stand_in_image(work.path());
-    let imported = daemon.hsev(
-        ADMIN,
-        [
-            "image",
-            "import",
-            "debian",
-            "--from",
-            image.to_str().unwrap(),
-        ],
-    );
-    assert!(imported.status.success());
+    daemon.import_stand_in_image();
     let create = |daemon: &Daemon, name: &str| {
         daemon.hsev(
             ALICE,

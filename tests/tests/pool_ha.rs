@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use hsev_e2e::daemon::{stand_in_image, Driver, ADMIN, ALICE};
+use hsev_e2e::daemon::{Driver, ADMIN, ALICE};
 use hsev_e2e::pool::{HostSpec, Pool};
 
 /// The test pool's timing (tests/src/pool.rs): heartbeats every 300 ms,
@@ -101,23 +101,7 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
         ],
         "",
     );
-    let work = tempfile::tempdir().expect("a work folder");
-    let image = stand_in_image(work.path());
-    let imported = pool.coordinator().hsev(
-        ADMIN,
-        [
-            "image",
-            "import",
-            "debian",
-            "--from",
-            image.to_str().expect("utf-8"),
-        ],
-    );
-    assert!(
-        imported.status.success(),
-        "image import: {}",
-        String::from_utf8_lossy(&imported.stderr)
-    );
+    pool.coordinator().import_stand_in_image();
     let hsev_admin = |args: &[&str]| {
         let output = pool.coordinator().hsev(ADMIN, args);
         assert!(
@@ -355,19 +339,7 @@ fn a_pool_that_must_survive_a_host_failure_refuses_the_ha_vm_that_would_break_it
         ],
         "[placement]\nha_host_failures_to_tolerate = 1",
     );
-    let work = tempfile::tempdir().expect("a work folder");
-    let image = stand_in_image(work.path());
-    let imported = pool.coordinator().hsev(
-        ADMIN,
-        [
-            "image",
-            "import",
-            "debian",
-            "--from",
-            image.to_str().expect("utf-8"),
-        ],
-    );
-    assert!(imported.status.success());
+    pool.coordinator().import_stand_in_image();
     let snp = ["--mode", "sev-snp"];
     let ha = [&snp[..], &["--ha", "restart"]].concat();
 

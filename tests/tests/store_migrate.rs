@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // tests
 
-use hsev_e2e::daemon::{stand_in_image, Daemon, Driver, ADMIN, ALICE};
+use hsev_e2e::daemon::{Daemon, Driver, ADMIN, ALICE};
 use hsev_e2e::etcd::EtcdCluster;
 
 fn names(listed: &serde_json::Value) -> Vec<String> {
@@ -24,19 +24,7 @@ fn a_sqlite_pool_moves_to_etcd_and_hsevd_goes_on_there() {
     let cluster = EtcdCluster::start(3);
     let mut daemon = Daemon::configured(Driver::Fake, "host_name = \"h1\"\n", true);
     daemon.run();
-    let work = tempfile::tempdir().unwrap();
-    let image = stand_in_image(work.path());
-    let imported = daemon.hsev(
-        ADMIN,
-        [
-            "image",
-            "import",
-            "debian",
-            "--from",
-            image.to_str().unwrap(),
-        ],
-    );
-    assert!(imported.status.success());
+    daemon.import_stand_in_image();
     for name in ["web", "db", "cache"] {
         let created = daemon.hsev(
             ALICE,
