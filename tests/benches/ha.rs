@@ -46,21 +46,13 @@ fn ha_restart() -> Duration {
         "",
     );
     let via = pool.coordinator();
-    let run = |token: &str, args: &[&str]| {
-        let output = via.hsev(token, args);
-        assert!(
-            output.status.success(),
-            "hsev {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
     via.import_stand_in_image();
     // Created on h2, the others disabled meanwhile.
-    run(ADMIN, &["host", "disable", "h1"]);
-    run(ADMIN, &["host", "disable", "h3"]);
-    run(
+    via.hsev_ok(ADMIN, ["host", "disable", "h1"]);
+    via.hsev_ok(ADMIN, ["host", "disable", "h3"]);
+    via.hsev_ok(
         ALICE,
-        &[
+        [
             "vm",
             "create",
             "protected",
@@ -77,8 +69,8 @@ fn ha_restart() -> Duration {
             "--start",
         ],
     );
-    run(ADMIN, &["host", "enable", "h1"]);
-    run(ADMIN, &["host", "enable", "h3"]);
+    via.hsev_ok(ADMIN, ["host", "enable", "h1"]);
+    via.hsev_ok(ADMIN, ["host", "enable", "h3"]);
     let placed = via.json(ALICE, ["vm", "show", "protected"]);
     assert_eq!(placed["host"], "h2", "{placed}");
     let cut = Instant::now();

@@ -438,6 +438,50 @@ impl Daemon {
         command
     }
 
+    /// Runs `hsev` with `args` as `token`; panics with what it printed on
+    /// stderr unless it succeeds.
+    pub fn hsev_ok<I, S>(&self, token: &str, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let args: Vec<std::ffi::OsString> = args
+            .into_iter()
+            .map(|arg| arg.as_ref().to_owned())
+            .collect();
+        let output = self.hsev(token, &args);
+        assert!(
+            output.status.success(),
+            "hsev {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// Polls `hsev vm show` of `vm`, as `token`, every 50 ms until `done`
+    /// holds of what it shows, and answers that; panics, with the last
+    /// answer and its log, unless it happens `within`.
+    pub fn wait_vm(
+        &self,
+        token: &str,
+        vm: &str,
+        within: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let shown = self.json(token, ["vm", "show", vm]);
+            if done(&shown) {
+                return shown;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm} did not settle in {within:?}: {shown:#}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Runs `hsev ... --output json` and parses what it prints.
     pub fn json<I, S>(&self, token: &str, args: I) -> serde_json::Value
     where

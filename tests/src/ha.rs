@@ -34,15 +34,6 @@ pub struct EncryptedHaRestart {
     _shared: TempDir,
 }
 
-fn hsev_ok(pool: &Pool, token: &str, args: &[&str]) {
-    let output = pool.coordinator().hsev(token, args);
-    assert!(
-        output.status.success(),
-        "hsev {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
 /// Boots alice's HA VM `vault` on h2 with a single-instance encrypted disk
 /// (its first boot formats it and logs a line on it), cuts h2's link, and
 /// waits until the VM runs on h1 and its guest there opened the disk and
@@ -66,12 +57,12 @@ pub fn cut_and_restart() -> EncryptedHaRestart {
     let port = kbs.address().rsplit(':').next().expect("a port").to_owned();
     let guest_url = format!("https://{gateway}:{port}");
 
-    hsev_ok(&pool, ADMIN, &["host", "disable", "h1"]);
+    pool.coordinator().hsev_ok(ADMIN, ["host", "disable", "h1"]);
     let mut args = kbs.encrypted_vm_args("vault", &guest_url);
     args.extend(["--ha", "restart"].map(str::to_owned));
     let vm = pool.coordinator().json(ALICE, &args);
     assert_eq!(vm["host"], "h2", "{vm}");
-    hsev_ok(&pool, ADMIN, &["host", "enable", "h1"]);
+    pool.coordinator().hsev_ok(ADMIN, ["host", "enable", "h1"]);
     let lease = KEY_LEASE_SECONDS.to_string();
     kbs.pin_alice_policy_with(
         pool.coordinator(),
@@ -79,7 +70,7 @@ pub fn cut_and_restart() -> EncryptedHaRestart {
         &guest_url,
         &["--single-instance", &lease],
     );
-    hsev_ok(&pool, ALICE, &["vm", "start", "vault"]);
+    pool.coordinator().hsev_ok(ALICE, ["vm", "start", "vault"]);
     let keeping = format!("keeping its {KEY_LEASE_SECONDS} s lease");
     let console = pool.coordinator().wait_console(ALICE, "vault", &keeping, 1);
     assert!(

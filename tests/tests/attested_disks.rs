@@ -54,32 +54,11 @@ fn pool_on(driver: Driver, mode: KbsMode, extra: &str) -> (Kbs, Daemon) {
 }
 
 /// Alice's sev-snp VM `name` with a 32 MiB encrypted disk whose key lives
-/// at her broker `kbs` (repository `alice`).
+/// at her broker `kbs` (repository `alice`): [`Kbs::encrypted_vm_args`]
+/// with the broker's URL as guests reach it, then `extra`.
 fn create_encrypted(daemon: &Daemon, kbs: &Kbs, name: &str, extra: &[&str]) -> serde_json::Value {
-    let guest_url = kbs.guest_url();
-    let pin = kbs.pin();
-    let mut args = vec![
-        "vm",
-        "create",
-        name,
-        "--image",
-        "debian",
-        "--vcpus",
-        "1",
-        "--memory",
-        "512",
-        "--mode",
-        "sev-snp",
-        "--encrypted-disk",
-        "32",
-        "--key-broker",
-        &guest_url,
-        "--key-broker-pin",
-        &pin,
-        "--key-broker-repository",
-        "alice",
-    ];
-    args.extend_from_slice(extra);
+    let mut args = kbs.encrypted_vm_args(name, &kbs.guest_url());
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
     daemon.json(ALICE, args)
 }
 
@@ -666,7 +645,9 @@ fn a_single_instance_guest_cut_off_from_its_broker_powers_off_before_its_lease_l
     while time::OffsetDateTime::now_utc() < lapses_at {
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_for_state(&daemon, "solo", "stopped");
+    daemon.wait_vm(ALICE, "solo", Duration::from_secs(30), |vm| {
+        vm["state"] == "stopped"
+    });
     daemon.json(ALICE, ["vm", "start", "solo"]);
     let again = wait_for(
         &daemon,
@@ -688,17 +669,4 @@ fn a_single_instance_guest_cut_off_from_its_broker_powers_off_before_its_lease_l
 /// Whether the guest's console shows that it fenced itself.
 fn console_of_fence(daemon: &Daemon) -> bool {
     console(daemon, "solo").contains("HSEV-FENCED")
-}
-
-/// Waits until hsevd shows `vm` in `state`.
-fn wait_for_state(daemon: &Daemon, vm: &str, state: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let shown = daemon.json(ALICE, ["vm", "show", vm]);
-        if shown["state"] == state {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{vm}: not {state}: {shown}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

@@ -36,28 +36,6 @@ fn show(pool: &Pool, vm: &str) -> serde_json::Value {
     pool.coordinator().json(ALICE, ["vm", "show", vm])
 }
 
-/// Polls `vm` until `done` holds (every 50 ms, up to `within`).
-fn wait_vm(
-    pool: &Pool,
-    vm: &str,
-    within: Duration,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let shown = show(pool, vm);
-        if done(&shown) {
-            return shown;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{vm} did not settle in {within:?}: {shown:#}\n{}",
-            pool.coordinator().log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn plan(pool: &Pool, failures: &str) -> (bool, serde_json::Value) {
     let output = pool.coordinator().hsev(
         ADMIN,
@@ -102,16 +80,8 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
         "",
     );
     pool.coordinator().import_stand_in_image();
-    let hsev_admin = |args: &[&str]| {
-        let output = pool.coordinator().hsev(ADMIN, args);
-        assert!(
-            output.status.success(),
-            "hsev {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
     // Everything starts on h2.
-    hsev_admin(&["host", "disable", "h3"]);
+    pool.coordinator().hsev_ok(ADMIN, ["host", "disable", "h3"]);
     let high = create(
         &pool,
         "high",
@@ -126,7 +96,7 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
     assert_eq!(high["spec"]["ha_priority"], 9, "{high}");
     let plain = create(&pool, "plain", &["--mode", "none", "--host", "h2"]);
     assert_eq!(plain["state"], "running", "{plain}");
-    hsev_admin(&["host", "enable", "h3"]);
+    pool.coordinator().hsev_ok(ADMIN, ["host", "enable", "h3"]);
 
     // With local storage, an HA VM may not have disks: they would stay on
     // a failed host. Refused, nothing made.
@@ -153,7 +123,7 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
 
     // A second one, created HA-less and made HA while stopped (`vm set`,
     // refused while it runs).
-    hsev_admin(&["host", "disable", "h3"]);
+    pool.coordinator().hsev_ok(ADMIN, ["host", "disable", "h3"]);
     let low = create(&pool, "low", &["--mode", "sev-snp"]);
     assert_eq!(low["host"], "h2", "{low}");
     let running = pool.coordinator().hsev(
@@ -171,14 +141,9 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
         &["vm", "set", "low", "--ha", "restart", "--ha-priority", "1"],
         &["vm", "start", "low"],
     ] {
-        let output = pool.coordinator().hsev(ALICE, args);
-        assert!(
-            output.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        pool.coordinator().hsev_ok(ALICE, args);
     }
-    hsev_admin(&["host", "enable", "h3"]);
+    pool.coordinator().hsev_ok(ADMIN, ["host", "enable", "h3"]);
     let (restartable, json) = plan(&pool, "1");
     assert!(!restartable, "{json}");
     let shortfalls = json["shortfalls"].to_string();
@@ -235,17 +200,21 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
     assert_ne!(high["id"], serde_json::Value::Null);
 
     // No room for the low one; the plain one is not HA.
-    let low = wait_vm(&pool, "low", Duration::from_secs(5), |vm| {
-        vm["state"] == "lost"
-    });
+    let low = pool
+        .coordinator()
+        .wait_vm(ALICE, "low", Duration::from_secs(5), |vm| {
+            vm["state"] == "lost"
+        });
     let reason = low["state_reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("h2 failed") && reason.contains("no host can take"),
         "{low}"
     );
-    let plain = wait_vm(&pool, "plain", Duration::from_secs(5), |vm| {
-        vm["state"] == "lost"
-    });
+    let plain = pool
+        .coordinator()
+        .wait_vm(ALICE, "plain", Duration::from_secs(5), |vm| {
+            vm["state"] == "lost"
+        });
     assert!(
         plain["state_reason"]
             .as_str()
@@ -266,13 +235,17 @@ fn a_cut_host_fences_its_ha_vms_which_restart_elsewhere_by_priority_and_it_is_re
             .iter()
             .any(|host| host["name"] == "h2" && host["status"] == "up")
     });
-    let plain = wait_vm(&pool, "plain", Duration::from_secs(10), |vm| {
-        vm["state"] == "running"
-    });
+    let plain = pool
+        .coordinator()
+        .wait_vm(ALICE, "plain", Duration::from_secs(10), |vm| {
+            vm["state"] == "running"
+        });
     assert_eq!(plain["host"], "h2", "{plain}");
-    let low = wait_vm(&pool, "low", Duration::from_secs(10), |vm| {
-        vm["state"] == "failed"
-    });
+    let low = pool
+        .coordinator()
+        .wait_vm(ALICE, "low", Duration::from_secs(10), |vm| {
+            vm["state"] == "failed"
+        });
     assert!(
         low["state_reason"]
             .as_str()
