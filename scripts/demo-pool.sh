@@ -11,6 +11,7 @@
 # on h2; the exit status is 0 only then. Run as root (it makes namespaces).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib/hsevd-config.sh"
 hsev="$root/target/debug/hsev"
 hsevd="$root/target/debug/hsevd"
 image="$root/images/out"
@@ -45,7 +46,6 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT
-sha256() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
 step() { echo; echo "## $*"; }
 export HSEV_ENDPOINT="unix://$work/h1/state/hsevd.sock" XDG_CONFIG_HOME="$work"
 unset HSEV_CONFIG
@@ -81,16 +81,7 @@ listen = "$subnet.1$index:7444"
 heartbeat_ms = 500
 down_after_ms = 3000
 $tables
-[firmware]
-simulated_dir = "$dir/sim"
-[[tokens]]
-name = "ops"
-role = "admin"
-sha256 = "$(sha256 "$ops_token")"
-[[tokens]]
-name = "alice"
-role = "tenant"
-sha256 = "$(sha256 "$alice_token")"
+$(hsevd_sim_and_tokens "$dir/sim" "$ops_token" "$alice_token")
 TOML
 }
 

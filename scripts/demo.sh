@@ -38,6 +38,7 @@
 #    "tenant_verified": bool, "host_saw_key": bool, "pool_evacuated": bool}
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/lib/hsevd-config.sh"
 hsev="$root/target/debug/hsev"
 testdata=${HSEV_TESTDATA:-$root/attestation/testdata/snp}
 reports="$testdata/reports"
@@ -102,7 +103,6 @@ print(json.dumps({"unlocked": b(sys.argv[1]), "data_survived_reboot": b(sys.argv
   exit "$status"
 }
 trap cleanup EXIT
-sha256() { printf %s "$1" | sha256sum | cut -d' ' -f1; }
 step() { echo; echo "## $*"; }
 unset HSEV_CONFIG HSEV_KEY_BROKER HSEV_KEY_BROKER_PIN HSEV_KEY_BROKER_REPOSITORY
 export HSEV_ENDPOINT="unix://$work/operator/state/hsevd.sock" XDG_CONFIG_HOME="$work"
@@ -130,16 +130,7 @@ step "1. operator: hsevd and its simulated Secure Processor; tenant: its own key
 "$hsev" firmware sim init --dir "$work/operator/sim" >/dev/null
 cat >"$work/operator/hsevd.toml" <<TOML
 state_dir = "$work/operator/state"
-[firmware]
-simulated_dir = "$work/operator/sim"
-[[tokens]]
-name = "ops"
-role = "admin"
-sha256 = "$(sha256 "$ops_token")"
-[[tokens]]
-name = "alice"
-role = "tenant"
-sha256 = "$(sha256 "$alice_token")"
+$(hsevd_sim_and_tokens "$work/operator/sim" "$ops_token" "$alice_token")
 TOML
 "$hsevd" --config "$work/operator/hsevd.toml" >"$work/operator/hsevd.log" 2>&1 &
 daemon_pid=$!
