@@ -479,18 +479,7 @@ fn a_member_host_follows_the_new_leader_and_a_coordinator_without_the_pools_ca_i
         "{refused}"
     );
 
-    let work = tempfile::tempdir().unwrap();
-    let image = stand_in_image(work.path());
-    c0.json(
-        ADMIN,
-        [
-            "image",
-            "import",
-            "debian",
-            "--from",
-            image.to_str().unwrap(),
-        ],
-    );
+    c0.import_stand_in_image();
     let mut h1 = Daemon::on_host(
         Driver::Fake,
         &hosts[3],
