@@ -534,28 +534,12 @@ impl Broker {
             Err(error) => return self.refuse(refusal, error).await,
         };
         let refusal = refusal.field("via", via.clone());
-        let path: ResourcePath = match path.parse() {
-            Ok(path) => path,
-            Err(error) => {
-                return self
-                    .refuse(refusal, BrokerError::NotFound(error.to_string()))
-                    .await
-            }
+        let (path, resource) = match self.lookup(path) {
+            Ok(found) => found,
+            Err(error) => return self.refuse(refusal, error).await,
         };
-        let Some(resource) = self.store.resource(&path) else {
-            let error = BrokerError::NotFound(format!("no resource {path}"));
-            return self.refuse(refusal, error).await;
-        };
-        let measurements = self
-            .store
-            .measurements_of(&path.repository, &resource.reference_values);
         let report = attested.evidence.signed().report();
-        if let Err(failures) = self.verifier.appraise_release(
-            &attested.evidence,
-            &resource.policy,
-            &measurements,
-            OffsetDateTime::now_utc(),
-        ) {
+        if let Err(failures) = self.appraise(&attested, &path, &resource) {
             let refusal = refusal
                 .field("measurement", hex_value(&report.measurement))
                 .field("failed_checks", failed_names(&failures));
@@ -605,6 +589,40 @@ impl Broker {
         Ok((jwe, lease_seconds))
     }
 
+    /// The resource at `path`, as a request names it.
+    fn lookup(
+        &self,
+        path: &str,
+    ) -> Result<(ResourcePath, Arc<super::store::StoredResource>), BrokerError> {
+        let path = path
+            .parse::<ResourcePath>()
+            .map_err(|error| BrokerError::NotFound(error.to_string()))?;
+        match self.store.resource(&path) {
+            Some(resource) => Ok((path, resource)),
+            None => Err(BrokerError::NotFound(format!("no resource {path}"))),
+        }
+    }
+
+    /// Whether the attested guest passes the release policy of `resource`
+    /// (at `path`) now, against its repository's reference values: the
+    /// checks it fails, if not.
+    fn appraise(
+        &self,
+        attested: &Attested,
+        path: &ResourcePath,
+        resource: &super::store::StoredResource,
+    ) -> Result<(), Vec<Check>> {
+        let measurements = self
+            .store
+            .measurements_of(&path.repository, &resource.reference_values);
+        self.verifier.appraise_release(
+            &attested.evidence,
+            &resource.policy,
+            &measurements,
+            OffsetDateTime::now_utc(),
+        )
+    }
+
     /// Claims the single-instance `path` for the launch `report` is from:
     /// on a release (`acquire`) or a renewal.
     fn hold(
@@ -652,32 +670,19 @@ impl Broker {
         let refusal = refusal
             .field("via", via.clone())
             .field("report_id", hex_value(&report.report_id));
-        let found = path
-            .parse::<ResourcePath>()
-            .map_err(|error| BrokerError::NotFound(error.to_string()))
-            .and_then(|path| match self.store.resource(&path) {
-                Some(resource) => Ok((path, resource)),
-                None => Err(BrokerError::NotFound(format!("no resource {path}"))),
-            })
-            .and_then(|(path, resource)| match resource.policy.single_instance {
-                Some(single) => Ok((path, resource, single)),
-                None => Err(BrokerError::NotFound(format!(
-                    "{path} has no lease to renew: its release policy has no [single_instance]"
-                ))),
-            });
+        let found =
+            self.lookup(path)
+                .and_then(|(path, resource)| match resource.policy.single_instance {
+                    Some(single) => Ok((path, resource, single)),
+                    None => Err(BrokerError::NotFound(format!(
+                        "{path} has no lease to renew: its release policy has no [single_instance]"
+                    ))),
+                });
         let (path, resource, single) = match found {
             Ok(found) => found,
             Err(error) => return self.refuse(refusal, error).await,
         };
-        let measurements = self
-            .store
-            .measurements_of(&path.repository, &resource.reference_values);
-        if let Err(failures) = self.verifier.appraise_release(
-            &attested.evidence,
-            &resource.policy,
-            &measurements,
-            OffsetDateTime::now_utc(),
-        ) {
+        if let Err(failures) = self.appraise(&attested, &path, &resource) {
             let error = BrokerError::PolicyDeny(format!(
                 "the release policy of {path} refuses this guest now: {}",
                 describe_failures(&failures)
