@@ -22,6 +22,10 @@ pub enum AgentPhase {
     Attesting,
     /// The key broker cannot be reached; the agent retries with backoff.
     Unreachable,
+    /// The key broker keeps the key for another live instance of this VM
+    /// (a single-instance key); the agent retries with backoff, until that
+    /// instance's lease lapses.
+    Held,
     /// No key: the key broker refused it, or the agent refused a server
     /// that is not the pinned broker; `detail` says which and why.
     Refused,

@@ -1320,12 +1320,12 @@ fn single_instance(seconds: u32) -> ReleasePolicy {
     .expect("policy")
 }
 
-/// A 503 (retry later: the client's `Unreachable`) saying that another
-/// live launch holds the resource, naming `words`.
+/// A 503 `PolicyDeny` (the client's `Held`: retry once the lease may have
+/// lapsed) saying that another live launch holds the resource, naming
+/// `words`.
 fn assert_held<T: std::fmt::Debug>(result: Result<T, ClientError>, words: &[&str]) {
     match result {
-        Err(ClientError::Unreachable(said)) => {
-            assert!(said.starts_with("HTTP 503"), "{said}");
+        Err(ClientError::Held(said)) => {
             for word in ["held by the live instance", "once that lease lapses"]
                 .iter()
                 .chain(words)

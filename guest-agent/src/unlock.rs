@@ -65,6 +65,10 @@ pub enum FetchError {
     /// No answer (connection refused, timed out, 5xx): try again.
     #[error("unreachable: {0}")]
     Unreachable(String),
+    /// The key is another live instance's (single-instance): try again,
+    /// once its lease may have lapsed.
+    #[error("held by another live instance: {0}")]
+    Held(String),
     /// The broker said no: final.
     #[error("refused ({status} {error_type}): {detail}")]
     Refused {
@@ -173,6 +177,21 @@ pub enum UnlockError {
         /// The last reason.
         last: String,
     },
+    /// The key stayed another live instance's until the deadline.
+    #[error(
+        "the key broker {url} kept the key for another live instance for {waited:.0?} \
+         ({attempts} attempts): {last}"
+    )]
+    Held {
+        /// The broker.
+        url: String,
+        /// How long the agent tried.
+        waited: Duration,
+        /// How many attempts.
+        attempts: u32,
+        /// The broker's last reason (naming the live instance).
+        last: String,
+    },
     /// The exchange went wrong.
     #[error("the exchange with the key broker failed: {0}")]
     Protocol(String),
@@ -210,7 +229,9 @@ impl UnlockError {
     /// The phase the host is told.
     pub fn phase(&self) -> AgentPhase {
         match self {
-            UnlockError::Refused { .. } | UnlockError::WrongBroker { .. } => AgentPhase::Refused,
+            UnlockError::Refused { .. }
+            | UnlockError::WrongBroker { .. }
+            | UnlockError::Held { .. } => AgentPhase::Refused,
             _ => AgentPhase::Failed,
         }
     }
@@ -227,15 +248,17 @@ impl UnlockError {
     /// The exit status of `hsev-agent unlock`.
     pub fn exit_code(&self) -> i32 {
         match self {
-            UnlockError::Refused { .. } | UnlockError::WrongBroker { .. } => EXIT_REFUSED,
+            UnlockError::Refused { .. }
+            | UnlockError::WrongBroker { .. }
+            | UnlockError::Held { .. } => EXIT_REFUSED,
             _ => EXIT_FAILED,
         }
     }
 }
 
 /// Fetches the key from `broker` with evidence from `reporter`, retrying an
-/// unreachable broker as `retries` allows and telling each step on the
-/// console and to `status`.
+/// unreachable broker, or a key another live instance holds, as `retries`
+/// allows and telling each step on the console and to `status`.
 pub fn fetch_key<C: Clock>(
     broker: &mut dyn KeyBroker,
     reporter: &mut dyn GuestReporter,
@@ -285,25 +308,65 @@ pub fn fetch_key<C: Clock>(
             }
             Err(FetchError::Protocol(reason)) => return Err(UnlockError::Protocol(reason)),
             Err(FetchError::Unreachable(reason)) => {
-                let Some(wait) = retries.next_wait() else {
-                    return Err(UnlockError::Unreachable {
-                        url: url.to_owned(),
-                        waited: retries.elapsed(),
-                        attempts,
-                        last: reason,
-                    });
-                };
-                say(&format!(
-                    "key broker {url} unreachable (attempt {attempts}, {:.1} s in): {reason}; \
-                     retrying in {:.1} s",
-                    retries.elapsed().as_secs_f64(),
-                    wait.as_secs_f64()
-                ));
-                status.report(AgentPhase::Unreachable, &reason);
-                retries.sleep(wait);
+                retry_later(
+                    retries,
+                    status,
+                    url,
+                    attempts,
+                    AgentPhase::Unreachable,
+                    reason,
+                )?;
+            }
+            Err(FetchError::Held(reason)) => {
+                retry_later(retries, status, url, attempts, AgentPhase::Held, reason)?;
             }
         }
     }
+}
+
+/// After a broker's answer that a later attempt may change (`phase`:
+/// unreachable, or the key held by another live instance, for `reason`):
+/// tells it and waits for the next attempt, or gives up at the deadline.
+fn retry_later<C: Clock>(
+    retries: &mut Retries<C>,
+    status: &mut StatusPort,
+    url: &str,
+    attempts: u32,
+    phase: AgentPhase,
+    reason: String,
+) -> Result<(), UnlockError> {
+    let held = phase == AgentPhase::Held;
+    let Some(wait) = retries.next_wait() else {
+        let (url, waited, last) = (url.to_owned(), retries.elapsed(), reason);
+        return Err(if held {
+            UnlockError::Held {
+                url,
+                waited,
+                attempts,
+                last,
+            }
+        } else {
+            UnlockError::Unreachable {
+                url,
+                waited,
+                attempts,
+                last,
+            }
+        });
+    };
+    let what = if held {
+        "holds the key for another live instance"
+    } else {
+        "unreachable"
+    };
+    say(&format!(
+        "key broker {url} {what} (attempt {attempts}, {:.1} s in): {reason}; retrying in {:.1} s",
+        retries.elapsed().as_secs_f64(),
+        wait.as_secs_f64()
+    ));
+    status.report(phase, &reason);
+    retries.sleep(wait);
+    Ok(())
 }
 
 /// The real key broker: [`hsev_attestation::kbs::client::KbsClient`].
@@ -350,6 +413,7 @@ impl From<hsev_attestation::kbs::client::ClientError> for FetchError {
         use hsev_attestation::kbs::client::ClientError;
         match error {
             ClientError::Unreachable(reason) => FetchError::Unreachable(reason),
+            ClientError::Held(reason) => FetchError::Held(reason),
             ClientError::Refused {
                 status,
                 error_type,
@@ -395,6 +459,9 @@ pub fn run(
             match error {
                 UnlockError::Refused { status, detail, .. } => {
                     println!("{REFUSED_MARKER} {status} {}", one_line(detail));
+                }
+                UnlockError::Held { last, .. } => {
+                    println!("{REFUSED_MARKER} 503 {}", one_line(last));
                 }
                 UnlockError::WrongBroker { mismatch, .. } => {
                     println!(
@@ -704,6 +771,38 @@ mod tests {
         assert_eq!(
             evidence["attestation_report"]["report_data"],
             serde_json::json!([0x11_u8; 64].to_vec())
+        );
+    }
+
+    #[test]
+    fn a_key_another_live_instance_holds_is_waited_for_and_given_up_as_held() {
+        let held = || {
+            Err(FetchError::Held(
+                "alice/disk-key/vm-1 is held by launch 0a0b.. until 12:00:08".to_owned(),
+            ))
+        };
+        let run = play(
+            vec![held(), held(), Ok(vec![7; 32])],
+            Duration::from_secs(300),
+        );
+        assert_eq!(run.result.expect("released").key.as_slice(), [7; 32]);
+        assert_eq!(run.slept, [500, 1000].map(Duration::from_millis).to_vec());
+        assert_eq!(run.statuses.len(), 1, "one status for one reason");
+        assert_eq!(run.statuses[0].phase, AgentPhase::Held);
+        assert!(run.statuses[0].detail.contains("held by launch 0a0b"));
+
+        let run = play(
+            std::iter::repeat_with(held).take(100).collect(),
+            Duration::from_secs(20),
+        );
+        let error = run.result.expect_err("gave up");
+        assert_eq!(error.phase(), AgentPhase::Refused);
+        assert_eq!(error.exit_code(), EXIT_REFUSED);
+        let message = error.to_string();
+        assert!(
+            message.contains("kept the key for another live instance for 20s (7 attempts)")
+                && message.contains("held by launch 0a0b"),
+            "{message}"
         );
     }
 

@@ -41,6 +41,11 @@ pub enum ClientError {
     /// later can help.
     #[error("key broker unreachable: {0}")]
     Unreachable(String),
+    /// The broker keeps the single-instance resource for another live
+    /// launch (503 `PolicyDeny`): retrying once that launch's lease lapses
+    /// can help.
+    #[error("key broker holds the key for another live instance: {0}")]
+    Held(String),
     /// The broker refused (4xx), with its RFC 7807 reason.
     #[error("key broker refused ({status} {error_type}): {detail}")]
     Refused {
@@ -253,7 +258,8 @@ impl Answer {
             .map_err(|error| ClientError::Protocol(format!("{what} answer: {error}")))
     }
 
-    /// Ok on 2xx; a refusal on 4xx; unreachable on 5xx.
+    /// Ok on 2xx; a refusal on 4xx; held on 503 `PolicyDeny`; unreachable
+    /// on any other 5xx.
     fn check(&self) -> Result<(), ClientError> {
         let text = || {
             String::from_utf8_lossy(&self.body)
@@ -277,13 +283,20 @@ impl Answer {
                     },
                 },
             ),
-            500..=599 => Err(ClientError::Unreachable(format!(
-                "HTTP {}: {}",
-                self.status,
-                serde_json::from_slice::<ErrorInformation>(&self.body)
-                    .map(|problem| problem.detail)
-                    .unwrap_or_else(|_| text())
-            ))),
+            500..=599 => Err(
+                match serde_json::from_slice::<ErrorInformation>(&self.body) {
+                    Ok(problem)
+                        if self.status == 503 && problem.error_type.ends_with("/PolicyDeny") =>
+                    {
+                        ClientError::Held(problem.detail)
+                    }
+                    Ok(problem) => ClientError::Unreachable(format!(
+                        "HTTP {}: {}",
+                        self.status, problem.detail
+                    )),
+                    Err(_) => ClientError::Unreachable(format!("HTTP {}: {}", self.status, text())),
+                },
+            ),
             status => Err(ClientError::Protocol(format!(
                 "unexpected HTTP status {status}"
             ))),
@@ -762,7 +775,12 @@ mod tests {
         ));
         assert!(matches!(
             answer(503, problem).check(),
-            Err(ClientError::Unreachable(_))
+            Err(ClientError::Held(detail)) if detail == "measurement"
+        ));
+        let busy = r#"{"type":"https://github.com/confidential-containers/kbs/errors/InternalError","detail":"too many sessions"}"#;
+        assert!(matches!(
+            answer(503, busy).check(),
+            Err(ClientError::Unreachable(said)) if said == "HTTP 503: too many sessions"
         ));
         assert!(matches!(
             answer(302, "").check(),

@@ -132,7 +132,9 @@ fn record(sink: &dyn PoolSink, vm: &VmId, line: &str) {
 /// The attestation state a status means, if it changes it.
 fn attestation_for(status: &AgentStatus) -> Option<Attestation> {
     match status.phase {
-        AgentPhase::Attesting | AgentPhase::Unreachable => Some(Attestation::Pending),
+        AgentPhase::Attesting | AgentPhase::Unreachable | AgentPhase::Held => {
+            Some(Attestation::Pending)
+        }
         AgentPhase::Unlocked => Some(Attestation::Released),
         AgentPhase::Refused => Some(Attestation::Refused(if status.detail.is_empty() {
             "the key broker refused (no reason given)".to_owned()
