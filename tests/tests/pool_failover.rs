@@ -6,10 +6,11 @@
 //! the middle of a stream of creates sent to all three addresses, and
 //! another leads within the lease TTL plus a few seconds, with every
 //! acknowledged VM present exactly once (creates carry a request id; a
-//! retry is applied once). And one coordinator through the loss of two
-//! etcd members: writes refused, reads answered from the remaining
-//! member's copy with a warning that they may be stale, the VMs left
-//! running, and the same process writing again once the members are back.
+//! retry is applied once). And one coordinator, on a test host of its
+//! own, through the loss of two etcd members: writes refused, reads
+//! answered from the remaining member's copy with a warning that they may
+//! be stale, the VMs left running, and the same process writing again once
+//! the members are back.
 //! And a member host through a coordinator failover: it looks for the new
 //! leader among the coordinators the old one told it of, and the new
 //! leader hears it and runs VMs on it; a coordinator without the pool's CA
@@ -295,9 +296,12 @@ fn a_killed_leader_is_succeeded_within_the_ttl_and_no_acknowledged_vm_is_lost_or
 
 #[test]
 fn without_an_etcd_quorum_writes_are_refused_and_the_same_hsevd_resumes_when_it_is_back() {
-    let mut cluster = EtcdCluster::start(3);
-    let mut daemon = Daemon::configured(
+    let mut net = TestNet::new();
+    let host = net.add_host();
+    let mut cluster = EtcdCluster::start_on(3, &net.gateway());
+    let mut daemon = Daemon::on_host(
         Driver::Fake,
+        &host,
         &coordinator_config(0, &cluster.endpoints()),
         false,
     );
