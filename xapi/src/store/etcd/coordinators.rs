@@ -9,18 +9,10 @@
 //! coordinator announces itself before it leads, and the CA's fingerprint
 //! is set once, by whichever coordinator gets there first.
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
-
-use super::keys::Keys;
-use super::records::classify;
 use super::EtcdStore;
 use crate::store::Result;
 
 impl EtcdStore {
-    fn keys(&self) -> Keys {
-        Keys::new(self.prefix())
-    }
-
     /// The pool CA's fingerprint: the one recorded, or `mine` when none is
     /// yet (then it is recorded).
     ///
@@ -28,30 +20,7 @@ impl EtcdStore {
     ///
     /// [`crate::store::StoreError::Unavailable`].
     pub fn pool_ca_fingerprint(&self, mine: &str) -> Result<String> {
-        let op = "record the pool CA's fingerprint";
-        let key = self.keys().pool_ca();
-        let mut client = self.client();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), mine, None)])
-            .or_else([TxnOp::get(key, None)]);
-        self.block(async move {
-            let response = client.txn(txn).await.map_err(classify(op))?;
-            if response.succeeded() {
-                return Ok(mine.to_owned());
-            }
-            let recorded = response
-                .op_responses()
-                .into_iter()
-                .find_map(|answer| match answer {
-                    TxnOpResponse::Get(found) => found
-                        .kvs()
-                        .first()
-                        .and_then(|kv| kv.value_str().ok().map(str::to_owned)),
-                    _ => None,
-                });
-            Ok(recorded.unwrap_or_else(|| mine.to_owned()))
-        })
+        self.block(self.kv().pool_ca_fingerprint(mine))
     }
 
     /// The pool CA's fingerprint, if one is recorded.
@@ -60,18 +29,7 @@ impl EtcdStore {
     ///
     /// [`crate::store::StoreError::Unavailable`].
     pub fn recorded_pool_ca_fingerprint(&self) -> Result<Option<String>> {
-        let key = self.keys().pool_ca();
-        let mut client = self.client();
-        self.block(async move {
-            let response = client
-                .get(key, None)
-                .await
-                .map_err(classify("read the pool CA's fingerprint"))?;
-            Ok(response
-                .kvs()
-                .first()
-                .and_then(|kv| kv.value_str().ok().map(str::to_owned)))
-        })
+        self.block(self.kv().recorded_pool_ca_fingerprint())
     }
 
     /// Records that coordinator `name`'s pool listener is at `address`.
@@ -80,15 +38,7 @@ impl EtcdStore {
     ///
     /// [`crate::store::StoreError::Unavailable`].
     pub fn announce_coordinator(&self, name: &str, address: &str) -> Result<()> {
-        let key = self.keys().coordinator(name);
-        let mut client = self.client();
-        self.block(async move {
-            client
-                .put(key, address, None)
-                .await
-                .map_err(classify("announce this coordinator"))?;
-            Ok(())
-        })
+        self.block(self.kv().announce_coordinator(name, address))
     }
 
     /// Every coordinator's pool listener, by coordinator name.
@@ -97,19 +47,7 @@ impl EtcdStore {
     ///
     /// [`crate::store::StoreError::Unavailable`].
     pub fn coordinator_addresses(&self) -> Result<Vec<String>> {
-        let prefix = self.keys().coordinators();
-        let mut client = self.client();
-        self.block(async move {
-            let response = client
-                .get(prefix, Some(GetOptions::new().with_prefix()))
-                .await
-                .map_err(classify("list the coordinators"))?;
-            Ok(response
-                .kvs()
-                .iter()
-                .filter_map(|kv| kv.value_str().ok().map(str::to_owned))
-                .collect())
-        })
+        self.block(self.kv().coordinator_addresses())
     }
 
     /// Whether this coordinator leads the pool now: it holds the election

@@ -640,6 +640,40 @@ impl EtcdKv {
         Ok(per_host.into_values().collect())
     }
 
+    // ---- what the coordinators share (outside the serial and the guard) -
+
+    pub(crate) async fn pool_ca_fingerprint(&self, mine: &str) -> Result<String> {
+        let op = "record the pool CA's fingerprint";
+        let key = self.keys.pool_ca();
+        let first = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([put(key.clone(), encode(&mine, "pool CA fingerprint")?)]);
+        if self.txn(op, first).await?.succeeded() {
+            return Ok(mine.to_owned());
+        }
+        Ok(self
+            .get::<String>(op, &key)
+            .await?
+            .unwrap_or_else(|| mine.to_owned()))
+    }
+
+    pub(crate) async fn recorded_pool_ca_fingerprint(&self) -> Result<Option<String>> {
+        self.get("read the pool CA's fingerprint", &self.keys.pool_ca())
+            .await
+    }
+
+    pub(crate) async fn announce_coordinator(&self, name: &str, address: &str) -> Result<()> {
+        let op = "announce this coordinator";
+        let value = encode(&address, "coordinator address")?;
+        let txn = Txn::new().and_then([put(self.keys.coordinator(name), value)]);
+        self.txn(op, txn).await.map(drop)
+    }
+
+    pub(crate) async fn coordinator_addresses(&self) -> Result<Vec<String>> {
+        self.list("list the coordinators", &self.keys.coordinators())
+            .await
+    }
+
     // ---- membership ----------------------------------------------------
 
     pub(crate) async fn insert_join_token(
