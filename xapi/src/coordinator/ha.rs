@@ -76,7 +76,7 @@ impl FenceTiming {
     /// The timing of `[pool]`, refused (the key to change, and why) unless
     /// it keeps the argument above.
     pub fn from_config(pool: &PoolConfig) -> Result<Self, (&'static str, String)> {
-        let fence_after_ms = pool.fence_after_ms.unwrap_or(pool.down_after_ms);
+        let fence_after_ms = pool.effective_fence_after_ms();
         let timing = FenceTiming {
             lease: Duration::from_millis(pool.down_after_ms),
             fence_after: Duration::from_millis(fence_after_ms),

@@ -187,6 +187,15 @@ pub struct PoolConfig {
     pub fence_margin_ms: u64,
 }
 
+impl PoolConfig {
+    /// How long a host whose heartbeats go unanswered waits before it
+    /// hard-stops its HA VMs, milliseconds: `fence_after_ms`, else
+    /// `down_after_ms`.
+    pub fn effective_fence_after_ms(&self) -> u64 {
+        self.fence_after_ms.unwrap_or(self.down_after_ms)
+    }
+}
+
 impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {

@@ -114,10 +114,7 @@ fn ensure_pool_ca(recorded: &str, mine: Option<&str>, dir: &std::path::Path) -> 
 /// VMs meanwhile.
 fn warn_if_failover_fences(config: &Config) {
     let failover_ms = config.store.lease_ttl_s * 1000 + 2000;
-    let fence_ms = config
-        .pool
-        .fence_after_ms
-        .unwrap_or(config.pool.down_after_ms);
+    let fence_ms = config.pool.effective_fence_after_ms();
     if config.pool.listen.is_some() && fence_ms < failover_ms {
         tracing::warn!(
             fence_after_ms = fence_ms,
@@ -416,12 +413,7 @@ pub async fn run_member(config: Config, member: MemberState) -> anyhow::Result<(
         Arc::clone(&agent),
         membership.clone(),
         Duration::from_millis(config.pool.heartbeat_ms),
-        Duration::from_millis(
-            config
-                .pool
-                .fence_after_ms
-                .unwrap_or(config.pool.down_after_ms),
-        ),
+        Duration::from_millis(config.pool.effective_fence_after_ms()),
     ));
     let address: std::net::SocketAddr = member
         .listen
