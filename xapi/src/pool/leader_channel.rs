@@ -101,21 +101,24 @@ impl LeaderChannel {
         true
     }
 
-    /// Moves to the next address, when there is another; answers the
-    /// address in use then.
-    pub fn move_on(&self) -> String {
+    /// Moves to the next address, when there is another; answers it.
+    pub fn move_on(&self) -> Option<String> {
         let mut state = self.state();
-        if state.addresses.len() > 1 {
-            let next = (state.current + 1) % state.addresses.len();
-            match connect(&state.addresses[next], &self.tls) {
-                Ok(channel) => {
-                    state.current = next;
-                    state.channel = channel;
-                }
-                Err(error) => tracing::warn!(%error, "a coordinator address is unusable"),
+        if state.addresses.len() < 2 {
+            return None;
+        }
+        let next = (state.current + 1) % state.addresses.len();
+        match connect(&state.addresses[next], &self.tls) {
+            Ok(channel) => {
+                state.current = next;
+                state.channel = channel;
+                Some(state.addresses[next].clone())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "a coordinator address is unusable");
+                None
             }
         }
-        state.addresses[state.current].clone()
     }
 }
 
@@ -147,7 +150,7 @@ mod tests {
     async fn it_keeps_the_address_in_use_and_moves_on_in_turn() {
         let channel =
             LeaderChannel::new(vec!["10.0.0.1:7444".into()], ClientTlsConfig::new()).unwrap();
-        assert_eq!(channel.move_on(), "10.0.0.1:7444", "nowhere else to go");
+        assert_eq!(channel.move_on(), None, "nowhere else to go");
         let learned = [
             "10.0.0.2:7444".to_owned(),
             "10.0.0.3:7444".to_owned(),
@@ -160,11 +163,12 @@ mod tests {
         );
         assert!(!channel.learn(&learned), "nothing new");
         assert_eq!(channel.address(), "10.0.0.1:7444");
-        assert_eq!(channel.move_on(), "10.0.0.2:7444");
-        assert_eq!(channel.move_on(), "10.0.0.3:7444");
+        assert_eq!(channel.move_on().as_deref(), Some("10.0.0.2:7444"));
+        assert_eq!(channel.move_on().as_deref(), Some("10.0.0.3:7444"));
         assert!(channel.clone().learn(&["10.0.0.3:7444".to_owned()]));
         assert_eq!(channel.addresses(), ["10.0.0.3:7444"]);
-        assert_eq!(channel.move_on(), "10.0.0.3:7444");
+        assert_eq!(channel.move_on(), None);
+        assert_eq!(channel.address(), "10.0.0.3:7444");
         assert!(LeaderChannel::new(Vec::new(), ClientTlsConfig::new()).is_err());
     }
 }

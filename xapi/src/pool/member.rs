@@ -256,9 +256,7 @@ pub async fn heartbeats(
                     out_since = Some(Instant::now());
                     tracing::warn!(error = %status.message(), coordinator = %channel.address(), "the coordinator does not answer; its VMs run on");
                 }
-                let before = channel.address();
-                let next = channel.move_on();
-                if next != before {
+                if let Some(next) = channel.move_on() {
                     tracing::info!(coordinator = %next, "looking for the leading coordinator");
                 }
             }
